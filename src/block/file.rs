@@ -1,0 +1,319 @@
+//! The `file` protocol node: a host file (or block device) that format nodes read and write.
+//!
+//! Data I/O on a file goes through the queue thread's [`crate::block::io::Engine`]; this module
+//! owns the open file, its properties (size, direct I/O alignment), and the synchronous helpers
+//! format drivers use for metadata and the rare fallbacks.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use thiserror::Error;
+
+/// How to open a file node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    pub read_only: bool,
+    /// Bypass the host page cache (`O_DIRECT`), as `--cache none` asks.
+    pub direct: bool,
+}
+
+/// Errors opening a file node. Each names the file.
+#[derive(Debug, Error)]
+pub enum FileError {
+    #[error("{}: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{}: not a regular file or block device", path.display())]
+    NotAFile { path: PathBuf },
+    #[error(
+        "{}: the file system does not support direct I/O (O_DIRECT); use --cache writeback",
+        path.display()
+    )]
+    NoDirectIo { path: PathBuf },
+}
+
+/// An open host file.
+#[derive(Debug)]
+pub struct FileNode {
+    file: File,
+    path: PathBuf,
+    options: FileOptions,
+    size: u64,
+    /// Alignment of memory buffers, offsets and lengths that direct I/O needs (1 when cached).
+    direct_align: u64,
+    /// `FALLOC_FL_ZERO_RANGE` was refused once; fall back straight away from then on.
+    no_zero_range: AtomicBool,
+    /// `FALLOC_FL_PUNCH_HOLE` was refused once.
+    no_punch_hole: AtomicBool,
+}
+
+impl FileNode {
+    /// Open `path`.
+    pub fn open(path: &Path, options: FileOptions) -> Result<FileNode, FileError> {
+        let err = |source| FileError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only);
+        if options.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = match open.open(path) {
+            Ok(file) => file,
+            Err(e) if options.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(FileError::NoDirectIo {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let meta = file.metadata().map_err(err)?;
+        let size = if meta.file_type().is_block_device() {
+            block_device_size(&file).map_err(err)?
+        } else if meta.is_file() {
+            meta.len()
+        } else {
+            return Err(FileError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        };
+        let mut node = FileNode {
+            file,
+            path: path.to_path_buf(),
+            options,
+            size,
+            direct_align: 1,
+            no_zero_range: AtomicBool::new(false),
+            no_punch_hole: AtomicBool::new(false),
+        };
+        if options.direct {
+            node.direct_align = node.probe_direct_alignment();
+        }
+        Ok(node)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.options.read_only
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.options.direct
+    }
+
+    /// Alignment direct I/O needs for buffers, offsets and lengths (1 for cached files).
+    pub fn direct_align(&self) -> u64 {
+        self.direct_align
+    }
+
+    /// Find the smallest alignment direct reads accept, as QEMU's raw driver does: try
+    /// 512-byte, then 4 KiB aligned reads at offset 0.
+    fn probe_direct_alignment(&self) -> u64 {
+        if self.size == 0 {
+            return 4096;
+        }
+        for align in [512usize, 4096] {
+            let Ok(mut buf) = AlignedBuf::zeroed(align, align) else {
+                break;
+            };
+            let len = align.min(self.size as usize);
+            match self.file.read_at(&mut buf.as_mut_slice()[..len], 0) {
+                Ok(_) => return align as u64,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+                Err(_) => break,
+            }
+        }
+        4096
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset` (for metadata; data goes through the engine).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Write all of `buf` at `offset` (for metadata; data goes through the engine).
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The `fallocate` mode that zeroes a range, or `None` if the file has shown it cannot.
+    pub fn zero_mode(&self, unmap: bool) -> Option<i32> {
+        if unmap && !self.no_punch_hole.load(Ordering::Relaxed) {
+            Some(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+        } else if !self.no_zero_range.load(Ordering::Relaxed) {
+            Some(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+        } else {
+            None
+        }
+    }
+
+    /// The `fallocate` mode that deallocates a range, or `None` if the file cannot.
+    pub fn discard_mode(&self) -> Option<i32> {
+        (!self.no_punch_hole.load(Ordering::Relaxed))
+            .then_some(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+    }
+
+    /// Remember that `fallocate` refused `mode` with `errno`, if that means "not supported".
+    pub fn note_fallocate_refusal(&self, mode: i32, errno: i32) -> bool {
+        if !matches!(
+            errno,
+            libc::EOPNOTSUPP | libc::ENOSYS | libc::ENOTTY | libc::EINVAL
+        ) {
+            return false;
+        }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            self.no_punch_hole.store(true, Ordering::Relaxed);
+        }
+        if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+            self.no_zero_range.store(true, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Zero `[offset, offset + len)` without `fallocate` zeroing support: deallocate and
+    /// reallocate where holes are supported (keeping the range allocated as asked), else write
+    /// zeroes.
+    pub fn write_zeroes_fallback(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if let Some(mode) = self.discard_mode() {
+            match self.fallocate(mode, offset, len) {
+                Ok(()) if unmap => return Ok(()),
+                // Reallocate so that later writes cannot fail for lack of space, as a
+                // non-unmapping write-zeroes promises; file systems without this keep the hole.
+                Ok(()) => {
+                    return self
+                        .fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len)
+                        .or(Ok(()))
+                }
+                Err(e) => {
+                    self.note_fallocate_refusal(mode, e.raw_os_error().unwrap_or(0));
+                }
+            }
+        }
+        self.write_zero_buffer(offset, len)
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate takes no pointers; the fd is owned by self.
+        let ret = unsafe { libc::fallocate(self.fd(), mode, offset as i64, len as i64) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Write zeroes with plain writes, from an aligned buffer so that direct I/O accepts them.
+    fn write_zero_buffer(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: usize = 1 << 20;
+        let zeroes = AlignedBuf::zeroed(CHUNK, 4096)?;
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(CHUNK as u64) as usize;
+            self.file.write_all_at(&zeroes.as_slice()[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// `BLKGETSIZE64`: the size of a block device in bytes.
+fn block_device_size(file: &File) -> io::Result<u64> {
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live u64.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// A zero-initialised heap buffer with a given alignment, for direct I/O.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is uniquely owned heap memory.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// `len` zero bytes aligned to `align` (a power of two). `len` may be 0.
+    pub fn zeroed(len: usize, align: usize) -> io::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr).ok_or(io::ErrorKind::OutOfMemory)?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for layout.size() initialised bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_fallback_zeroes_and_keeps_size() {
+        let dir = std::env::temp_dir().join(format!("vubd-file-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.raw");
+        std::fs::write(&path, vec![0xabu8; 3 << 20]).unwrap();
+        let node = FileNode::open(&path, FileOptions::default()).unwrap();
+        node.write_zero_buffer(4096, (2 << 20) + 512).unwrap();
+        node.write_zeroes_fallback(0, 512, false).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), 3 << 20);
+        assert!(data[..512].iter().all(|b| *b == 0));
+        assert!(data[512..4096].iter().all(|b| *b == 0xab));
+        assert!(data[4096..4096 + (2 << 20) + 512].iter().all(|b| *b == 0));
+        assert!(data[4096 + (2 << 20) + 512..].iter().all(|b| *b == 0xab));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn directories_are_refused() {
+        let options = FileOptions {
+            read_only: true,
+            direct: false,
+        };
+        let err = FileNode::open(Path::new("/"), options).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+}

@@ -1,0 +1,74 @@
+//! The `raw` format node: guest byte N is byte N of the file.
+
+use std::sync::Arc;
+
+use super::file::FileNode;
+use super::{BlockDriver, BlockError, Extent, HostZeroOp, Mapping, ZeroOp};
+
+/// A raw image: an identity mapping onto one file.
+#[derive(Debug)]
+pub struct RawNode {
+    files: [Arc<FileNode>; 1],
+}
+
+impl RawNode {
+    pub fn new(file: Arc<FileNode>) -> Self {
+        RawNode { files: [file] }
+    }
+
+    fn identity(offset: u64, len: u64, out: &mut Vec<Extent>) {
+        out.push(Extent {
+            len,
+            mapping: Mapping::Data { file: 0, offset },
+        });
+    }
+}
+
+impl BlockDriver for RawNode {
+    fn format(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self) -> u64 {
+        self.files[0].size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.files[0].read_only()
+    }
+
+    fn files(&self) -> &[Arc<FileNode>] {
+        &self.files
+    }
+
+    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
+        Self::identity(offset, len, out);
+        Ok(())
+    }
+
+    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
+        Self::identity(offset, len, out);
+        Ok(())
+    }
+
+    fn map_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        op: ZeroOp,
+        out: &mut Vec<HostZeroOp>,
+    ) -> Result<(), BlockError> {
+        out.push(HostZeroOp {
+            file: 0,
+            offset,
+            len,
+            op,
+        });
+        Ok(())
+    }
+
+    fn discard_granularity(&self) -> u64 {
+        // Hole punching works in file-system blocks; 4 KiB is the common block size.
+        4096
+    }
+}

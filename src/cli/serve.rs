@@ -1,0 +1,209 @@
+//! `vubd serve`: build the block graph and the device, then run the daemon.
+
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+
+use crate::block::file::FileOptions;
+use crate::block::io::EngineKind;
+use crate::block::{open_image, Format};
+use crate::vhost::daemon::{self, SocketOptions};
+use crate::virtio_blk::device::{BlockDevice, DeviceOptions};
+use crate::virtio_blk::ID_BYTES;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// UNIX socket the VMM connects to.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+
+    /// Disk image to serve.
+    #[arg(long, value_name = "PATH")]
+    image: PathBuf,
+
+    /// Image format (never guessed from the file's content).
+    #[arg(long, value_enum, default_value_t = FormatArg::Raw)]
+    format: FormatArg,
+
+    /// Serve the image read-only.
+    #[arg(long)]
+    readonly: bool,
+
+    /// Number of virtqueues, each served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
+
+    /// Largest virtqueue size the VMM may use (a power of two).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_queue_size)]
+    queue_size: u16,
+
+    /// Device serial returned to the guest (up to 20 ASCII characters; default derived from
+    /// the image path).
+    #[arg(long, value_name = "STR", value_parser = parse_serial)]
+    serial: Option<String>,
+
+    /// Logical block size presented to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
+    logical_block_size: u32,
+
+    /// Host page cache use: `none` opens the image with O_DIRECT.
+    #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
+    cache: CacheMode,
+
+    /// Permission bits of the socket file, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+
+    /// I/O engine: io_uring, synchronous system calls, or io_uring when available.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    io_engine: EngineArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Raw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CacheMode {
+    None,
+    Writeback,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EngineArg {
+    Auto,
+    IoUring,
+    Sync,
+}
+
+pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let options = FileOptions {
+        read_only: args.readonly,
+        direct: args.cache == CacheMode::None,
+    };
+    let format = match args.format {
+        FormatArg::Raw => Format::Raw,
+    };
+    let driver = open_image(&args.image, format, options)?;
+    let serial = args
+        .serial
+        .unwrap_or_else(|| default_serial(&args.image))
+        .into_bytes();
+    let device = BlockDevice::new(
+        driver,
+        DeviceOptions {
+            num_queues: args.num_queues,
+            queue_size: args.queue_size,
+            serial,
+            logical_block_size: args.logical_block_size,
+            read_only: args.readonly,
+            engine: match args.io_engine {
+                EngineArg::Auto => EngineKind::Auto,
+                EngineArg::IoUring => EngineKind::IoUring,
+                EngineArg::Sync => EngineKind::Sync,
+            },
+        },
+    )?;
+    let socket = SocketOptions {
+        path: args.socket,
+        mode: args.socket_mode,
+    };
+    daemon::serve(Arc::new(device), &socket)?;
+    Ok(())
+}
+
+/// A serial that identifies the image stably: `vubd-` and a hash of its absolute path.
+fn default_serial(image: &Path) -> String {
+    let path = image.canonicalize().unwrap_or_else(|_| image.to_path_buf());
+    let mut hasher = Fnv1a::default();
+    hasher.write(path.as_os_str().as_encoded_bytes());
+    let serial = format!("vubd-{:015x}", hasher.finish() & 0x0fff_ffff_ffff_ffff);
+    debug_assert_eq!(serial.len(), ID_BYTES);
+    serial
+}
+
+/// FNV-1a, a hash that, unlike std's, is the same in every build.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n) if n.is_power_of_two() && (2..=32768).contains(&n) => Ok(n),
+        _ => Err("must be a power of two from 2 to 32768".into()),
+    }
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err("must be 512 or 4096".into()),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > ID_BYTES || !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(format!(
+            "must be at most {ID_BYTES} printable ASCII characters"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err("must be octal permission bits such as 0600".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_serial_is_stable_and_fits() {
+        let a = default_serial(Path::new("/nonexistent/disk.raw"));
+        let b = default_serial(Path::new("/nonexistent/disk.raw"));
+        let c = default_serial(Path::new("/nonexistent/other.raw"));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.len(), ID_BYTES);
+        assert!(a.starts_with("vubd-"));
+    }
+
+    #[test]
+    fn option_parsers_reject_bad_values() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert!(parse_queue_size("100").is_err());
+        assert!(parse_queue_size("1").is_err());
+        assert!(parse_queue_size("65536").is_err());
+        assert!(parse_block_size("1024").is_err());
+        assert!(parse_serial("012345678901234567890").is_err());
+        assert!(parse_serial("bad\nserial").is_err());
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert!(parse_mode("999").is_err());
+        assert!(parse_mode("01777").is_err());
+    }
+}

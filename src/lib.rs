@@ -1,0 +1,9 @@
+//! vubd: a vhost-user-blk backend daemon.
+//!
+//! A VMM connects to vubd's UNIX socket, shares guest memory, and vubd serves the guest's
+//! virtio-blk requests from a block-driver graph. See `docs/architecture.md` for the request path.
+
+pub mod block;
+pub mod cli;
+pub mod vhost;
+pub mod virtio_blk;

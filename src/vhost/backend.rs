@@ -1,0 +1,193 @@
+//! The vhost-user backend of one frontend connection.
+//!
+//! vhost-user-backend's `Mutex`/`RwLock` wrappers would put every queue behind one lock, so this
+//! backend implements the `&self` trait directly: each queue's worker has its own mutex, taken
+//! only by that queue's thread (and by the control path when it stops or resets the queue).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::queue::{QueueWorker, Vring};
+use crate::virtio_blk::config::{VirtioBlkConfig, WRITEBACK_OFFSET};
+use crate::virtio_blk::device::BlockDevice;
+use crate::virtio_blk::device_features;
+use crate::virtio_blk::request::GuestMemory;
+
+/// The backend for one connection.
+pub struct BlkBackend {
+    device: Arc<BlockDevice>,
+    workers: Vec<Mutex<QueueWorker>>,
+    /// The guest's `writeback` choice, shared with every queue.
+    writeback: Arc<AtomicBool>,
+    acked_features: AtomicU64,
+}
+
+impl BlkBackend {
+    /// Writeback caching is on until the driver turns it off, as on QEMU's devices.
+    const DEFAULT_WRITEBACK: bool = true;
+
+    pub fn new(device: Arc<BlockDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<Self> {
+        let writeback = Arc::new(AtomicBool::new(Self::DEFAULT_WRITEBACK));
+        let workers = (0..usize::from(device.num_queues()))
+            .map(|index| {
+                QueueWorker::new(index, device.clone(), mem.clone(), writeback.clone())
+                    .map(Mutex::new)
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(BlkBackend {
+            device,
+            workers,
+            writeback,
+            acked_features: AtomicU64::new(0),
+        })
+    }
+
+    /// The epoll event id of a queue thread's wake eventfd: ids up to `num_queues` are the
+    /// library's (queue kicks and its exit event).
+    pub fn wake_event_id(&self) -> u64 {
+        self.workers.len() as u64 + 1
+    }
+
+    /// Queue `index`'s worker.
+    pub fn worker(&self, index: usize) -> MutexGuard<'_, QueueWorker> {
+        // A worker panicking would have taken the daemon down; a poisoned lock still holds a
+        // consistent worker, since every step leaves it consistent.
+        self.workers[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn num_workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Complete every request in flight on every queue.
+    pub fn drain(&self) {
+        for index in 0..self.workers.len() {
+            self.worker(index).drain();
+        }
+    }
+
+    fn config(&self) -> VirtioBlkConfig {
+        VirtioBlkConfig::new(
+            self.device.limits(),
+            self.device.num_queues(),
+            self.writeback.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.device.queue_size())
+    }
+
+    fn features(&self) -> u64 {
+        device_features(self.device.limits().read_only)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        self.drain();
+        self.writeback
+            .store(Self::DEFAULT_WRITEBACK, Ordering::Relaxed);
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library sets EVENT_IDX on each vring's queue; the workers read it from there.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config().window(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` is writable, and only as one byte on its own.
+        if offset != WRITEBACK_OFFSET || buf.len() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only the writeback field of the config space is writable",
+            ));
+        }
+        self.writeback.store(buf[0] != 0, Ordering::Relaxed);
+        log::info!(
+            "guest switched the write cache to {}",
+            if buf[0] != 0 {
+                "writeback"
+            } else {
+                "writethrough"
+            }
+        );
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        // The workers hold the same `GuestMemoryAtomic`, which the library has just updated.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One thread per queue, so queues run truly in parallel.
+        (0..self.workers.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: every request popped must be on the used ring before the frontend
+        // learns the ring position, or it would be lost.
+        if let Some(worker) = self.workers.get(queue_index as usize) {
+            worker
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .drain();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(vring), true) = (vrings.first(), thread_id < self.workers.len()) else {
+            return Ok(());
+        };
+        let kick = device_event == 0;
+        if kick || u64::from(device_event) == self.wake_event_id() {
+            self.worker(thread_id).handle_event(vring, kick);
+        }
+        Ok(())
+    }
+}

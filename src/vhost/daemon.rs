@@ -1,0 +1,305 @@
+//! The daemon's lifecycle: the listening socket, one frontend connection after another, and a
+//! clean shutdown on SIGTERM or SIGINT.
+//!
+//! vhost-user-backend's daemon serves a single connection, so vubd builds a fresh backend and
+//! daemon for each frontend that connects (a VMM restarting, or QEMU's `reconnect-ms`), all on
+//! the same [`BlockDevice`]. Signals are blocked in every thread and taken by one dedicated
+//! thread with `sigwait`, which wakes the accept loop or closes the live connection.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::backend::BlkBackend;
+use crate::virtio_blk::device::BlockDevice;
+use crate::virtio_blk::request::GuestMemory;
+
+/// Errors that stop the daemon. Each names what failed.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("socket {}: already served by a live process; stop it or choose another --socket", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("socket {}: exists and is not a socket; remove it or choose another --socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("socket {}: {source}", path.display())]
+    Socket { path: PathBuf, source: io::Error },
+    #[error("accepting connections: {0}")]
+    Accept(io::Error),
+    #[error("signal handling: {0}")]
+    Signals(io::Error),
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+    #[error("flushing the image: {0}")]
+    Flush(crate::block::BlockError),
+}
+
+/// Where and how to listen.
+#[derive(Clone, Debug)]
+pub struct SocketOptions {
+    pub path: PathBuf,
+    /// Permission bits of the socket file.
+    pub mode: u32,
+}
+
+/// Serve `device` on `socket` until SIGTERM or SIGINT, one connection at a time.
+pub fn serve(device: Arc<BlockDevice>, socket: &SocketOptions) -> Result<(), DaemonError> {
+    let listener = bind(&socket.path, socket.mode)?;
+    let _remove_socket = RemoveOnDrop(socket.path.clone());
+    let shutdown = Shutdown::install(listener.as_raw_fd())?;
+    log::info!(
+        "serving {} ({} bytes) on {}",
+        device
+            .driver()
+            .files()
+            .first()
+            .map(|f| f.path().display().to_string())
+            .unwrap_or_default(),
+        device.driver().size(),
+        socket.path.display()
+    );
+
+    while !shutdown.requested() {
+        if !shutdown.wait_for_connection(&listener)? {
+            break;
+        }
+        serve_connection(&device, &listener, &shutdown)?;
+        if let Err(e) = device.flush() {
+            log::error!("flush after disconnect: {e}");
+        }
+    }
+    log::info!("shutting down");
+    device.flush().map_err(DaemonError::Flush)?;
+    Ok(())
+}
+
+/// Accept one frontend and serve it until it disconnects or shutdown is requested.
+fn serve_connection(
+    device: &Arc<BlockDevice>,
+    listener: &UnixListener,
+    shutdown: &Shutdown,
+) -> Result<(), DaemonError> {
+    let vhost_err = |e: &dyn std::fmt::Display| DaemonError::VhostUser(e.to_string());
+    let mem = GuestMemoryAtomic::new(GuestMemory::new());
+    let backend =
+        Arc::new(BlkBackend::new(device.clone(), mem.clone()).map_err(|e| vhost_err(&e))?);
+    let mut daemon = VhostUserDaemon::new("vubd".to_string(), backend.clone(), mem)
+        .map_err(|e| vhost_err(&e))?;
+    for (index, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let worker = backend.worker(index);
+        handler
+            .register_listener(
+                worker.wake_fd().as_raw_fd(),
+                EventSet::IN,
+                backend.wake_event_id(),
+            )
+            .map_err(|e| vhost_err(&e))?;
+    }
+
+    let clone = listener.try_clone().map_err(DaemonError::Accept)?;
+    let mut listener = Listener::from(clone);
+    match daemon.start(&mut listener) {
+        Ok(()) => {}
+        Err(_) if shutdown.requested() => return Ok(()),
+        Err(e) => {
+            log::warn!("accepting a frontend: {e}");
+            return Ok(());
+        }
+    }
+    log::info!("frontend connected");
+    shutdown.set_connection(daemon.shutdown_handle());
+    match daemon.wait() {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => {}
+        Err(e) => log::warn!("frontend connection ended: {e}"),
+    }
+    shutdown.set_connection(None);
+    log::info!("frontend disconnected");
+
+    // Stop the queue threads, then wait for the I/O they started.
+    drop(daemon);
+    backend.drain();
+    Ok(())
+}
+
+/// Create the listening socket with `mode`, refusing to steal one a live process serves.
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
+    let sock_err = |source| DaemonError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(DaemonError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => return Err(DaemonError::SocketInUse(path.to_path_buf())),
+            // Nobody listens: a stale socket left by a process that died.
+            Err(_) => fs::remove_file(path).map_err(sock_err)?,
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    // Create the socket with no permissions beyond the owner's, then widen as asked, so that it
+    // is never reachable by others in between.
+    // SAFETY: umask only swaps the process's file mode mask; no thread is creating files yet.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(sock_err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(sock_err)?;
+    Ok(listener)
+}
+
+/// Removes the socket file when serving ends, however it ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Shutdown requests from SIGTERM / SIGINT.
+struct Shutdown {
+    state: Arc<ShutdownState>,
+}
+
+struct ShutdownState {
+    requested: AtomicBool,
+    /// Wakes the accept loop.
+    wake: EventFd,
+    listener_fd: RawFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Shutdown {
+    /// Block SIGTERM and SIGINT in this thread (and so in every thread it starts) and start the
+    /// thread that waits for them.
+    fn install(listener_fd: RawFd) -> Result<Shutdown, DaemonError> {
+        let state = Arc::new(ShutdownState {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK).map_err(DaemonError::Signals)?,
+            listener_fd,
+            connection: Mutex::new(None),
+        });
+        let set = signal_set();
+        // SAFETY: `set` is an initialised sigset; a null old-set pointer is allowed.
+        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if ret != 0 {
+            return Err(DaemonError::Signals(io::Error::from_raw_os_error(ret)));
+        }
+        let thread_state = state.clone();
+        std::thread::Builder::new()
+            .name("vubd-signals".into())
+            .spawn(move || loop {
+                let mut signal = 0;
+                // SAFETY: `set` is initialised and `signal` is a valid out pointer.
+                if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                    continue;
+                }
+                log::info!("received signal {signal}");
+                thread_state.request();
+            })
+            .map_err(DaemonError::Signals)?;
+        Ok(Shutdown { state })
+    }
+
+    fn requested(&self) -> bool {
+        self.state.requested.load(Ordering::Acquire)
+    }
+
+    fn set_connection(&self, handle: Option<ShutdownHandle>) {
+        let mut connection = self
+            .state
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *connection = handle;
+        // A signal that arrived just before the handle was stored must still close it.
+        if self.requested() {
+            if let Some(handle) = connection.as_ref() {
+                handle.shutdown();
+            }
+        }
+    }
+
+    /// Wait until a frontend is connecting (true) or shutdown is requested (false).
+    fn wait_for_connection(&self, listener: &UnixListener) -> Result<bool, DaemonError> {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.state.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            if self.requested() {
+                return Ok(false);
+            }
+            // SAFETY: `fds` is a valid array of two pollfds.
+            let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if ret < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(DaemonError::Accept(e));
+            }
+            if self.requested() {
+                return Ok(false);
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+impl ShutdownState {
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+        // Wake an accept() that a vanished connection left blocked.
+        // SAFETY: shutdown() on our own listening socket fd; it only changes socket state.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        if let Some(handle) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            handle.shutdown();
+        }
+    }
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers to it.
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}

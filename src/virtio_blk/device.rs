@@ -1,0 +1,160 @@
+//! The virtio-blk device: a block graph presented to the guest with fixed properties.
+//!
+//! One [`BlockDevice`] lives for the whole daemon; each frontend connection gets its own vhost
+//! backend on top of it, so data written through one connection reads back through the next.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::block::io::EngineKind;
+use crate::block::{BlockDriver, BlockError};
+
+use super::{DeviceLimits, ID_BYTES, SECTOR_SIZE};
+
+/// Properties of the device that the command line sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceOptions {
+    pub num_queues: u16,
+    /// Largest virtqueue the frontend may set up.
+    pub queue_size: u16,
+    /// Device ID returned by `VIRTIO_BLK_T_GET_ID` (at most 20 bytes).
+    pub serial: Vec<u8>,
+    pub logical_block_size: u32,
+    /// Refuse writes (`--readonly`).
+    pub read_only: bool,
+    pub engine: EngineKind,
+}
+
+/// Why a device cannot be built on an image.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error(
+        "{path}: size {size} is not a multiple of the logical block size {block_size}; \
+         resize the image or pass --logical-block-size 512"
+    )]
+    UnalignedSize {
+        path: PathBuf,
+        size: u64,
+        block_size: u32,
+    },
+    #[error("{path}: the image is empty")]
+    Empty { path: PathBuf },
+    #[error(
+        "{path}: direct I/O on this file needs {align}-byte alignment, larger than the logical \
+         block size {block_size}; pass --logical-block-size {align} or --cache writeback"
+    )]
+    DirectAlignment {
+        path: PathBuf,
+        align: u64,
+        block_size: u32,
+    },
+}
+
+/// The guest-visible disk.
+#[derive(Debug)]
+pub struct BlockDevice {
+    driver: Arc<dyn BlockDriver>,
+    limits: DeviceLimits,
+    serial: [u8; ID_BYTES],
+    options: DeviceOptions,
+}
+
+impl BlockDevice {
+    /// Most sectors one discard or write-zeroes segment may cover (1 GiB).
+    const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+    /// Most segments in one discard or write-zeroes request.
+    const MAX_DISCARD_SEG: u32 = 32;
+
+    pub fn new(driver: Arc<dyn BlockDriver>, options: DeviceOptions) -> Result<Self, DeviceError> {
+        let path = driver
+            .files()
+            .first()
+            .map(|f| f.path().to_path_buf())
+            .unwrap_or_default();
+        let size = driver.size();
+        let block_size = options.logical_block_size;
+        if size == 0 {
+            return Err(DeviceError::Empty { path });
+        }
+        if !size.is_multiple_of(u64::from(block_size)) {
+            return Err(DeviceError::UnalignedSize {
+                path,
+                size,
+                block_size,
+            });
+        }
+        for file in driver.files() {
+            if file.direct_align() > u64::from(block_size) {
+                return Err(DeviceError::DirectAlignment {
+                    path: file.path().to_path_buf(),
+                    align: file.direct_align(),
+                    block_size,
+                });
+            }
+        }
+        let discard_align = driver.discard_granularity().max(u64::from(block_size));
+        let limits = DeviceLimits {
+            capacity_bytes: size,
+            logical_block_size: block_size,
+            // The header and status take two descriptors of a queue-sized chain. Half the iovec
+            // budget leaves room for segments that cross guest memory regions.
+            seg_max: u32::from(options.queue_size)
+                .saturating_sub(2)
+                .clamp(1, DeviceLimits::MAX_IOVECS as u32 / 2 - 2),
+            max_discard_sectors: Self::MAX_DISCARD_SECTORS,
+            max_discard_seg: Self::MAX_DISCARD_SEG,
+            discard_sector_alignment: (discard_align / SECTOR_SIZE) as u32,
+            read_only: options.read_only || driver.read_only(),
+        };
+        let mut serial = [0u8; ID_BYTES];
+        let n = options.serial.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&options.serial[..n]);
+        Ok(BlockDevice {
+            driver,
+            limits,
+            serial,
+            options,
+        })
+    }
+
+    pub fn driver(&self) -> &Arc<dyn BlockDriver> {
+        &self.driver
+    }
+
+    pub fn limits(&self) -> &DeviceLimits {
+        &self.limits
+    }
+
+    /// The device ID string, NUL-padded to 20 bytes.
+    pub fn serial(&self) -> &[u8; ID_BYTES] {
+        &self.serial
+    }
+
+    pub fn num_queues(&self) -> u16 {
+        self.options.num_queues
+    }
+
+    pub fn queue_size(&self) -> u16 {
+        self.options.queue_size
+    }
+
+    pub fn engine(&self) -> EngineKind {
+        self.options.engine
+    }
+
+    /// Make everything written so far durable: metadata, then every file.
+    pub fn flush(&self) -> Result<(), BlockError> {
+        if self.limits.read_only {
+            return Ok(());
+        }
+        self.driver.flush_metadata()?;
+        for file in self.driver.files() {
+            if !file.read_only() {
+                file.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+}
