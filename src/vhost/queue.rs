@@ -223,15 +223,30 @@ impl QueueWorker {
     fn process_avail(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
         let mem = self.mem.memory().into_inner();
         let mut budget = MAX_REQUESTS_PER_WAKEUP;
+        let mut empty_passes = 0;
         loop {
             // Errors here mean the guest put the ring outside its memory; popping fails too.
             let _ = state.get_queue_mut().disable_notification(&*mem);
+            let mut popped = 0;
             while budget > 0 && !self.free.is_empty() {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                     break;
                 };
                 budget -= 1;
+                popped += 1;
                 self.start_request(chain, &mem, state);
+            }
+            if popped == 0 {
+                empty_passes += 1;
+                if empty_passes > 1 {
+                    // The ring claims entries that cannot be popped: its avail index is
+                    // beyond what the queue can hold. Wait for the next kick rather than spin.
+                    self.log.warn(
+                        self.index,
+                        format_args!("available ring index is invalid; ignoring the queue"),
+                    );
+                    break;
+                }
             }
             if budget == 0 || self.free.is_empty() {
                 // Come back after other events; a full slot table resumes on completions.

@@ -1,0 +1,181 @@
+//! Test support: running the real `vubd` binary, and two independent vhost-user-blk frontends
+//! to drive it — libblkio (`blkio` crate) for ordinary I/O, and a raw split-ring frontend that
+//! can send any descriptor chain, well-formed or not.
+
+#![allow(dead_code)]
+
+pub mod blkio_client;
+pub mod raw_frontend;
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A scratch directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vubd-test-{}-{name}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Create `path` of `len` bytes filled with `pattern(len, seed)`.
+pub fn create_image(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let data = pattern(len, seed);
+    fs::write(path, &data).expect("write image");
+    data
+}
+
+pub fn vubd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vubd")
+}
+
+/// A running `vubd serve`.
+pub struct Vubd {
+    child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+impl Vubd {
+    /// Start `vubd serve --socket SOCKET ARGS...` and wait until it accepts connections.
+    pub fn start(socket: &Path, args: &[&str]) -> Vubd {
+        let child = Command::new(vubd_bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vubd");
+        let mut vubd = Vubd {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+        };
+        vubd.wait_listening();
+        vubd
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if UnixStream::connect(&self.socket).is_ok() {
+                // That probe connection counts as a frontend that left at once; give vubd a
+                // moment to go back to accepting.
+                std::thread::sleep(Duration::from_millis(50));
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("vubd exited early with {status}: {}", self.take_stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("vubd did not start listening on {}", self.socket.display());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// Send `signal` and wait for the process to exit; returns its status and stderr.
+    pub fn stop_with(&mut self, signal: i32) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("vubd already stopped");
+        // SAFETY: kill(2) on a child we own.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait vubd") {
+                let mut err = String::new();
+                if let Some(mut s) = child.stderr.take() {
+                    let _ = s.read_to_string(&mut err);
+                }
+                return (status, err);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("vubd did not exit after signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, and check that vubd exits 0 and removes its socket.
+    pub fn stop(&mut self) -> String {
+        let (status, stderr) = self.stop_with(libc::SIGTERM);
+        assert!(status.success(), "vubd exited with {status}: {stderr}");
+        assert!(!self.socket.exists(), "vubd left its socket behind");
+        stderr
+    }
+
+    fn take_stderr(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(mut s) = self.child.as_mut().and_then(|c| c.stderr.take()) {
+            let _ = s.read_to_string(&mut err);
+        }
+        err
+    }
+}
+
+impl Drop for Vubd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Run `vubd ARGS...` to completion; returns (exit code, stdout, stderr).
+pub fn run_vubd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(vubd_bin())
+        .args(args)
+        .output()
+        .expect("run vubd");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,277 @@
+//! A minimal vhost-user-blk frontend that owns a split virtqueue in shared memory and can put
+//! any descriptor chain on it — the way a buggy or hostile guest driver would.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    MmapRegion,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+pub type Mem = GuestMemoryMmap<()>;
+
+/// Size of the shared guest memory.
+pub const MEM_SIZE: u64 = 16 << 20;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x4000;
+const USED: u64 = 0x8000;
+/// Where tests may put request headers, data and status bytes.
+pub const DATA: u64 = 0x10_0000;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// One descriptor of a chain: guest address, length, device-writable or not.
+#[derive(Clone, Copy, Debug)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+pub fn r(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        write: false,
+    }
+}
+
+pub fn w(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        write: true,
+    }
+}
+
+/// A used-ring element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    pub id: u32,
+    pub len: u32,
+}
+
+pub struct RawFrontend {
+    pub frontend: Frontend,
+    pub mem: Mem,
+    pub features: u64,
+    queue_size: u16,
+    kick: EventFd,
+    call: EventFd,
+    avail_idx: u16,
+    used_seen: u16,
+    next_desc: u16,
+}
+
+impl RawFrontend {
+    /// Connect and set up queue 0 with `queue_size` entries, offering `extra_features` on top
+    /// of VERSION_1 and the protocol features.
+    pub fn connect(socket: &Path, queue_size: u16, extra_features: u64) -> RawFrontend {
+        let mut frontend = Frontend::connect(socket, 1).expect("connect");
+        frontend.set_owner().expect("set_owner");
+        let offered = frontend.get_features().expect("get_features");
+        let features =
+            (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | extra_features) & offered;
+        frontend.set_features(features).expect("set_features");
+        let protocol = frontend
+            .get_protocol_features()
+            .expect("get_protocol_features");
+        let wanted = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        frontend
+            .set_protocol_features(protocol & wanted)
+            .expect("set_protocol_features");
+
+        let mem = shared_memory();
+        let region = mem.iter().next().expect("one region");
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
+        frontend.set_mem_table(&[info]).expect("set_mem_table");
+        let host = info.userspace_addr;
+
+        frontend
+            .set_vring_num(0, queue_size)
+            .expect("set_vring_num");
+        frontend
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: queue_size,
+                    queue_size,
+                    flags: 0,
+                    desc_table_addr: host + DESC,
+                    used_ring_addr: host + USED,
+                    avail_ring_addr: host + AVAIL,
+                    log_addr: None,
+                },
+            )
+            .expect("set_vring_addr");
+        frontend.set_vring_base(0, 0).expect("set_vring_base");
+        let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let kick = EventFd::new(0).expect("eventfd");
+        frontend.set_vring_call(0, &call).expect("set_vring_call");
+        frontend.set_vring_kick(0, &kick).expect("set_vring_kick");
+        frontend
+            .set_vring_enable(0, true)
+            .expect("set_vring_enable");
+        RawFrontend {
+            frontend,
+            mem,
+            features,
+            queue_size,
+            kick,
+            call,
+            avail_idx: 0,
+            used_seen: 0,
+            next_desc: 0,
+        }
+    }
+
+    /// Read `size` bytes of config space at `offset`.
+    pub fn config(&mut self, offset: u32, size: u32) -> Vec<u8> {
+        let buf = vec![0u8; size as usize];
+        let (_, data) = self
+            .frontend
+            .get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf)
+            .expect("get_config");
+        data
+    }
+
+    /// Write a raw 16-byte descriptor at table index `index`.
+    pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = DESC + 16 * u64::from(index);
+        self.mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
+        self.mem
+            .write_obj(len.to_le(), GuestAddress(at + 8))
+            .unwrap();
+        self.mem
+            .write_obj(flags.to_le(), GuestAddress(at + 12))
+            .unwrap();
+        self.mem
+            .write_obj(next.to_le(), GuestAddress(at + 14))
+            .unwrap();
+    }
+
+    /// Make `head` available and kick.
+    pub fn push_avail(&mut self, head: u16) {
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % self.queue_size);
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .store(
+                self.avail_idx.to_le(),
+                GuestAddress(AVAIL + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+        self.kick.write(1).unwrap();
+    }
+
+    /// Set the avail index to any value and kick, as a hostile driver might.
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.mem
+            .store(idx.to_le(), GuestAddress(AVAIL + 2), Ordering::Release)
+            .unwrap();
+        self.kick.write(1).unwrap();
+    }
+
+    /// Put `chain` on the ring as a linked list of descriptors; returns the head index.
+    pub fn submit(&mut self, chain: &[Desc]) -> u16 {
+        let head = self.next_desc;
+        for (i, d) in chain.iter().enumerate() {
+            let index = (head + i as u16) % self.queue_size;
+            let last = i + 1 == chain.len();
+            let mut flags = if d.write { VRING_DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            let next = (index + 1) % self.queue_size;
+            self.write_desc(index, d.addr, d.len, flags, next);
+        }
+        self.next_desc = (head + chain.len() as u16) % self.queue_size;
+        self.push_avail(head);
+        head
+    }
+
+    /// Wait for the next used element, up to `timeout`.
+    pub fn wait_used_for(&mut self, timeout: Duration) -> Option<Used> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let idx = u16::from_le(
+                self.mem
+                    .load::<u16>(GuestAddress(USED + 2), Ordering::Acquire)
+                    .unwrap(),
+            );
+            if idx != self.used_seen {
+                let at = USED + 4 + 8 * u64::from(self.used_seen % self.queue_size);
+                let id = u32::from_le(self.mem.read_obj(GuestAddress(at)).unwrap());
+                let len = u32::from_le(self.mem.read_obj(GuestAddress(at + 4)).unwrap());
+                self.used_seen = self.used_seen.wrapping_add(1);
+                return Some(Used { id, len });
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            // Consume notifications so the eventfd does not saturate; polling does the rest.
+            let _ = self.call.read();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    pub fn wait_used(&mut self) -> Used {
+        self.wait_used_for(Duration::from_secs(10))
+            .expect("no used element within 10 s")
+    }
+
+    /// Submit `chain` and wait for it; returns the used element and the byte at `status`.
+    pub fn request(&mut self, chain: &[Desc], status: u64) -> (Used, u8) {
+        self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let head = self.submit(chain);
+        let used = self.wait_used();
+        assert_eq!(
+            used.id,
+            u32::from(head),
+            "completions come back for the request sent"
+        );
+        (used, self.mem.read_obj(GuestAddress(status)).unwrap())
+    }
+
+    pub fn write_header(&self, addr: u64, request_type: u32, sector: u64) {
+        self.mem
+            .write_obj(request_type.to_le(), GuestAddress(addr))
+            .unwrap();
+        self.mem.write_obj(0u32, GuestAddress(addr + 4)).unwrap();
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(addr + 8))
+            .unwrap();
+    }
+}
+
+/// Guest memory in a memfd, shareable with the backend.
+fn shared_memory() -> Mem {
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"raw-frontend".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE).expect("size memfd");
+    let mapping =
+        MmapRegion::<()>::from_file(FileOffset::new(file, 0), MEM_SIZE as usize).expect("mmap");
+    let region = GuestRegionMmap::new(mapping, GuestAddress(0)).expect("region");
+    GuestMemoryMmap::from_regions(vec![region]).expect("guest memory")
+}
