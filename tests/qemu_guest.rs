@@ -1,0 +1,259 @@
+//! A real Linux guest under QEMU (TCG) uses a disk served by vubd: the kernel's virtio-blk
+//! driver over vhost-user-blk-pci, with fio verifying its own writes.
+//!
+//! Needs qemu-system-x86_64, a Debian kernel under /boot with its modules, and busybox; `make
+//! test` installs them. Without them the test says so and passes, unless VUBD_REQUIRE_GUEST=1
+//! (as `make test` sets), where a missing piece is a failure.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{create_image, pattern, TempDir, Vubd};
+
+struct GuestKit {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    kernel_version: String,
+}
+
+fn find_kit() -> Result<GuestKit, String> {
+    let qemu = which("qemu-system-x86_64").ok_or("qemu-system-x86_64 not installed")?;
+    which("busybox").ok_or("busybox not installed")?;
+    let mut kernels: Vec<PathBuf> = fs::read_dir("/boot")
+        .map_err(|e| format!("/boot: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .collect();
+    kernels.sort();
+    for kernel in kernels.into_iter().rev() {
+        let name = kernel.file_name().unwrap().to_str().unwrap().to_string();
+        let version = name.trim_start_matches("vmlinuz-").to_string();
+        if Path::new("/lib/modules")
+            .join(&version)
+            .join("modules.dep")
+            .exists()
+        {
+            return Ok(GuestKit {
+                qemu,
+                kernel,
+                kernel_version: version,
+            });
+        }
+    }
+    Err("no kernel with modules under /boot (apt-get install linux-image-cloud-amd64)".into())
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(cmd))
+        .find(|p| p.exists())
+}
+
+/// A cpio archive (newc format) holding one executable file, to append to the initramfs.
+fn cpio_with_file(name: &str, data: &[u8]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+        let header =
+            format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            1, mode, 0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    entry(&mut out, name, 0o100755, data);
+    entry(&mut out, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// Boot the guest on `socket`, run `script` in it, and return the console output between the
+/// begin and end markers.
+fn run_guest(kit: &GuestKit, initramfs: &Path, socket: &Path, queues: u32, script: &str) -> String {
+    // The kernel unpacks concatenated archives in order: the base image, then the script.
+    let initrd = initramfs.with_extension("run.cpio");
+    let mut image = fs::read(initramfs).expect("read initramfs");
+    image.extend_from_slice(&cpio_with_file("script.sh", script.as_bytes()));
+    fs::write(&initrd, image).expect("write initrd");
+    // The console goes to a file: a pipe nobody reads while the guest runs could fill up.
+    let console_path = initramfs.with_extension("console");
+    let console_file = fs::File::create(&console_path).expect("console file");
+    let mut child = Command::new(&kit.qemu)
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kit.kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=c0,path={}", socket.display()))
+        .arg("-device")
+        .arg(format!("vhost-user-blk-pci,chardev=c0,num-queues={queues}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(console_file.try_clone().expect("console file"))
+        .stderr(console_file)
+        .spawn()
+        .expect("start qemu");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let read_console = || {
+        fs::read_to_string(&console_path)
+            .unwrap_or_default()
+            .replace('\r', "")
+    };
+    while child.try_wait().expect("wait qemu").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("guest did not finish within 240 s:\n{}", read_console());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let console = read_console();
+    let begin = console
+        .find("VUBD-GUEST-BEGIN")
+        .unwrap_or_else(|| panic!("guest never ran its script:\n{console}"));
+    let body = &console[begin..];
+    assert!(
+        body.contains("VUBD-GUEST-END status=0"),
+        "guest script failed:\n{body}"
+    );
+    body.to_string()
+}
+
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(data)?;
+            child.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+#[test]
+fn linux_guest_uses_the_disk_and_a_second_boot_sees_its_writes() {
+    let kit = match find_kit() {
+        Ok(kit) => kit,
+        Err(why) if std::env::var("VUBD_REQUIRE_GUEST").as_deref() != Ok("1") => {
+            eprintln!("skipping the QEMU guest test: {why}");
+            return;
+        }
+        Err(why) => panic!("QEMU guest test required but cannot run: {why}"),
+    };
+    let dir = TempDir::new("qemu-guest");
+    let initramfs = dir.join("initramfs.cpio");
+    let status = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/guest/mkinitramfs.sh"
+    ))
+    .arg(&initramfs)
+    .arg(&kit.kernel_version)
+    .status()
+    .expect("run mkinitramfs.sh");
+    assert!(status.success(), "mkinitramfs.sh failed");
+
+    const DISK: usize = 64 << 20;
+    let image = dir.join("disk.raw");
+    let mut model = create_image(&image, DISK, 31);
+    let mut vubd = Vubd::start(
+        &dir.join("vubd.sock"),
+        &["--image", image.to_str().unwrap(), "--num-queues", "2"],
+    );
+
+    // First boot: the guest sees the image's content, writes a marker and runs fio with
+    // verification in the second half of the disk.
+    let first_mib = sha256_hex(&model[..1 << 20]);
+    let marker = pattern(4096, 32);
+    let marker_sum = sha256_hex(&marker);
+    fs::write(dir.join("marker"), &marker).unwrap();
+    let script = format!(
+        "set -e\n\
+         cat /sys/block/vda/size\n\
+         dd if=/dev/vda bs=1M count=1 2>/dev/null | sha256sum\n\
+         printf '%s' '{marker_b64}' | base64 -d > /tmp/marker\n\
+         dd if=/tmp/marker of=/dev/vda bs=4096 seek=256 conv=fsync 2>/dev/null\n\
+         if command -v fio >/dev/null; then\n\
+           fio --name=verify --filename=/dev/vda --offset=32M --size=32M --rw=randrw --bs=4k \
+               --iodepth=16 --numjobs=2 --ioengine=libaio --direct=1 --runtime=3 --time_based \
+               --verify=crc32c --do_verify=1 --group_reporting 2>&1 | grep -E 'err=|IOPS'\n\
+         fi\n",
+        marker_b64 = base64(&marker),
+    );
+    let out = run_guest(&kit, &initramfs, &vubd.socket, 2, &script);
+    assert!(out.contains(&(DISK / 512).to_string()), "disk size:\n{out}");
+    assert!(
+        out.contains(&first_mib),
+        "the guest reads the image's data:\n{out}"
+    );
+    if out.contains("err=") {
+        assert!(out.contains("err= 0"), "fio reported errors:\n{out}");
+    }
+    model[1 << 20..(1 << 20) + 4096].copy_from_slice(&marker);
+
+    // Second boot, same daemon: the marker written by the first guest is there.
+    let script = "dd if=/dev/vda bs=4096 skip=256 count=1 2>/dev/null | sha256sum\n";
+    let out = run_guest(&kit, &initramfs, &vubd.socket, 1, script);
+    assert!(
+        out.contains(&marker_sum),
+        "second boot reads the first boot's write:\n{out}"
+    );
+
+    vubd.stop();
+    let file = fs::read(&image).unwrap();
+    assert!(
+        file[..DISK / 2] == model[..DISK / 2],
+        "first half of the disk as written"
+    );
+}
