@@ -442,3 +442,24 @@ fn a_looping_chain_or_a_broken_ring_does_not_hang_the_daemon() {
     drop(client);
     s.finish();
 }
+
+#[test]
+fn the_guest_can_switch_to_writethrough() {
+    let mut s = setup("writethrough", &[]);
+    let mut fe = s.frontend();
+    fe.set_config(32, &[0]).expect("SET_CONFIG writeback=0");
+    assert_eq!(fe.config(32, 1), [0], "writeback reads back as 0");
+    // Writes still complete (each is made stable before it does).
+    let data = common::pattern(8192, 40);
+    fe.mem.write_slice(&data, GuestAddress(BUF)).unwrap();
+    fe.write_header(HDR, OUT, 64);
+    let (_, status) = fe.request(&[r(HDR, 16), r(BUF, 8192), w(STATUS, 1)], STATUS);
+    assert_eq!(status, S_OK);
+    s.model[64 * 512..64 * 512 + 8192].copy_from_slice(&data);
+    // Only the writeback byte is writable: a write elsewhere changes nothing.
+    let before = fe.config(0, 60);
+    let _ = fe.set_config(0, &[0; 8]);
+    assert_eq!(fe.config(0, 60), before);
+    drop(fe);
+    s.finish();
+}

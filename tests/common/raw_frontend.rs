@@ -149,6 +149,12 @@ impl RawFrontend {
         data
     }
 
+    /// Write `data` into config space at `offset`.
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> vhost::Result<()> {
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+    }
+
     /// Write a raw 16-byte descriptor at table index `index`.
     pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let at = DESC + 16 * u64::from(index);
