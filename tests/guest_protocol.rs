@@ -456,10 +456,13 @@ fn the_guest_can_switch_to_writethrough() {
     let (_, status) = fe.request(&[r(HDR, 16), r(BUF, 8192), w(STATUS, 1)], STATUS);
     assert_eq!(status, S_OK);
     s.model[64 * 512..64 * 512 + 8192].copy_from_slice(&data);
-    // Only the writeback byte is writable: a write elsewhere changes nothing.
+    // Only the writeback byte is writable: writes elsewhere change nothing.
     let before = fe.config(0, 60);
-    let _ = fe.set_config(0, &[0; 8]);
+    fe.set_config(0, &[0; 8]).unwrap();
+    fe.set_config(33, &[0xff; 8]).unwrap();
     assert_eq!(fe.config(0, 60), before);
+    fe.set_config(30, &[0, 0, 1, 0]).unwrap();
+    assert_eq!(fe.config(32, 1), [1], "writeback set back to 1");
     drop(fe);
     s.finish();
 }

@@ -129,22 +129,18 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // Only `writeback` is writable, and only as one byte on its own.
-        if offset != WRITEBACK_OFFSET || buf.len() != 1 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "only the writeback field of the config space is writable",
-            ));
+        // Only `writeback` is writable; writes to the other fields are ignored, as a device
+        // ignores writes to read-only registers (an error here would drop the connection).
+        let Some(index) = WRITEBACK_OFFSET.checked_sub(offset) else {
+            return Ok(());
+        };
+        if let Some(&value) = buf.get(index as usize) {
+            self.writeback.store(value != 0, Ordering::Relaxed);
+            log::info!(
+                "guest switched the write cache to {}",
+                if value != 0 { "writeback" } else { "writethrough" }
+            );
         }
-        self.writeback.store(buf[0] != 0, Ordering::Relaxed);
-        log::info!(
-            "guest switched the write cache to {}",
-            if buf[0] != 0 {
-                "writeback"
-            } else {
-                "writethrough"
-            }
-        );
         Ok(())
     }
 
