@@ -138,7 +138,11 @@ impl VhostUserBackend for BlkBackend {
             self.writeback.store(value != 0, Ordering::Relaxed);
             log::info!(
                 "guest switched the write cache to {}",
-                if value != 0 { "writeback" } else { "writethrough" }
+                if value != 0 {
+                    "writeback"
+                } else {
+                    "writethrough"
+                }
             );
         }
         Ok(())
