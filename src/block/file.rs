@@ -108,6 +108,11 @@ impl FileNode {
         self.size
     }
 
+    /// The file's size now (it grows as a format driver allocates clusters).
+    pub fn current_size(&self) -> io::Result<u64> {
+        self.file.metadata().map(|m| m.len())
+    }
+
     pub fn read_only(&self) -> bool {
         self.options.read_only
     }

@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod io;
+pub mod qcow2;
 pub mod raw;
 
 use std::fmt::Debug;
@@ -29,6 +30,94 @@ pub enum Mapping {
     Data { file: FileId, offset: u64 },
     /// Nowhere: the range reads as zeroes.
     Zero,
+    /// Already transferred by the driver itself, through [`GuestIo`] (compressed clusters,
+    /// copy-on-write allocations): nothing left to do.
+    Filled,
+}
+
+/// Returned by mapping calls: whether the driver must be told, through
+/// [`BlockDriver::release`], when the request's data I/O is over. Drivers that may free and
+/// reuse the host clusters a request maps to use it to defer reuse until no I/O can still land
+/// there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[must_use]
+pub enum IoTicket {
+    #[default]
+    None,
+    Tracked,
+}
+
+/// The guest buffers of one request, for drivers that copy data themselves.
+#[derive(Clone, Copy)]
+pub struct GuestIo<'a> {
+    iovecs: &'a [libc::iovec],
+    /// Where this view starts within the request's bytes.
+    base: u64,
+}
+
+impl<'a> GuestIo<'a> {
+    /// # Safety
+    /// Every iovec must name memory valid for reads and writes during `'a`, which nothing else
+    /// in this process accesses meanwhile except through the same `GuestIo`.
+    pub unsafe fn new(iovecs: &'a [libc::iovec]) -> Self {
+        GuestIo { iovecs, base: 0 }
+    }
+
+    /// No buffers (requests that carry no data).
+    pub fn none() -> GuestIo<'static> {
+        GuestIo {
+            iovecs: &[],
+            base: 0,
+        }
+    }
+
+    /// The same buffers seen from byte `at` on.
+    pub fn offset(&self, at: u64) -> GuestIo<'a> {
+        GuestIo {
+            iovecs: self.iovecs,
+            base: self.base + at,
+        }
+    }
+
+    /// Visit the pieces of `[at, at + len)` as (pointer, length, position in the range).
+    fn pieces(&self, at: u64, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+        let mut at = self.base + at;
+        let mut done = 0usize;
+        for iov in self.iovecs {
+            if done == len {
+                break;
+            }
+            let iov_len = iov.iov_len as u64;
+            if at >= iov_len {
+                at -= iov_len;
+                continue;
+            }
+            let n = ((iov_len - at) as usize).min(len - done);
+            // SAFETY: `at < iov_len`, so the pointer stays within the iovec's buffer.
+            let ptr = unsafe { iov.iov_base.cast::<u8>().add(at as usize) };
+            f(ptr, n, done);
+            done += n;
+            at = 0;
+        }
+    }
+
+    /// Copy `buf` into the guest buffers at byte `at` of the request.
+    pub fn write(&self, at: u64, buf: &[u8]) {
+        self.pieces(at, buf.len(), |ptr, n, done| {
+            // SAFETY: `ptr..ptr + n` is inside a valid guest buffer (see `new`), and `buf` has
+            // `n` bytes at `done`.
+            unsafe { std::ptr::copy_nonoverlapping(buf[done..].as_ptr(), ptr, n) };
+        });
+    }
+
+    /// Copy guest bytes at byte `at` of the request into `buf`.
+    pub fn read(&self, at: u64, buf: &mut [u8]) {
+        let len = buf.len();
+        self.pieces(at, len, |ptr, n, done| {
+            // SAFETY: as in `write`, in the other direction.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, buf[done..].as_mut_ptr(), n) };
+        });
+    }
 }
 
 /// A run of guest bytes with one mapping. A request's extents cover it in order.
@@ -65,6 +154,11 @@ pub enum BlockError {
     Io(#[from] std::io::Error),
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
+    #[error("{path}: {source}")]
+    Qcow2 {
+        path: String,
+        source: qcow2::Qcow2Error,
+    },
 }
 
 /// A format node: what the guest sees as its disk.
@@ -80,12 +174,28 @@ pub trait BlockDriver: Send + Sync + Debug {
     /// The protocol nodes under this node; [`Mapping::Data`] names them by index.
     fn files(&self) -> &[Arc<FileNode>];
 
-    /// Map `[offset, offset + len)` for reading. Appends extents covering the range in order.
-    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError>;
+    /// Map `[offset, offset + len)` for reading into `guest`. Appends extents covering the
+    /// range in order.
+    fn map_read(
+        &self,
+        offset: u64,
+        len: u64,
+        guest: GuestIo,
+        out: &mut Vec<Extent>,
+    ) -> Result<IoTicket, BlockError>;
 
-    /// Map `[offset, offset + len)` for writing, allocating where needed. Every extent returned
-    /// is [`Mapping::Data`].
-    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError>;
+    /// Map `[offset, offset + len)` for writing from `guest`, allocating where needed. Extents
+    /// are [`Mapping::Data`] or [`Mapping::Filled`].
+    fn map_write(
+        &self,
+        offset: u64,
+        len: u64,
+        guest: GuestIo,
+        out: &mut Vec<Extent>,
+    ) -> Result<IoTicket, BlockError>;
+
+    /// The data I/O of a request whose mapping returned `ticket` is over.
+    fn release(&self, _ticket: IoTicket) {}
 
     /// Translate a discard or write-zeroes of `[offset, offset + len)` into protocol node
     /// operations, updating the node's own metadata first.
@@ -105,22 +215,101 @@ pub trait BlockDriver: Send + Sync + Debug {
 
     /// The smallest unit a discard can free, in bytes.
     fn discard_granularity(&self) -> u64;
+
+    /// Read `buf.len()` bytes at `offset` synchronously (copy-on-write sources, tools).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec names `buf`, exclusively borrowed for this call.
+        let guest = unsafe { GuestIo::new(&iov) };
+        let mut extents = Vec::new();
+        let ticket = self.map_read(offset, buf.len() as u64, guest, &mut extents)?;
+        let mut at = 0usize;
+        let mut result = Ok(());
+        for extent in &extents {
+            let piece = &mut buf[at..at + extent.len as usize];
+            match extent.mapping {
+                Mapping::Data { file, offset } => {
+                    if let Err(e) = self.files()[file].read_exact_at(piece, offset) {
+                        result = Err(e.into());
+                        break;
+                    }
+                }
+                Mapping::Zero => piece.fill(0),
+                Mapping::Filled => {}
+            }
+            at += extent.len as usize;
+        }
+        self.release(ticket);
+        result
+    }
 }
 
 /// The image formats vubd serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Raw,
+    Qcow2,
+}
+
+impl Format {
+    /// The format named `name` as QEMU spells it.
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+/// Which backing file a qcow2 node uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BackingChoice {
+    /// The one the image names (subject to the stored-name policy), in its recorded format.
+    #[default]
+    FromImage,
+    /// None, even if the image names one (`backing=null`).
+    Disabled,
+    /// This file, in this format, whatever the image names.
+    Use(std::path::PathBuf, Format),
+}
+
+/// How to open an image and the nodes under it.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    /// `O_DIRECT` for guest data (`--cache none`).
+    pub direct: bool,
+    /// qcow2: the external data file to use instead of the one named in the image.
+    pub data_file: Option<std::path::PathBuf>,
+    /// qcow2: which backing file to use.
+    pub backing: BackingChoice,
+    /// qcow2: bytes of L2 tables to cache (default: enough for the whole disk, up to 32 MiB).
+    pub l2_cache_bytes: Option<u64>,
+    /// qcow2: open an image marked corrupt read-write, to repair it.
+    pub repair: bool,
 }
 
 /// Open `path` as a format node of `format` over a `file` protocol node.
 pub fn open_image(
     path: &Path,
     format: Format,
-    options: FileOptions,
+    options: &OpenOptions,
 ) -> Result<Arc<dyn BlockDriver>, BlockError> {
-    let file = Arc::new(FileNode::open(path, options)?);
     match format {
-        Format::Raw => Ok(Arc::new(raw::RawNode::new(file))),
+        Format::Raw => {
+            let file = FileNode::open(
+                path,
+                FileOptions {
+                    read_only: options.read_only,
+                    direct: options.direct,
+                },
+            )?;
+            Ok(Arc::new(raw::RawNode::new(Arc::new(file))))
+        }
+        Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2Node::open(path, options)?)),
     }
 }

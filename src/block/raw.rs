@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::file::FileNode;
-use super::{BlockDriver, BlockError, Extent, HostZeroOp, Mapping, ZeroOp};
+use super::{BlockDriver, BlockError, Extent, GuestIo, HostZeroOp, IoTicket, Mapping, ZeroOp};
 
 /// A raw image: an identity mapping onto one file.
 #[derive(Debug)]
@@ -41,14 +41,26 @@ impl BlockDriver for RawNode {
         &self.files
     }
 
-    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
+    fn map_read(
+        &self,
+        offset: u64,
+        len: u64,
+        _guest: GuestIo,
+        out: &mut Vec<Extent>,
+    ) -> Result<IoTicket, BlockError> {
         Self::identity(offset, len, out);
-        Ok(())
+        Ok(IoTicket::None)
     }
 
-    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
+    fn map_write(
+        &self,
+        offset: u64,
+        len: u64,
+        _guest: GuestIo,
+        out: &mut Vec<Extent>,
+    ) -> Result<IoTicket, BlockError> {
         Self::identity(offset, len, out);
-        Ok(())
+        Ok(IoTicket::None)
     }
 
     fn map_zeroes(

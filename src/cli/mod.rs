@@ -1,5 +1,8 @@
-//! The command line: `vubd serve` and the image tools.
+//! The command line: `vubd serve`, the image tools (`create`, `info`, `check`), and the
+//! qemu-storage-daemon compatible form (`vubd --blockdev ... --export ...`).
 
+mod image;
+mod qsd;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -16,20 +19,57 @@ pub struct Cli {
 enum Command {
     /// Serve an image as a vhost-user-blk device.
     Serve(serve::ServeArgs),
+    /// Create a qcow2 image, or qcow2 metadata for a raw data file.
+    Create(image::CreateArgs),
+    /// Show an image's format and properties, like `qemu-img info`.
+    Info(image::InfoArgs),
+    /// Check an image's consistency, like `qemu-img check` (exit 0 clean, 2 errors, 3 leaks).
+    Check(image::CheckArgs),
 }
+
+/// An error the command line reports, with the exit code to use.
+pub struct Failure {
+    pub message: String,
+    pub code: i32,
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            message: e.to_string(),
+            code: 1,
+        }
+    }
+}
+
+/// Options qemu-storage-daemon takes that start its compatible form.
+const QSD_OPTIONS: [&str; 3] = ["--blockdev", "--export", "--object"];
 
 /// Run the command line; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `vubd --blockdev ... --export ...` is `vubd serve --blockdev ...`, so that a
+    // qemu-storage-daemon command line runs unchanged with only the program name replaced.
+    if args.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
+        QSD_OPTIONS
+            .iter()
+            .any(|o| a == *o || a.starts_with(&format!("{o}=")))
+    }) {
+        args.insert(1, "serve".into());
+    }
+    let cli = Cli::parse_from(args);
     init_logging();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Create(args) => image::create(args),
+        Command::Info(args) => image::info(args),
+        Command::Check(args) => image::check(args),
     };
     match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("vubd: error: {e}");
-            1
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("vubd: error: {}", f.message);
+            f.code
         }
     }
 }
@@ -41,4 +81,37 @@ fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format_target(false)
         .init();
+}
+
+/// Parse a byte size: a number with an optional K, M, G, T (powers of 1024) suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        Some('T') => (&s[..s.len() - 1], 40),
+        Some('B') => (&s[..s.len() - 1], 0),
+        _ => (s, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("'{s}' is not a size (a number with an optional K, M, G or T)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
-use crate::block::file::FileOptions;
+use super::{qsd, Failure};
 use crate::block::io::EngineKind;
-use crate::block::{open_image, Format};
+use crate::block::{open_image, BackingChoice, Format, OpenOptions};
 use crate::vhost::daemon::{self, SocketOptions};
 use crate::virtio_blk::device::{BlockDevice, DeviceOptions};
 use crate::virtio_blk::ID_BYTES;
@@ -17,15 +17,31 @@ use crate::virtio_blk::ID_BYTES;
 pub struct ServeArgs {
     /// UNIX socket the VMM connects to.
     #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    socket: Option<PathBuf>,
 
     /// Disk image to serve.
     #[arg(long, value_name = "PATH")]
-    image: PathBuf,
+    image: Option<PathBuf>,
 
     /// Image format (never guessed from the file's content).
     #[arg(long, value_enum, default_value_t = FormatArg::Raw)]
     format: FormatArg,
+
+    /// qcow2: use this external data file instead of the one the image names.
+    #[arg(long, value_name = "PATH")]
+    data_file: Option<PathBuf>,
+
+    /// qcow2: use this backing file instead of the one the image names.
+    #[arg(long, value_name = "PATH", requires = "backing_format")]
+    backing: Option<PathBuf>,
+
+    /// qcow2: the format of --backing.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    backing_format: Option<FormatArg>,
+
+    /// qcow2: bytes of L2 tables to cache (default: the whole disk's, up to 32M).
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    l2_cache_size: Option<u64>,
 
     /// Serve the image read-only.
     #[arg(long)]
@@ -49,7 +65,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
     logical_block_size: u32,
 
-    /// Host page cache use: `none` opens the image with O_DIRECT.
+    /// Host page cache use: `none` opens the data file with O_DIRECT.
     #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
     cache: CacheMode,
 
@@ -60,11 +76,34 @@ pub struct ServeArgs {
     /// I/O engine: io_uring, synchronous system calls, or io_uring when available.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     io_engine: EngineArg,
+
+    /// qemu-storage-daemon form: a block node (driver=file|raw|qcow2,node-name=...,...).
+    #[arg(long, value_name = "OPTIONS")]
+    blockdev: Vec<String>,
+
+    /// qemu-storage-daemon form: the export (type=vhost-user-blk,node-name=...,addr.path=...).
+    #[arg(long, value_name = "OPTIONS")]
+    export: Vec<String>,
+
+    /// qemu-storage-daemon form: objects (iothreads are accepted: every vubd queue has its own
+    /// thread).
+    #[arg(long, value_name = "OPTIONS")]
+    object: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum FormatArg {
     Raw,
+    Qcow2,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Raw => Format::Raw,
+            FormatArg::Qcow2 => Format::Qcow2,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -80,27 +119,70 @@ enum EngineArg {
     Sync,
 }
 
-pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let options = FileOptions {
-        read_only: args.readonly,
-        direct: args.cache == CacheMode::None,
+/// Everything needed to serve, however the command line spelled it.
+#[derive(Debug)]
+pub struct ServeSpec {
+    pub image: PathBuf,
+    pub format: Format,
+    pub open: OpenOptions,
+    pub socket: SocketOptions,
+    pub num_queues: u16,
+    pub logical_block_size: u32,
+}
+
+pub fn run(args: ServeArgs) -> Result<i32, Failure> {
+    let spec = if !args.blockdev.is_empty() || !args.export.is_empty() {
+        if args.image.is_some()
+            || args.socket.is_some()
+            || args.data_file.is_some()
+            || args.backing.is_some()
+        {
+            return Err("use either --image/--socket or --blockdev/--export, not both".into());
+        }
+        qsd::parse(&args.blockdev, &args.export, &args.object, args.socket_mode)?
+    } else {
+        let (Some(image), Some(socket)) = (args.image.clone(), args.socket.clone()) else {
+            return Err("--socket and --image are required (or --blockdev and --export)".into());
+        };
+        let backing = match (&args.backing, args.backing_format) {
+            (Some(path), Some(format)) => BackingChoice::Use(path.clone(), format.into()),
+            _ => BackingChoice::FromImage,
+        };
+        if args.format == FormatArg::Raw && (args.data_file.is_some() || args.backing.is_some()) {
+            return Err("--data-file and --backing need --format qcow2".into());
+        }
+        ServeSpec {
+            image,
+            format: args.format.into(),
+            open: OpenOptions {
+                read_only: args.readonly,
+                direct: args.cache == CacheMode::None,
+                data_file: args.data_file.clone(),
+                backing,
+                l2_cache_bytes: args.l2_cache_size,
+                repair: false,
+            },
+            socket: SocketOptions {
+                path: socket,
+                mode: args.socket_mode,
+            },
+            num_queues: args.num_queues,
+            logical_block_size: args.logical_block_size,
+        }
     };
-    let format = match args.format {
-        FormatArg::Raw => Format::Raw,
-    };
-    let driver = open_image(&args.image, format, options)?;
+    let driver = open_image(&spec.image, spec.format, &spec.open)?;
     let serial = args
         .serial
-        .unwrap_or_else(|| default_serial(&args.image))
+        .unwrap_or_else(|| default_serial(&spec.image))
         .into_bytes();
     let device = BlockDevice::new(
         driver,
         DeviceOptions {
-            num_queues: args.num_queues,
+            num_queues: spec.num_queues,
             queue_size: args.queue_size,
             serial,
-            logical_block_size: args.logical_block_size,
-            read_only: args.readonly,
+            logical_block_size: spec.logical_block_size,
+            read_only: spec.open.read_only,
             engine: match args.io_engine {
                 EngineArg::Auto => EngineKind::Auto,
                 EngineArg::IoUring => EngineKind::IoUring,
@@ -108,12 +190,8 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             },
         },
     )?;
-    let socket = SocketOptions {
-        path: args.socket,
-        mode: args.socket_mode,
-    };
-    daemon::serve(Arc::new(device), &socket)?;
-    Ok(())
+    daemon::serve(Arc::new(device), &spec.socket)?;
+    Ok(0)
 }
 
 /// A serial that identifies the image stably: `vubd-` and a hash of its absolute path.

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::block::file::AlignedBuf;
 use crate::block::io::{self, Engine, Op};
-use crate::block::{Extent, HostZeroOp, Mapping, ZeroOp};
+use crate::block::{Extent, GuestIo, HostZeroOp, IoTicket, Mapping, ZeroOp};
 use crate::virtio_blk::device::BlockDevice;
 use crate::virtio_blk::request::{self, GuestMemory, Request, RequestBuffers, RequestKind};
 use crate::virtio_blk::{DeviceLimits, Status};
@@ -49,6 +49,8 @@ struct Slot {
     ops: Vec<SlotOp>,
     /// Keeps the guest memory the iovecs point into mapped until the request completes.
     mem: Option<Arc<GuestMemory>>,
+    /// Handed back to the block driver when the request's data I/O is over.
+    ticket: IoTicket,
 }
 
 /// An operation a slot has pushed, kept to retry short transfers and fall back on refusals.
@@ -79,6 +81,7 @@ impl Slot {
             split_iov: Vec::new(),
             ops: Vec::new(),
             mem: None,
+            ticket: IoTicket::None,
         }
     }
 }
@@ -368,17 +371,22 @@ impl QueueWorker {
     fn execute(&mut self, slot_index: u32, req: Request) {
         let driver = self.device.driver().clone();
         let result = match req.kind {
-            RequestKind::Read { offset, len } => {
+            RequestKind::Read { offset, len } | RequestKind::Write { offset, len } => {
+                let write = matches!(req.kind, RequestKind::Write { .. });
                 self.extents.clear();
-                driver
-                    .map_read(offset, len, &mut self.extents)
-                    .map(|()| self.start_transfer(slot_index, false, len))
-            }
-            RequestKind::Write { offset, len } => {
-                self.extents.clear();
-                driver
-                    .map_write(offset, len, &mut self.extents)
-                    .map(|()| self.start_transfer(slot_index, true, len))
+                let slot = &self.slots[slot_index as usize];
+                // SAFETY: the iovecs were validated against guest memory that `slot.mem`
+                // keeps mapped, and the request owns them until it completes.
+                let guest = unsafe { GuestIo::new(&slot.bufs.iovecs) };
+                let mapped = if write {
+                    driver.map_write(offset, len, guest, &mut self.extents)
+                } else {
+                    driver.map_read(offset, len, guest, &mut self.extents)
+                };
+                mapped.map(|ticket| {
+                    self.slots[slot_index as usize].ticket = ticket;
+                    self.start_transfer(slot_index, write, len)
+                })
             }
             RequestKind::Flush => driver
                 .flush_metadata()
@@ -426,6 +434,7 @@ impl QueueWorker {
             match extent.mapping {
                 Mapping::Zero if !write => fill_zero(iov),
                 Mapping::Zero => slot.failed = true,
+                Mapping::Filled => {}
                 Mapping::Data { file, offset } => {
                     let Some(node) = files.get(file) else {
                         slot.failed = true;
@@ -627,6 +636,8 @@ impl QueueWorker {
             (Status::Ok, slot.used_len)
         };
         let head = slot.head;
+        let ticket = std::mem::take(&mut slot.ticket);
+        self.device.driver().release(ticket);
         if let Some(mem) = slot.mem.take() {
             write_status(&mem, slot.status, status);
         }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod blkio_client;
+pub mod qemu;
 pub mod raw_frontend;
 
 use std::fs;

@@ -1,0 +1,556 @@
+//! The qemu-storage-daemon command line for a vhost-user-blk export:
+//!
+//! ```text
+//! --blockdev driver=file,node-name=disk,filename=disk.raw
+//! --blockdev driver=file,node-name=meta,filename=meta.qcow2
+//! --blockdev driver=qcow2,node-name=fmt,file=meta,data-file=disk
+//! --object iothread,id=io0
+//! --export type=vhost-user-blk,id=exp0,node-name=fmt,addr.type=unix,addr.path=vubd.sock,
+//!          writable=on,num-queues=2,iothread=io0
+//! ```
+//!
+//! The subset vubd implements: `file`, `raw` and `qcow2` nodes (children by node name or
+//! inline as `file.driver=...`), one `vhost-user-blk` export on a UNIX socket, and iothread
+//! objects. Options are `key=value` lists (`,,` is a literal comma) or JSON objects. Any
+//! option outside that subset is an error naming it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::serve::ServeSpec;
+use super::Failure;
+use crate::block::{BackingChoice, Format, OpenOptions};
+use crate::vhost::daemon::SocketOptions;
+
+type Opts = BTreeMap<String, String>;
+
+fn fail(msg: impl Into<String>) -> Failure {
+    Failure {
+        message: msg.into(),
+        code: 1,
+    }
+}
+
+/// Split `key=value,key=value` (QEMU's keyval syntax, `,,` escaping a comma) or flatten a JSON
+/// object into dotted keys. A first item without `=` is taken as the value of `implied`.
+fn parse_options(option: &str, text: &str, implied: Option<&str>) -> Result<Opts, Failure> {
+    let text = text.trim();
+    if text.starts_with('{') {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| fail(format!("{option}: invalid JSON: {e}")))?;
+        let mut out = Opts::new();
+        flatten_json("", &value, &mut out);
+        return Ok(out);
+    }
+    let mut out = Opts::new();
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                items.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    items.push(current);
+    for (i, item) in items.into_iter().enumerate() {
+        match item.split_once('=') {
+            Some((k, v)) => {
+                if out.insert(k.to_string(), v.to_string()).is_some() {
+                    return Err(fail(format!("{option}: option '{k}' given twice")));
+                }
+            }
+            None if i == 0 && implied.is_some() => {
+                out.insert(implied.unwrap_or_default().to_string(), item);
+            }
+            None => return Err(fail(format!("{option}: '{item}' is not key=value"))),
+        }
+    }
+    Ok(out)
+}
+
+fn flatten_json(prefix: &str, value: &serde_json::Value, out: &mut Opts) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_json(&key, v, out);
+            }
+        }
+        serde_json::Value::String(s) => {
+            out.insert(prefix.to_string(), s.clone());
+        }
+        serde_json::Value::Bool(b) => {
+            out.insert(
+                prefix.to_string(),
+                if *b { "on" } else { "off" }.to_string(),
+            );
+        }
+        serde_json::Value::Null => {
+            out.insert(prefix.to_string(), "null".to_string());
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+fn parse_bool(option: &str, key: &str, v: &str) -> Result<bool, Failure> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(fail(format!("{option}: {key}={v}: expected on or off"))),
+    }
+}
+
+/// A block node definition.
+#[derive(Clone, Debug)]
+struct Node {
+    driver: String,
+    opts: Opts,
+}
+
+/// A node's options with the ones vubd understands checked off; whatever is left is an error.
+struct Taker {
+    what: String,
+    opts: Opts,
+}
+
+impl Taker {
+    fn new(what: String, opts: Opts) -> Self {
+        Taker { what, opts }
+    }
+
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.opts.remove(key)
+    }
+
+    fn take_bool(&mut self, key: &str) -> Result<Option<bool>, Failure> {
+        self.take(key)
+            .map(|v| parse_bool(&self.what, key, &v))
+            .transpose()
+    }
+
+    /// Options under `prefix.` (an inline child), removed.
+    fn take_prefixed(&mut self, prefix: &str) -> Opts {
+        let dotted = format!("{prefix}.");
+        let keys: Vec<String> = self
+            .opts
+            .keys()
+            .filter(|k| k.starts_with(&dotted))
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let v = self.opts.remove(&k)?;
+                Some((k[dotted.len()..].to_string(), v))
+            })
+            .collect()
+    }
+
+    /// Accept and ignore options that only tune QEMU's own machinery.
+    fn ignore(&mut self, keys: &[&str]) {
+        for k in keys {
+            self.opts.remove(*k);
+        }
+    }
+
+    fn finish(self) -> Result<(), Failure> {
+        match self.opts.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(fail(format!(
+                "{}: option '{k}' is not supported by vubd",
+                self.what
+            ))),
+        }
+    }
+}
+
+/// What a `file` node contributes.
+#[derive(Clone, Debug)]
+struct FileSpec {
+    filename: PathBuf,
+    direct: bool,
+    read_only: bool,
+}
+
+struct Graph {
+    nodes: BTreeMap<String, Node>,
+}
+
+impl Graph {
+    /// A child given by node name (`key=name`) or inline (`key.driver=...`).
+    fn child(&self, parent: &mut Taker, key: &str) -> Result<Option<Node>, Failure> {
+        let inline = parent.take_prefixed(key);
+        match parent.take(key) {
+            Some(_) if !inline.is_empty() => Err(fail(format!(
+                "{}: '{key}' is given both as a node name and inline",
+                parent.what
+            ))),
+            Some(name) if name == "null" => Ok(None),
+            Some(name) => self
+                .nodes
+                .get(&name)
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| fail(format!("{}: no block node named '{name}'", parent.what))),
+            None if inline.is_empty() => Ok(None),
+            None => {
+                let driver = inline.get("driver").cloned().ok_or_else(|| {
+                    fail(format!(
+                        "{}: inline '{key}' needs {key}.driver",
+                        parent.what
+                    ))
+                })?;
+                Ok(Some(Node {
+                    driver,
+                    opts: inline,
+                }))
+            }
+        }
+    }
+
+    fn file(&self, node: &Node) -> Result<FileSpec, Failure> {
+        let what = format!("--blockdev driver=file ({})", node_label(node));
+        let mut t = Taker::new(what.clone(), node.opts.clone());
+        t.take("driver");
+        t.take("node-name");
+        let filename = t
+            .take("filename")
+            .ok_or_else(|| fail(format!("{what}: filename is required")))?;
+        let direct = t.take_bool("cache.direct")?.unwrap_or(false);
+        let read_only = t.take_bool("read-only")?.unwrap_or(false);
+        t.ignore(&[
+            "aio",
+            "locking",
+            "discard",
+            "cache.no-flush",
+            "detect-zeroes",
+            "auto-read-only",
+        ]);
+        t.finish()?;
+        Ok(FileSpec {
+            filename: PathBuf::from(filename),
+            direct,
+            read_only,
+        })
+    }
+
+    /// The file under a format node, which must be a `file` node.
+    fn format_child_file(
+        &self,
+        parent: &mut Taker,
+        key: &str,
+    ) -> Result<Option<FileSpec>, Failure> {
+        match self.child(parent, key)? {
+            None => Ok(None),
+            Some(n) if n.driver == "file" => self.file(&n).map(Some),
+            Some(n) => Err(fail(format!(
+                "{}: '{key}' must be a driver=file node (got driver={})",
+                parent.what, n.driver
+            ))),
+        }
+    }
+}
+
+fn node_label(node: &Node) -> String {
+    node.opts
+        .get("node-name")
+        .map(|n| format!("node-name={n}"))
+        .unwrap_or_else(|| "inline".into())
+}
+
+/// Build the serving spec from qemu-storage-daemon options.
+pub fn parse(
+    blockdevs: &[String],
+    exports: &[String],
+    objects: &[String],
+    socket_mode: u32,
+) -> Result<ServeSpec, Failure> {
+    for object in objects {
+        let opts = parse_options("--object", object, Some("qom-type"))?;
+        match opts.get("qom-type").map(String::as_str) {
+            Some("iothread") => {}
+            Some(other) => {
+                return Err(fail(format!(
+                    "--object {other}: only iothread objects are supported"
+                )))
+            }
+            None => {
+                return Err(fail(
+                    "--object: missing the object type (e.g. iothread,id=io0)",
+                ))
+            }
+        }
+    }
+    let mut graph = Graph {
+        nodes: BTreeMap::new(),
+    };
+    for b in blockdevs {
+        let opts = parse_options("--blockdev", b, None)?;
+        let driver = opts
+            .get("driver")
+            .cloned()
+            .ok_or_else(|| fail(format!("--blockdev {b}: driver is required")))?;
+        let name = opts
+            .get("node-name")
+            .cloned()
+            .ok_or_else(|| fail(format!("--blockdev {b}: node-name is required")))?;
+        if !matches!(driver.as_str(), "file" | "raw" | "qcow2") {
+            return Err(fail(format!(
+                "--blockdev driver={driver}: vubd supports the file, raw and qcow2 drivers"
+            )));
+        }
+        if graph
+            .nodes
+            .insert(name.clone(), Node { driver, opts })
+            .is_some()
+        {
+            return Err(fail(format!(
+                "--blockdev: node-name '{name}' is used twice"
+            )));
+        }
+    }
+    let [export] = exports else {
+        return Err(fail(if exports.is_empty() {
+            "--export type=vhost-user-blk,... is required with --blockdev".to_string()
+        } else {
+            "vubd serves one export per process; give one --export".to_string()
+        }));
+    };
+    let mut e = Taker::new("--export".into(), parse_options("--export", export, None)?);
+    match e.take("type").as_deref() {
+        Some("vhost-user-blk") => {}
+        Some(t) => {
+            return Err(fail(format!(
+                "--export type={t}: vubd exports vhost-user-blk only"
+            )))
+        }
+        None => return Err(fail("--export: type=vhost-user-blk is required")),
+    }
+    e.take("id");
+    let node_name = e
+        .take("node-name")
+        .ok_or_else(|| fail("--export: node-name is required"))?;
+    match e.take("addr.type").as_deref() {
+        Some("unix") | None => {}
+        Some(t) => {
+            return Err(fail(format!(
+                "--export addr.type={t}: only unix sockets are supported"
+            )))
+        }
+    }
+    let socket = e
+        .take("addr.path")
+        .ok_or_else(|| fail("--export: addr.path is required"))?;
+    let writable = e.take_bool("writable")?.unwrap_or(false);
+    let num_queues = match e.take("num-queues") {
+        Some(v) => v
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| fail(format!("--export num-queues={v}: expected 1 to 64")))?,
+        None => 1,
+    };
+    let logical_block_size = match e.take("logical-block-size").as_deref() {
+        None | Some("512") => 512,
+        Some("4096") => 4096,
+        Some(v) => {
+            return Err(fail(format!(
+                "--export logical-block-size={v}: expected 512 or 4096"
+            )))
+        }
+    };
+    e.ignore(&["iothread", "fixed-iothread", "writethrough"]);
+    e.finish()?;
+
+    let node = graph
+        .nodes
+        .get(&node_name)
+        .cloned()
+        .ok_or_else(|| fail(format!("--export: no block node named '{node_name}'")))?;
+    let what = format!("--blockdev driver={} (node-name={node_name})", node.driver);
+    let mut open = OpenOptions {
+        read_only: !writable,
+        ..OpenOptions::default()
+    };
+    let (image, format) = match node.driver.as_str() {
+        "file" => {
+            let f = graph.file(&node)?;
+            open.direct = f.direct;
+            open.read_only |= f.read_only;
+            (f.filename, Format::Raw)
+        }
+        "raw" | "qcow2" => {
+            let mut t = Taker::new(what.clone(), node.opts.clone());
+            t.take("driver");
+            t.take("node-name");
+            open.read_only |= t.take_bool("read-only")?.unwrap_or(false);
+            let file = graph
+                .format_child_file(&mut t, "file")?
+                .ok_or_else(|| fail(format!("{what}: file is required")))?;
+            open.direct = file.direct;
+            open.read_only |= file.read_only;
+            let format = if node.driver == "qcow2" {
+                if let Some(data) = graph.format_child_file(&mut t, "data-file")? {
+                    open.data_file = Some(data.filename);
+                }
+                let has_backing_key = t.opts.contains_key("backing")
+                    || t.opts.keys().any(|k| k.starts_with("backing."));
+                open.backing = match graph.child(&mut t, "backing")? {
+                    None if has_backing_key => BackingChoice::Disabled,
+                    None => BackingChoice::FromImage,
+                    Some(b) => backing_choice(&graph, &b)?,
+                };
+                if let Some(v) = t.take("l2-cache-size").or_else(|| t.take("cache-size")) {
+                    open.l2_cache_bytes =
+                        Some(super::parse_size(&v).map_err(|e| fail(format!("{what}: {e}")))?);
+                }
+                Format::Qcow2
+            } else {
+                Format::Raw
+            };
+            t.ignore(&[
+                "discard",
+                "detect-zeroes",
+                "auto-read-only",
+                "cache.direct",
+                "cache.no-flush",
+                "lazy-refcounts",
+            ]);
+            t.finish()?;
+            (file.filename, format)
+        }
+        other => {
+            return Err(fail(format!(
+                "--export: cannot export a driver={other} node"
+            )))
+        }
+    };
+    Ok(ServeSpec {
+        image,
+        format,
+        open,
+        socket: SocketOptions {
+            path: PathBuf::from(socket),
+            mode: socket_mode,
+        },
+        num_queues,
+        logical_block_size,
+    })
+}
+
+/// A backing node: a format node over a file (or a plain file, served as raw).
+fn backing_choice(graph: &Graph, node: &Node) -> Result<BackingChoice, Failure> {
+    match node.driver.as_str() {
+        "file" => Ok(BackingChoice::Use(graph.file(node)?.filename, Format::Raw)),
+        "raw" | "qcow2" => {
+            let mut t = Taker::new(format!("backing ({})", node_label(node)), node.opts.clone());
+            t.take("driver");
+            t.take("node-name");
+            t.take("read-only");
+            let file = graph
+                .format_child_file(&mut t, "file")?
+                .ok_or_else(|| fail("backing node: file is required"))?;
+            let format = if node.driver == "qcow2" {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            };
+            t.ignore(&["discard", "detect-zeroes", "auto-read-only", "backing"]);
+            t.finish()?;
+            Ok(BackingChoice::Use(file.filename, format))
+        }
+        other => Err(fail(format!("backing: driver={other} is not supported"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn qcow2_over_a_raw_data_file() {
+        let spec = parse(
+            &strings(&[
+                "driver=file,node-name=disk,filename=/srv/disk.raw,cache.direct=on",
+                "driver=file,node-name=meta,filename=/srv/meta.qcow2",
+                "driver=qcow2,node-name=fmt,file=meta,data-file=disk",
+            ]),
+            &strings(&["type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path=/run/v.sock,writable=on,num-queues=2,iothread=io0"]),
+            &strings(&["iothread,id=io0"]),
+            0o600,
+        )
+        .unwrap_or_else(|f| panic!("{}", f.message));
+        assert_eq!(spec.image, PathBuf::from("/srv/meta.qcow2"));
+        assert_eq!(spec.format, Format::Qcow2);
+        assert_eq!(spec.open.data_file, Some(PathBuf::from("/srv/disk.raw")));
+        assert!(!spec.open.read_only);
+        assert_eq!(spec.num_queues, 2);
+        assert_eq!(spec.socket.path, PathBuf::from("/run/v.sock"));
+    }
+
+    #[test]
+    fn inline_children_json_and_null_backing() {
+        let spec = parse(
+            &strings(&[r#"{"driver": "qcow2", "node-name": "fmt", "backing": null, "file": {"driver": "file", "filename": "a,b.qcow2"}}"#]),
+            &strings(&["type=vhost-user-blk,node-name=fmt,addr.path=s"]),
+            &[],
+            0o600,
+        )
+        .unwrap_or_else(|f| panic!("{}", f.message));
+        assert_eq!(spec.image, PathBuf::from("a,b.qcow2"));
+        assert_eq!(spec.open.backing, BackingChoice::Disabled);
+        assert!(
+            spec.open.read_only,
+            "qemu-storage-daemon exports are read-only by default"
+        );
+
+        let spec = parse(
+            &strings(&["driver=raw,node-name=r,file.driver=file,file.filename=x,,y.img"]),
+            &strings(&["type=vhost-user-blk,node-name=r,addr.path=s,writable=on"]),
+            &[],
+            0o600,
+        )
+        .unwrap_or_else(|f| panic!("{}", f.message));
+        assert_eq!(spec.image, PathBuf::from("x,y.img"));
+        assert_eq!(spec.format, Format::Raw);
+    }
+
+    #[test]
+    fn unsupported_options_are_named() {
+        let err = |b: &[&str], e: &[&str], o: &[&str]| {
+            parse(&strings(b), &strings(e), &strings(o), 0o600)
+                .err()
+                .map(|f| f.message)
+                .unwrap_or_default()
+        };
+        let file = ["driver=file,node-name=f,filename=x"];
+        let export = ["type=vhost-user-blk,node-name=f,addr.path=s"];
+        assert!(err(&["driver=nbd,node-name=n"], &export, &[]).contains("driver=nbd"));
+        assert!(err(
+            &["driver=file,node-name=f,filename=x,bogus=1"],
+            &export,
+            &[]
+        )
+        .contains("'bogus'"));
+        assert!(err(&file, &["type=nbd,node-name=f"], &[]).contains("type=nbd"));
+        assert!(err(&file, &["type=vhost-user-blk,node-name=g,addr.path=s"], &[]).contains("'g'"));
+        assert!(err(&file, &export, &["memory-backend-ram,id=m"]).contains("iothread"));
+        assert!(err(&file, &[], &[]).contains("--export"));
+    }
+}
