@@ -212,7 +212,9 @@ fn run_workload(client: &mut BlkioClient, model: &mut [u8], seed: u64, ops: usiz
     let size = model.len() as u64;
     let mut rng = pattern(ops * 16, seed).into_iter();
     let mut next = |n: u64| -> u64 {
-        let v = (0..4).fold(0u64, |acc, _| (acc << 8) | u64::from(rng.next().unwrap_or(7)));
+        let v = (0..4).fold(0u64, |acc, _| {
+            (acc << 8) | u64::from(rng.next().unwrap_or(7))
+        });
         v % n
     };
     for i in 0..ops {
@@ -227,7 +229,9 @@ fn run_workload(client: &mut BlkioClient, model: &mut [u8], seed: u64, ops: usiz
                 model[o..o + l].copy_from_slice(&data);
             }
             6 | 7 => {
-                client.write_zeroes(0, offset, len, i % 2 == 0).expect("write zeroes");
+                client
+                    .write_zeroes(0, offset, len, i % 2 == 0)
+                    .expect("write zeroes");
                 model[o..o + l].fill(0);
             }
             _ => {
@@ -260,7 +264,11 @@ fn workload_then_qemu_agrees(dir: &TempDir, image: &str, seed: u64, extra: &[&st
     let mut vubd = Vubd::start(&dir.join(&format!("{image}.sock")), &args);
     let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
     run_workload(&mut client, &mut model, seed, 400);
-    assert_same(&read_all(&mut client, model.len()), &model, "read back through vubd");
+    assert_same(
+        &read_all(&mut client, model.len()),
+        &model,
+        "read back through vubd",
+    );
     drop(client);
     vubd.stop();
     assert_check_clean(dir.path(), image);
@@ -297,18 +305,54 @@ fn workloads_on_qcow2_images_leave_them_clean_and_identical() {
 fn workloads_over_backing_files_and_compressed_clusters() {
     let dir = TempDir::new("qcow2-cow");
     source_disk(dir.path(), "src.raw", 16 * MIB, 3);
-    qemu_img(dir.path(), &["convert", "-f", "raw", "-O", "qcow2", "-c", "src.raw", "compressed.qcow2"]);
-    workload_then_qemu_agrees(&dir, "compressed.qcow2", 20, &[]);
-    qemu_img(dir.path(), &["convert", "-f", "raw", "-O", "qcow2", "src.raw", "base.qcow2"]);
     qemu_img(
         dir.path(),
-        &["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-c",
+            "src.raw",
+            "compressed.qcow2",
+        ],
+    );
+    workload_then_qemu_agrees(&dir, "compressed.qcow2", 20, &[]);
+    qemu_img(
+        dir.path(),
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "src.raw",
+            "base.qcow2",
+        ],
+    );
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
     );
     workload_then_qemu_agrees(&dir, "top.qcow2", 21, &[]);
     // The backing file is never written.
     assert_check_clean(dir.path(), "base.qcow2");
     let base = qemu_view(dir.path(), "base.qcow2", "qcow2");
-    assert_same(&base, &fs::read(dir.join("src.raw")).unwrap(), "backing file content");
+    assert_same(
+        &base,
+        &fs::read(dir.join("src.raw")).unwrap(),
+        "backing file content",
+    );
 }
 
 #[test]
@@ -316,17 +360,40 @@ fn workloads_on_raw_data_files_keep_the_raw_file_the_disk() {
     let dir = TempDir::new("qcow2-rawdata");
     qemu_img(
         dir.path(),
-        &["create", "-f", "qcow2", "-o", "data_file=d.raw,data_file_raw=on", "m.qcow2", "16M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=d.raw,data_file_raw=on",
+            "m.qcow2",
+            "16M",
+        ],
     );
     let model = workload_then_qemu_agrees(&dir, "m.qcow2", 30, &[]);
     // The raw file alone is the disk, byte for byte.
-    assert_same(&fs::read(dir.join("d.raw")).unwrap(), &model, "raw data file");
+    assert_same(
+        &fs::read(dir.join("d.raw")).unwrap(),
+        &model,
+        "raw data file",
+    );
     let info = info_json(dir.path(), "m.qcow2");
-    assert_eq!(info["format-specific"]["data"]["data-file-raw"], true, "{info}");
+    assert_eq!(
+        info["format-specific"]["data"]["data-file-raw"], true,
+        "{info}"
+    );
     // An external data file without data_file_raw.
     qemu_img(
         dir.path(),
-        &["create", "-f", "qcow2", "-o", "data_file=e.raw", "n.qcow2", "16M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=e.raw",
+            "n.qcow2",
+            "16M",
+        ],
     );
     workload_then_qemu_agrees(&dir, "n.qcow2", 31, &[]);
 }

@@ -143,12 +143,17 @@ fn count_and_compare(
     count_snapshots(node, meta, &mut counts, &mut report)?;
     count_bitmaps(node, meta, &mut counts, &mut report)?;
 
-    // Compare with the stored refcounts, over every cluster of the file and every cluster a
-    // refcount block describes.
-    let last = file_clusters.max(meta.refcounts.covered_clusters());
+    // Compare with the stored refcounts, over every cluster of the file and every cluster an
+    // existing refcount block describes.
+    let mut clusters: Vec<u64> = (0..file_clusters).collect();
+    for range in meta.refcounts.described_ranges() {
+        clusters.extend(range.filter(|c| *c >= file_clusters));
+    }
+    clusters.sort_unstable();
+    clusters.dedup();
     let mut end = 0;
     let mut fixes = Vec::new();
-    for c in 0..last {
+    for c in clusters {
         let expected = u64::from(counts.refs.get(c as usize).copied().unwrap_or(0));
         let stored = meta.refcounts.get(&node.meta_file, c)?;
         if stored > 0 || expected > 0 {

@@ -407,6 +407,7 @@ impl Qcow2Node {
         if !options.read_only {
             node.prepare_for_writing().map_err(wrap)?;
         }
+        node.prefill_identity_map().map_err(wrap)?;
         Ok(node)
     }
 
@@ -597,12 +598,67 @@ impl Qcow2Node {
         let raw = meta
             .l2
             .get_u64(slot, (cluster % self.l2_entries()) as usize);
-        self.format.decode_l2(raw).map_err(|e| {
+        let entry = self.format.decode_l2(raw).map_err(|e| {
             Qcow2Error::corrupt(format!(
                 "invalid L2 entry {:#x} for guest cluster {cluster}",
                 e.0
             ))
-        })
+        })?;
+        // In an external data file every cluster lives at its own guest offset.
+        if let L2Entry::Normal { host, .. }
+        | L2Entry::Zero {
+            host: Some(host), ..
+        } = entry
+        {
+            if self.format.external_data && host != cluster << self.cluster_bits {
+                return Err(Qcow2Error::corrupt(format!(
+                    "L2 entry {raw:#x} maps guest cluster {cluster} elsewhere in the data file"
+                )));
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Mark every cluster already mapped at its own offset in the raw data file, so that the
+    /// fast path serves them without taking the lock. Skipped for very large metadata (the
+    /// map then fills in as clusters are first used).
+    fn prefill_identity_map(&self) -> Result<(), Qcow2Error> {
+        const MAX_SCAN_BYTES: u64 = 64 << 20;
+        let Some(fast) = &self.fast else {
+            return Ok(());
+        };
+        let tables: Vec<(usize, u64)> = self
+            .lock()
+            .l1
+            .iter()
+            .enumerate()
+            .filter_map(|(i, raw)| {
+                let (offset, _) = decode_l1(*raw, self.cluster_bits).ok()?;
+                (offset != 0).then_some((i, offset))
+            })
+            .collect();
+        if tables.len() as u64 * self.cluster_size() > MAX_SCAN_BYTES {
+            return Ok(());
+        }
+        let entries = self.l2_entries();
+        let clusters = self.size.div_ceil(self.cluster_size());
+        let mut buf = vec![0u8; self.cluster_size() as usize];
+        for (l1_index, offset) in tables {
+            self.meta_file.read_exact_at(&mut buf, offset)?;
+            for (i, raw) in buf.chunks_exact(8).enumerate() {
+                let cluster = l1_index as u64 * entries + i as u64;
+                if cluster >= clusters {
+                    break;
+                }
+                let raw = u64::from_be_bytes(raw.try_into().unwrap_or_default());
+                if let Ok(L2Entry::Normal { host, .. }) = self.format.decode_l2(raw) {
+                    if host == cluster << self.cluster_bits {
+                        fast.set(cluster);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Set the raw L2 entry of guest cluster `cluster` (in the cache; written back later).

@@ -69,7 +69,7 @@ impl Refcounts {
     }
 
     /// Refcounts per block.
-    fn block_entries(&self) -> u64 {
+    pub fn block_entries(&self) -> u64 {
         (self.cluster_size() * 8) >> self.order
     }
 
@@ -88,6 +88,17 @@ impl Refcounts {
     /// Offsets of every refcount block (for consistency checks).
     pub fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
         self.table.iter().copied().filter(|o| *o != 0)
+    }
+
+    /// The cluster ranges that existing refcount blocks describe.
+    pub fn described_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        let entries = self.block_entries();
+        self.table
+            .iter()
+            .enumerate()
+            .filter(|(_, off)| **off != 0)
+            .map(|(i, _)| i as u64 * entries..(i as u64 + 1) * entries)
+            .collect()
     }
 
     /// Number of clusters the table can describe.

@@ -1,0 +1,643 @@
+//! `vubd create`, `vubd info`, `vubd check`, the stored-name policy, header feature bits, the
+//! qemu-storage-daemon command line, and images handed back and forth with
+//! qemu-storage-daemon.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::blkio_client::BlkioClient;
+use common::qemu::{assert_check_clean, info_json, qemu_img, qemu_io, qemu_view, try_run_in};
+use common::{create_image, pattern, run_vubd, vubd_bin, TempDir, Vubd};
+
+const MIB: usize = 1 << 20;
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+fn vubd_ok(args: &[&str]) -> String {
+    let (code, out, err) = run_vubd(args);
+    assert_eq!(code, 0, "vubd {args:?}: {out}{err}");
+    out
+}
+
+#[test]
+fn create_adopts_an_existing_raw_file_without_touching_it() {
+    let dir = TempDir::new("create-adopt");
+    let disk = dir.join("disk.raw");
+    let data = create_image(&disk, 24 * MIB + 4096, 7);
+    let before = sha256(&disk);
+    let meta = dir.join("meta.qcow2");
+    let out = vubd_ok(&[
+        "create",
+        meta.to_str().unwrap(),
+        "--data-file",
+        disk.to_str().unwrap(),
+    ]);
+    assert!(out.contains("stored as 'disk.raw'"), "{out}");
+    assert_eq!(sha256(&disk), before, "the raw file is unchanged");
+    assert_eq!(fs::metadata(&disk).unwrap().len(), data.len() as u64);
+
+    assert_check_clean(dir.path(), "meta.qcow2");
+    let info = info_json(dir.path(), "meta.qcow2");
+    assert_eq!(info["virtual-size"], data.len() as u64, "{info}");
+    assert_eq!(info["format-specific"]["data"]["data-file"], "disk.raw");
+    assert_eq!(info["format-specific"]["data"]["data-file-raw"], true);
+    // Every cluster is allocated at its own offset.
+    let map = qemu_img(dir.path(), &["map", "--output=json", "meta.qcow2"]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let extents = map.as_array().unwrap();
+    assert_eq!(extents.len(), 1, "{map}");
+    assert_eq!(extents[0]["data"], true);
+    assert_eq!(extents[0]["offset"], 0);
+    assert_eq!(extents[0]["length"], data.len() as u64);
+    // QEMU reads the raw file's content through the metadata.
+    assert!(qemu_view(dir.path(), "meta.qcow2", "qcow2") == data);
+    // vubd's own tools agree.
+    let (code, out, _) = run_vubd(&["check", meta.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let info = vubd_ok(&["info", "--json", meta.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["format-specific"]["data"]["data-file-raw"], true);
+
+    // Served, writes land in the raw file at identical offsets.
+    let mut vubd = Vubd::start(
+        &dir.join("s"),
+        &["--image", meta.to_str().unwrap(), "--format", "qcow2"],
+    );
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    let piece = pattern(64 * 1024, 8);
+    client.write(0, 3 * MIB as u64 + 512, &piece).unwrap();
+    drop(client);
+    vubd.stop();
+    let raw = fs::read(&disk).unwrap();
+    assert!(raw[3 * MIB + 512..3 * MIB + 512 + piece.len()] == piece[..]);
+    assert_check_clean(dir.path(), "meta.qcow2");
+}
+
+#[test]
+fn create_refuses_to_overwrite_or_resize() {
+    let dir = TempDir::new("create-refuse");
+    let disk = dir.join("disk.raw");
+    create_image(&disk, 2 * MIB, 9);
+    let before = sha256(&disk);
+    let meta = dir.join("meta.qcow2");
+    let (code, _, err) = run_vubd(&[
+        "create",
+        meta.to_str().unwrap(),
+        "--data-file",
+        disk.to_str().unwrap(),
+        "--size",
+        "4M",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("its size is the disk size"), "{err}");
+    assert!(!meta.exists());
+    vubd_ok(&[
+        "create",
+        meta.to_str().unwrap(),
+        "--data-file",
+        disk.to_str().unwrap(),
+    ]);
+    let (code, _, err) = run_vubd(&["create", meta.to_str().unwrap(), "--size", "1M"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(sha256(&disk), before);
+}
+
+#[test]
+fn create_plain_images_and_new_data_files() {
+    let dir = TempDir::new("create-plain");
+    for cluster in ["512", "64K", "2M"] {
+        let name = format!("plain-{cluster}.qcow2");
+        vubd_ok(&[
+            "create",
+            dir.join(&name).to_str().unwrap(),
+            "--size",
+            "5M",
+            "--cluster-size",
+            cluster,
+        ]);
+        assert_check_clean(dir.path(), &name);
+        assert!(qemu_view(dir.path(), &name, "qcow2")
+            .iter()
+            .all(|b| *b == 0));
+    }
+    // A data file that does not exist yet is created sparse, of --size.
+    let meta = dir.join("new.qcow2");
+    let data = dir.join("sub").join("new.raw");
+    fs::create_dir_all(data.parent().unwrap()).unwrap();
+    let out = vubd_ok(&[
+        "create",
+        meta.to_str().unwrap(),
+        "--data-file",
+        data.to_str().unwrap(),
+        "--size",
+        "3M",
+    ]);
+    assert!(out.contains("stored as 'sub/new.raw'"), "{out}");
+    assert_eq!(fs::metadata(&data).unwrap().len(), 3 * MIB as u64);
+    assert_check_clean(dir.path(), "new.qcow2");
+}
+
+#[test]
+fn data_file_names_follow_the_image_directory_and_the_policy() {
+    let dir = TempDir::new("names");
+    let inner = dir.join("vm");
+    let outer = dir.join("elsewhere");
+    fs::create_dir_all(&inner).unwrap();
+    fs::create_dir_all(&outer).unwrap();
+    let disk = outer.join("disk.raw");
+    let data = create_image(&disk, 2 * MIB, 11);
+    let meta = inner.join("meta.qcow2");
+    // Created from an unrelated working directory.
+    let out = Command::new(vubd_bin())
+        .current_dir("/")
+        .args([
+            "create",
+            meta.to_str().unwrap(),
+            "--data-file",
+            disk.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("--data-file"),
+        "tells the user serving needs --data-file: {stdout}"
+    );
+    // The stored absolute name is not followed on its own...
+    let (code, _, err) = run_vubd(&[
+        "serve",
+        "--socket",
+        dir.join("s").to_str().unwrap(),
+        "--image",
+        meta.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("absolute path") && err.contains("--data-file"),
+        "{err}"
+    );
+    assert!(err.lines().count() == 1, "{err}");
+    // ...but works when named on the command line.
+    let mut vubd = Vubd::start(
+        &dir.join("s"),
+        &[
+            "--image",
+            meta.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--data-file",
+            disk.to_str().unwrap(),
+            "--readonly",
+        ],
+    );
+    let mut client = BlkioClient::connect_with(&vubd.socket, 1, true).unwrap();
+    assert!(client.read(0, 0, 2 * MIB).unwrap() == data);
+    drop(client);
+    vubd.stop();
+
+    // A backing file named with '..' is refused; --backing names it explicitly.
+    qemu_img(
+        &inner,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "../elsewhere/disk.raw",
+            "../elsewhere/base.qcow2",
+        ],
+    );
+    qemu_img(
+        &inner,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "../elsewhere/base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let top = inner.join("top.qcow2");
+    let (code, _, err) = run_vubd(&[
+        "serve",
+        "--socket",
+        dir.join("s2").to_str().unwrap(),
+        "--image",
+        top.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("'..'") && err.contains("--backing"), "{err}");
+    let base = outer.join("base.qcow2");
+    let mut vubd = Vubd::start(
+        &dir.join("s2"),
+        &[
+            "--image",
+            top.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--readonly",
+            "--backing",
+            base.to_str().unwrap(),
+            "--backing-format",
+            "qcow2",
+        ],
+    );
+    let mut client = BlkioClient::connect_with(&vubd.socket, 1, true).unwrap();
+    assert!(client.read(0, 0, 2 * MIB).unwrap() == data);
+    drop(client);
+    vubd.stop();
+}
+
+/// Patch header bytes of an image.
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+fn serve_fails(dir: &TempDir, image: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "serve",
+        "--socket",
+        dir.join("fail.sock").to_str().unwrap().to_string().leak(),
+        "--image",
+        image.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ];
+    args.extend_from_slice(extra);
+    let (code, _, err) = run_vubd(&args);
+    assert_ne!(code, 0, "serving {} should fail", image.display());
+    err
+}
+
+#[test]
+fn header_feature_bits_are_honoured() {
+    let dir = TempDir::new("features");
+    let img = dir.join("f.qcow2");
+    qemu_img(dir.path(), &["create", "-f", "qcow2", "f.qcow2", "4M"]);
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "f.qcow2",
+        &["write -P 0x42 0 64k".into()],
+    );
+
+    // An unknown incompatible bit: refused.
+    patch(&img, 72, &(1u64 << 10).to_be_bytes());
+    let err = serve_fails(&dir, &img, &["--readonly"]);
+    assert!(err.contains("incompatible"), "{err}");
+    patch(&img, 72, &0u64.to_be_bytes());
+
+    // Extended L2 entries: refused with a clear message.
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "x.qcow2",
+            "4M",
+        ],
+    );
+    let err = serve_fails(&dir, &dir.join("x.qcow2"), &["--readonly"]);
+    assert!(err.contains("extended L2"), "{err}");
+
+    // The corrupt bit: read-only only.
+    patch(&img, 72, &2u64.to_be_bytes());
+    let err = serve_fails(&dir, &img, &[]);
+    assert!(
+        err.contains("corrupt") && err.contains("--readonly"),
+        "{err}"
+    );
+    let mut vubd = Vubd::start(
+        &dir.join("ro"),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--readonly",
+        ],
+    );
+    let mut client = BlkioClient::connect_with(&vubd.socket, 1, true).unwrap();
+    assert!(client.read(0, 0, 4096).unwrap().iter().all(|b| *b == 0x42));
+    drop(client);
+    vubd.stop();
+    patch(&img, 72, &0u64.to_be_bytes());
+
+    // Unknown autoclear bits are cleared on a read-write open; the raw-data bit is kept.
+    patch(&img, 88, &(1u64 << 7).to_be_bytes());
+    let mut vubd = Vubd::start(
+        &dir.join("rw"),
+        &["--image", img.to_str().unwrap(), "--format", "qcow2"],
+    );
+    vubd.stop();
+    let header = fs::read(&img).unwrap();
+    assert_eq!(u64::from_be_bytes(header[88..96].try_into().unwrap()), 0);
+    assert_check_clean(dir.path(), "f.qcow2");
+}
+
+#[test]
+fn lazy_refcount_dirty_images_are_repaired_on_open() {
+    let dir = TempDir::new("lazy");
+    let img = dir.join("lazy.qcow2");
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "lazy.qcow2",
+            "8M",
+        ],
+    );
+    // Leave refcounts stale the way a crash with lazy refcounts does: write with QEMU, then
+    // zero the refcount block entries of the data clusters and set the dirty bit.
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "lazy.qcow2",
+        &["write -P 0x61 0 1M".into(), "write -P 0x62 4M 64k".into()],
+    );
+    let expected = qemu_view(dir.path(), "lazy.qcow2", "qcow2");
+    let header = fs::read(&img).unwrap();
+    let reftable = u64::from_be_bytes(header[48..56].try_into().unwrap());
+    let block = {
+        let raw = fs::read(&img).unwrap();
+        u64::from_be_bytes(
+            raw[reftable as usize..reftable as usize + 8]
+                .try_into()
+                .unwrap(),
+        )
+    };
+    // Clusters 5.. are data (0 header, 1 reftable, 2 block, 3 L1, 4 L2): claim them free.
+    patch(&img, block + 10, &[0u8; 200]);
+    patch(&img, 72, &1u64.to_be_bytes());
+    let (code, _) = try_run_in(
+        dir.path(),
+        "qemu-img",
+        &["check", "--force-share", "-r", "none", "lazy.qcow2"],
+    );
+    assert_ne!(
+        code, 0,
+        "the image really is inconsistent before vubd opens it"
+    );
+
+    let mut vubd = Vubd::start(
+        &dir.join("s"),
+        &["--image", img.to_str().unwrap(), "--format", "qcow2"],
+    );
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    for half in 0..2 {
+        let at = half * 4 * MIB;
+        assert!(client.read(0, at as u64, 4 * MIB).unwrap() == expected[at..at + 4 * MIB]);
+    }
+    client.write(0, 6 * MIB as u64, &pattern(65536, 3)).unwrap();
+    drop(client);
+    let stderr = vubd.stop();
+    assert!(stderr.contains("rebuilding refcounts"), "{stderr}");
+    assert_check_clean(dir.path(), "lazy.qcow2");
+    let header = fs::read(&img).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(header[72..80].try_into().unwrap()) & 1,
+        0,
+        "dirty bit cleared"
+    );
+}
+
+#[test]
+fn vubd_check_finds_and_repairs_leaks_like_qemu_img() {
+    let dir = TempDir::new("check");
+    let img = dir.join("c.qcow2");
+    qemu_img(dir.path(), &["create", "-f", "qcow2", "c.qcow2", "8M"]);
+    // Clusters: 0 header, 1 refcount table, 2 refcount block, 3 L1, 4 L2, 5-8 data; the
+    // discard frees cluster 6 inside the file.
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "c.qcow2",
+        &["write -P 0x61 0 256k".into(), "discard 64k 64k".into()],
+    );
+    let (code, out, _) = run_vubd(&["check", img.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("No errors were found"), "{out}");
+    // Leak cluster 6: give it a refcount nothing accounts for.
+    let header = fs::read(&img).unwrap();
+    let reftable = u64::from_be_bytes(header[48..56].try_into().unwrap()) as usize;
+    let block = u64::from_be_bytes(header[reftable..reftable + 8].try_into().unwrap());
+    patch(&img, block + 6 * 2, &1u16.to_be_bytes());
+    let (qcode, _) = try_run_in(dir.path(), "qemu-img", &["check", "c.qcow2"]);
+    let (code, out, _) = run_vubd(&["check", img.to_str().unwrap()]);
+    assert_eq!((code, qcode), (3, 3), "leaks: exit 3 like qemu-img; {out}");
+    assert!(out.contains("1 leaked clusters"), "{out}");
+    let (code, out, _) = run_vubd(&["check", "--repair", img.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert_check_clean(dir.path(), "c.qcow2");
+    // An error: a data cluster whose refcount was dropped to zero.
+    patch(&img, block + 5 * 2, &0u16.to_be_bytes());
+    let (qcode, _) = try_run_in(dir.path(), "qemu-img", &["check", "c.qcow2"]);
+    let (code, out, _) = run_vubd(&["check", img.to_str().unwrap()]);
+    assert_eq!((code, qcode), (2, 2), "errors: exit 2 like qemu-img; {out}");
+    let (code, out, _) = run_vubd(&["check", "--repair", img.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert_check_clean(dir.path(), "c.qcow2");
+}
+
+/// A running qemu-storage-daemon.
+struct Qsd(Child, std::path::PathBuf);
+
+impl Qsd {
+    fn start(dir: &Path, socket: &Path, args: &[String]) -> Qsd {
+        let child = Command::new("qemu-storage-daemon")
+            .current_dir(dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd(child, socket.to_path_buf())
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+        let _ = fs::remove_file(&self.1);
+    }
+}
+
+fn qsd_args(meta: &str, data: Option<&str>, socket: &Path, writable: bool) -> Vec<String> {
+    let mut args = vec![
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=meta,filename={meta}"),
+    ];
+    let mut fmt = "driver=qcow2,node-name=fmt,file=meta".to_string();
+    if let Some(d) = data {
+        args.push("--blockdev".into());
+        args.push(format!("driver=file,node-name=data,filename={d}"));
+        fmt.push_str(",data-file=data");
+    }
+    args.push("--blockdev".into());
+    args.push(fmt);
+    args.push("--object".into());
+    args.push("iothread,id=io0".into());
+    args.push("--export".into());
+    args.push(format!(
+        "type=vhost-user-blk,id=exp,node-name=fmt,addr.type=unix,addr.path={},writable={},num-queues=1,iothread=io0",
+        socket.display(),
+        if writable { "on" } else { "off" }
+    ));
+    args
+}
+
+#[test]
+fn images_go_back_and_forth_with_qemu_storage_daemon() {
+    let dir = TempDir::new("interop");
+    let disk = dir.join("disk.raw");
+    let mut model = create_image(&disk, 16 * MIB, 12);
+    let meta = dir.join("meta.qcow2");
+    vubd_ok(&[
+        "create",
+        meta.to_str().unwrap(),
+        "--data-file",
+        disk.to_str().unwrap(),
+    ]);
+    qemu_img(dir.path(), &["create", "-f", "qcow2", "plain.qcow2", "16M"]);
+    let mut plain_model = vec![0u8; 16 * MIB];
+
+    // vubd writes, using exactly the qemu-storage-daemon command line.
+    let sock = dir.join("vubd.sock");
+    for (image, data, m) in [
+        ("meta.qcow2", Some("disk.raw"), &mut model),
+        ("plain.qcow2", None, &mut plain_model),
+    ] {
+        let meta_path = dir.join(image);
+        let data_path = data.map(|d| dir.join(d));
+        let args = qsd_args(
+            meta_path.to_str().unwrap(),
+            data_path.as_ref().map(|p| p.to_str().unwrap()),
+            &sock,
+            true,
+        );
+        let mut child = Command::new(vubd_bin())
+            .args(&args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "vubd (qsd syntax) did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut client = BlkioClient::connect(&sock, 1).unwrap();
+        for i in 0..20u64 {
+            let data = pattern(4096 * (1 + i as usize % 16), 100 + i);
+            let offset = (i * 777 * 4096) % (15 * MIB as u64);
+            client.write(0, offset, &data).unwrap();
+            m[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        }
+        drop(client);
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+        assert_check_clean(dir.path(), image);
+    }
+
+    // qemu-storage-daemon reads what vubd wrote, then writes some more.
+    let qsock = dir.join("qsd.sock");
+    for (image, data, m) in [
+        ("meta.qcow2", Some("disk.raw"), &mut model),
+        ("plain.qcow2", None, &mut plain_model),
+    ] {
+        let meta_path = dir.join(image);
+        let data_path = data.map(|d| dir.join(d));
+        let qsd = Qsd::start(
+            dir.path(),
+            &qsock,
+            &qsd_args(
+                meta_path.to_str().unwrap(),
+                data_path.as_ref().map(|p| p.to_str().unwrap()),
+                &qsock,
+                true,
+            ),
+        );
+        let mut client = BlkioClient::connect(&qsock, 1).unwrap();
+        for (i, window) in m.chunks(4 * MIB).enumerate() {
+            let got = client.read(0, (i * 4 * MIB) as u64, window.len()).unwrap();
+            assert!(
+                got == window,
+                "{image}: qemu-storage-daemon reads what vubd wrote (window {i})"
+            );
+        }
+        let data = pattern(3 * 65536, 77);
+        client.write(0, 5 * MIB as u64 + 4096, &data).unwrap();
+        m[5 * MIB + 4096..5 * MIB + 4096 + data.len()].copy_from_slice(&data);
+        drop(client);
+        drop(qsd);
+    }
+
+    // vubd reads what qemu-storage-daemon wrote.
+    for (image, m) in [("meta.qcow2", &model), ("plain.qcow2", &plain_model)] {
+        let path = dir.join(image);
+        let mut vubd = Vubd::start(
+            &sock,
+            &[
+                "--image",
+                path.to_str().unwrap(),
+                "--format",
+                "qcow2",
+                "--readonly",
+            ],
+        );
+        let mut client = BlkioClient::connect_with(&vubd.socket, 1, true).unwrap();
+        for (i, window) in m.chunks(4 * MIB).enumerate() {
+            let got = client.read(0, (i * 4 * MIB) as u64, window.len()).unwrap();
+            assert!(
+                got == window,
+                "{image}: vubd reads what qemu-storage-daemon wrote (window {i})"
+            );
+        }
+        drop(client);
+        vubd.stop();
+    }
+    assert!(
+        fs::read(&disk).unwrap() == model,
+        "the raw data file is the disk"
+    );
+}
