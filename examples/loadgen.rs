@@ -63,11 +63,13 @@ struct Options {
     runtime: Duration,
     /// Bytes of the disk to use, from offset 0 (default: all of it).
     size: Option<u64>,
+    /// Stop each queue after this many I/Os (instead of, or before, the runtime).
+    ios: Option<u64>,
     json: bool,
 }
 
 const USAGE: &str = "usage: loadgen --socket PATH [--rw randread|randwrite|read|write] [--bs 4k] \
-[--iodepth 32] [--queues 1] [--runtime 10] [--size BYTES] [--json]";
+[--iodepth 32] [--queues 1] [--runtime 10] [--ios N] [--size BYTES] [--json]";
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, mult) = match s.char_indices().last() {
@@ -93,6 +95,7 @@ fn parse_args() -> Result<Options, String> {
         queues: 1,
         runtime: Duration::from_secs(10),
         size: None,
+        ios: None,
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -116,6 +119,7 @@ fn parse_args() -> Result<Options, String> {
                 opts.runtime = Duration::try_from_secs_f64(secs).map_err(|_| "bad --runtime")?;
             }
             "--size" => opts.size = Some(parse_size(&value)?),
+            "--ios" => opts.ios = Some(number(&value).ok_or("bad --ios")? as u64),
             _ => return Err(format!("unknown option {arg}\n{USAGE}")),
         }
     }
@@ -185,6 +189,8 @@ fn run_queue(
         latencies_ns: Vec::with_capacity(1 << 20),
     };
     let mut outstanding = opts.iodepth;
+    let mut submitted = opts.iodepth as u64;
+    let limit = opts.ios.unwrap_or(u64::MAX);
     while outstanding > 0 {
         let n = q
             .do_io(&mut completions, 1, None, None)
@@ -201,8 +207,9 @@ fn run_queue(
             result
                 .latencies_ns
                 .push(now.duration_since(started[slot]).as_nanos() as u64);
-            if now < deadline {
+            if now < deadline && submitted < limit {
                 started[slot] = now;
+                submitted += 1;
                 submit(&mut q, slot, pick());
             } else {
                 outstanding -= 1;
