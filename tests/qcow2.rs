@@ -302,6 +302,26 @@ fn workloads_on_qcow2_images_leave_them_clean_and_identical() {
 }
 
 #[test]
+fn workloads_on_images_with_internal_snapshots_keep_the_snapshots() {
+    let dir = TempDir::new("qcow2-snap");
+    source_disk(dir.path(), "src.raw", 8 * MIB, 4);
+    qemu_img(
+        dir.path(),
+        &["convert", "-f", "raw", "-O", "qcow2", "src.raw", "s.qcow2"],
+    );
+    qemu_img(dir.path(), &["snapshot", "-c", "before", "s.qcow2"]);
+    workload_then_qemu_agrees(&dir, "s.qcow2", 40, &[]);
+    // The snapshot still holds the original data: shared clusters were copied on write.
+    qemu_img(dir.path(), &["snapshot", "-a", "before", "s.qcow2"]);
+    assert_check_clean(dir.path(), "s.qcow2");
+    assert_same(
+        &qemu_view(dir.path(), "s.qcow2", "qcow2"),
+        &fs::read(dir.join("src.raw")).unwrap(),
+        "snapshot content",
+    );
+}
+
+#[test]
 fn workloads_over_backing_files_and_compressed_clusters() {
     let dir = TempDir::new("qcow2-cow");
     source_disk(dir.path(), "src.raw", 16 * MIB, 3);

@@ -348,7 +348,36 @@ fn header_feature_bits_are_honoured() {
     vubd.stop();
     patch(&img, 72, &0u64.to_be_bytes());
 
-    // Unknown autoclear bits are cleared on a read-write open; the raw-data bit is kept.
+    // A backing file conflicts with a raw external data file.
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=d.raw,data_file_raw=on",
+            "r.qcow2",
+            "4M",
+        ],
+    );
+    let err = serve_fails(
+        &dir,
+        &dir.join("r.qcow2"),
+        &[
+            "--readonly",
+            "--backing",
+            img.to_str().unwrap(),
+            "--backing-format",
+            "qcow2",
+        ],
+    );
+    assert!(
+        err.contains("conflicts with a raw external data file"),
+        "{err}"
+    );
+
+    // Unknown autoclear bits are cleared on a read-write open.
     patch(&img, 88, &(1u64 << 7).to_be_bytes());
     let mut vubd = Vubd::start(
         &dir.join("rw"),
