@@ -3,7 +3,10 @@
 //! A VMM connects to vubd's UNIX socket, shares guest memory, and vubd serves the guest's
 //! virtio-blk requests from a block-driver graph. See `docs/architecture.md` for the request path.
 
+pub mod bitmap;
 pub mod block;
 pub mod cli;
+pub mod control;
+pub mod socket;
 pub mod vhost;
 pub mod virtio_blk;

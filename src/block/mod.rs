@@ -216,6 +216,16 @@ pub trait BlockDriver: Send + Sync + Debug {
     /// The smallest unit a discard can free, in bytes.
     fn discard_granularity(&self) -> u64;
 
+    /// The external data file, for formats that keep guest data apart from metadata.
+    fn data_file(&self) -> Option<&Arc<FileNode>> {
+        None
+    }
+
+    /// Where this node stores persistent dirty bitmaps, if its format can.
+    fn bitmap_store(self: Arc<Self>) -> Option<Arc<dyn crate::bitmap::BitmapStore>> {
+        None
+    }
+
     /// Read `buf.len()` bytes at `offset` synchronously (copy-on-write sources, tools).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         let iov = [libc::iovec {
@@ -261,6 +271,28 @@ impl Format {
             "raw" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
             _ => None,
+        }
+    }
+}
+
+/// The names of the graph's nodes, as QMP reports and addresses them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeNames {
+    /// The exported (format) node, which owns the dirty bitmaps.
+    pub format: String,
+    /// Its `file` child.
+    pub file: String,
+    /// Its external data file, if any.
+    pub data_file: Option<String>,
+}
+
+impl NodeNames {
+    /// Names for a graph built from `--image`: `NAME`, `NAME-file`, `NAME-data-file`.
+    pub fn derived(format_node: &str) -> NodeNames {
+        NodeNames {
+            format: format_node.to_string(),
+            file: format!("{format_node}-file"),
+            data_file: Some(format!("{format_node}-data-file")),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The command line: `vubd serve`, the image tools (`create`, `info`, `check`), and the
 //! qemu-storage-daemon compatible form (`vubd --blockdev ... --export ...`).
 
+mod bitmap;
 mod image;
 mod qsd;
 mod serve;
@@ -18,13 +19,15 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve an image as a vhost-user-blk device.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Create a qcow2 image, or qcow2 metadata for a raw data file.
     Create(image::CreateArgs),
     /// Show an image's format and properties, like `qemu-img info`.
     Info(image::InfoArgs),
     /// Check an image's consistency, like `qemu-img check` (exit 0 clean, 2 errors, 3 leaks).
     Check(image::CheckArgs),
+    /// Manage the dirty bitmaps of an image no process is serving.
+    Bitmap(bitmap::BitmapArgs),
 }
 
 /// An error the command line reports, with the exit code to use.
@@ -43,7 +46,13 @@ impl<E: std::fmt::Display> From<E> for Failure {
 }
 
 /// Options qemu-storage-daemon takes that start its compatible form.
-const QSD_OPTIONS: [&str; 3] = ["--blockdev", "--export", "--object"];
+const QSD_OPTIONS: [&str; 5] = [
+    "--blockdev",
+    "--export",
+    "--object",
+    "--chardev",
+    "--monitor",
+];
 
 /// Run the command line; returns the process exit code.
 pub fn main() -> i32 {
@@ -60,10 +69,11 @@ pub fn main() -> i32 {
     let cli = Cli::parse_from(args);
     init_logging();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Create(args) => image::create(args),
         Command::Info(args) => image::info(args),
         Command::Check(args) => image::check(args),
+        Command::Bitmap(args) => bitmap::run(args),
     };
     match result {
         Ok(code) => code,

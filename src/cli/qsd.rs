@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use super::serve::ServeSpec;
 use super::Failure;
-use crate::block::{BackingChoice, Format, OpenOptions};
+use crate::block::{BackingChoice, Format, NodeNames, OpenOptions};
 use crate::vhost::daemon::SocketOptions;
 
 type Opts = BTreeMap<String, String>;
@@ -182,6 +182,7 @@ struct FileSpec {
     filename: PathBuf,
     direct: bool,
     read_only: bool,
+    node_name: Option<String>,
 }
 
 struct Graph {
@@ -243,6 +244,7 @@ impl Graph {
             filename: PathBuf::from(filename),
             direct,
             read_only,
+            node_name: node.opts.get("node-name").cloned(),
         })
     }
 
@@ -384,6 +386,7 @@ pub fn parse(
         read_only: !writable,
         ..OpenOptions::default()
     };
+    let mut node_names = NodeNames::derived(&node_name);
     let (image, format) = match node.driver.as_str() {
         "file" => {
             let f = graph.file(&node)?;
@@ -401,8 +404,14 @@ pub fn parse(
                 .ok_or_else(|| fail(format!("{what}: file is required")))?;
             open.direct = file.direct;
             open.read_only |= file.read_only;
+            if let Some(name) = &file.node_name {
+                node_names.file = name.clone();
+            }
             let format = if node.driver == "qcow2" {
                 if let Some(data) = graph.format_child_file(&mut t, "data-file")? {
+                    if let Some(name) = &data.node_name {
+                        node_names.data_file = Some(name.clone());
+                    }
                     open.data_file = Some(data.filename);
                 }
                 let has_backing_key = t.opts.contains_key("backing")
@@ -447,7 +456,73 @@ pub fn parse(
         },
         num_queues,
         logical_block_size,
+        node_names,
+        control: None,
     })
+}
+
+/// The control socket from `--chardev socket,id=ID,path=PATH,server=on,wait=off` and
+/// `--monitor chardev=ID` (QMP mode).
+pub fn monitor_socket(
+    chardevs: &[String],
+    monitors: &[String],
+) -> Result<Option<PathBuf>, Failure> {
+    let mut sockets = BTreeMap::new();
+    for c in chardevs {
+        let mut t = Taker::new(
+            "--chardev".into(),
+            parse_options("--chardev", c, Some("backend"))?,
+        );
+        match t.take("backend").as_deref() {
+            Some("socket") => {}
+            other => {
+                return Err(fail(format!(
+                    "--chardev {}: only socket chardevs (for --monitor) are supported",
+                    other.unwrap_or("?")
+                )))
+            }
+        }
+        let id = t
+            .take("id")
+            .ok_or_else(|| fail("--chardev: id is required"))?;
+        let path = t
+            .take("path")
+            .ok_or_else(|| fail("--chardev: path= (a UNIX socket) is required"))?;
+        if t.take_bool("server")? == Some(false) {
+            return Err(fail("--chardev: vubd's monitor listens (server=on)"));
+        }
+        t.ignore(&["wait"]);
+        t.finish()?;
+        sockets.insert(id, PathBuf::from(path));
+    }
+    let mut found = None;
+    for m in monitors {
+        let mut t = Taker::new(
+            "--monitor".into(),
+            parse_options("--monitor", m, Some("chardev"))?,
+        );
+        let id = t
+            .take("chardev")
+            .ok_or_else(|| fail("--monitor: chardev= is required"))?;
+        match t.take("mode").as_deref() {
+            None | Some("control") => {}
+            Some(other) => {
+                return Err(fail(format!(
+                    "--monitor mode={other}: only QMP (control) is supported"
+                )))
+            }
+        }
+        t.ignore(&["pretty"]);
+        t.finish()?;
+        let path = sockets
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| fail(format!("--monitor: no --chardev with id={id}")))?;
+        if found.replace(path).is_some() {
+            return Err(fail("vubd has one control socket; give one --monitor"));
+        }
+    }
+    Ok(found)
 }
 
 /// A backing node: a format node over a file (or a plain file, served as raw).

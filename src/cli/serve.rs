@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::{qsd, Failure};
 use crate::block::io::EngineKind;
-use crate::block::{open_image, BackingChoice, Format, OpenOptions};
+use crate::block::{open_image, BackingChoice, Format, NodeNames, OpenOptions};
 use crate::vhost::daemon::{self, SocketOptions};
 use crate::virtio_blk::device::{BlockDevice, DeviceOptions};
 use crate::virtio_blk::ID_BYTES;
@@ -73,6 +73,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
 
+    /// Name of the exported node (QMP `node` arguments); its file child is NAME-file.
+    #[arg(long, value_name = "NAME", default_value = "disk")]
+    node_name: String,
+
+    /// QMP control socket (mode 0600) for managing dirty bitmaps at runtime.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+
     /// I/O engine: io_uring, synchronous system calls, or io_uring when available.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     io_engine: EngineArg,
@@ -89,6 +97,14 @@ pub struct ServeArgs {
     /// thread).
     #[arg(long, value_name = "OPTIONS")]
     object: Vec<String>,
+
+    /// qemu-storage-daemon form: a socket chardev for --monitor.
+    #[arg(long, value_name = "OPTIONS")]
+    chardev: Vec<String>,
+
+    /// qemu-storage-daemon form: a QMP monitor on a chardev (the control socket).
+    #[arg(long, value_name = "OPTIONS")]
+    monitor: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -128,6 +144,8 @@ pub struct ServeSpec {
     pub socket: SocketOptions,
     pub num_queues: u16,
     pub logical_block_size: u32,
+    pub node_names: NodeNames,
+    pub control: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<i32, Failure> {
@@ -139,7 +157,9 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
         {
             return Err("use either --image/--socket or --blockdev/--export, not both".into());
         }
-        qsd::parse(&args.blockdev, &args.export, &args.object, args.socket_mode)?
+        let mut spec = qsd::parse(&args.blockdev, &args.export, &args.object, args.socket_mode)?;
+        spec.control = qsd::monitor_socket(&args.chardev, &args.monitor)?.or(args.control.clone());
+        spec
     } else {
         let (Some(image), Some(socket)) = (args.image.clone(), args.socket.clone()) else {
             return Err("--socket and --image are required (or --blockdev and --export)".into());
@@ -168,6 +188,8 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
             },
             num_queues: args.num_queues,
             logical_block_size: args.logical_block_size,
+            node_names: NodeNames::derived(&args.node_name),
+            control: args.control.clone(),
         }
     };
     let driver = open_image(&spec.image, spec.format, &spec.open)?;
@@ -188,9 +210,10 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
                 EngineArg::IoUring => EngineKind::IoUring,
                 EngineArg::Sync => EngineKind::Sync,
             },
+            node_names: spec.node_names.clone(),
         },
     )?;
-    daemon::serve(Arc::new(device), &spec.socket)?;
+    daemon::serve(Arc::new(device), &spec.socket, spec.control.as_deref())?;
     Ok(0)
 }
 

@@ -6,11 +6,9 @@
 //! the same [`BlockDevice`]. Signals are blocked in every thread and taken by one dedicated
 //! thread with `sigwait`, which wakes the accept loop or closes the live connection.
 
-use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,26 +21,24 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::BlkBackend;
-use crate::virtio_blk::device::BlockDevice;
+use crate::control::ControlServer;
+use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
+use crate::virtio_blk::device::{BlockDevice, DeviceError};
 use crate::virtio_blk::request::GuestMemory;
 
 /// Errors that stop the daemon. Each names what failed.
 #[derive(Debug, Error)]
 pub enum DaemonError {
-    #[error("socket {}: already served by a live process; stop it or choose another --socket", .0.display())]
-    SocketInUse(PathBuf),
-    #[error("socket {}: exists and is not a socket; remove it or choose another --socket", .0.display())]
-    NotASocket(PathBuf),
-    #[error("socket {}: {source}", path.display())]
-    Socket { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("accepting connections: {0}")]
     Accept(io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
     #[error("vhost-user: {0}")]
     VhostUser(String),
-    #[error("flushing the image: {0}")]
-    Flush(crate::block::BlockError),
 }
 
 /// Where and how to listen.
@@ -53,11 +49,23 @@ pub struct SocketOptions {
     pub mode: u32,
 }
 
-/// Serve `device` on `socket` until SIGTERM or SIGINT, one connection at a time.
-pub fn serve(device: Arc<BlockDevice>, socket: &SocketOptions) -> Result<(), DaemonError> {
-    let listener = bind(&socket.path, socket.mode)?;
+/// Serve `device` on `socket` until SIGTERM or SIGINT, one connection at a time, with a QMP
+/// control socket at `control` if given.
+pub fn serve(
+    device: Arc<BlockDevice>,
+    socket: &SocketOptions,
+    control: Option<&Path>,
+) -> Result<(), DaemonError> {
+    let listener = bind_unix(&socket.path, socket.mode, "--socket")?;
     let _remove_socket = RemoveOnDrop(socket.path.clone());
+    let control = match control {
+        Some(path) => Some(ControlServer::bind(path, device.clone())?),
+        None => None,
+    };
     let shutdown = Shutdown::install(listener.as_raw_fd())?;
+    if let Some(control) = &control {
+        control.start().map_err(DaemonError::Signals)?;
+    }
     log::info!(
         "serving {} ({} bytes) on {}",
         device
@@ -80,7 +88,8 @@ pub fn serve(device: Arc<BlockDevice>, socket: &SocketOptions) -> Result<(), Dae
         }
     }
     log::info!("shutting down");
-    device.flush().map_err(DaemonError::Flush)?;
+    drop(control);
+    device.close()?;
     Ok(())
 }
 
@@ -133,45 +142,6 @@ fn serve_connection(
     drop(daemon);
     backend.drain();
     Ok(())
-}
-
-/// Create the listening socket with `mode`, refusing to steal one a live process serves.
-fn bind(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
-    let sock_err = |source| DaemonError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
-    match fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(DaemonError::NotASocket(path.to_path_buf()))
-        }
-        Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => return Err(DaemonError::SocketInUse(path.to_path_buf())),
-            // Nobody listens: a stale socket left by a process that died.
-            Err(_) => fs::remove_file(path).map_err(sock_err)?,
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(sock_err(e)),
-    }
-    // Create the socket with no permissions beyond the owner's, then widen as asked, so that it
-    // is never reachable by others in between.
-    // SAFETY: umask only swaps the process's file mode mask; no thread is creating files yet.
-    let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let listener = listener.map_err(sock_err)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(sock_err)?;
-    Ok(listener)
-}
-
-/// Removes the socket file when serving ends, however it ends.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
 }
 
 /// Shutdown requests from SIGTERM / SIGINT.

@@ -7,6 +7,7 @@
 //! status is written and it is put on the used ring; the slot keeps the guest memory mapping,
 //! the iovecs the kernel reads or writes, and the count of operations still in flight.
 
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::bitmap::BitmapCursor;
 use crate::block::file::AlignedBuf;
 use crate::block::io::{self, Engine, Op};
 use crate::block::{Extent, GuestIo, HostZeroOp, IoTicket, Mapping, ZeroOp};
@@ -51,6 +53,8 @@ struct Slot {
     mem: Option<Arc<GuestMemory>>,
     /// Handed back to the block driver when the request's data I/O is over.
     ticket: IoTicket,
+    /// The request passed the write gate and must leave it when it completes.
+    gated: bool,
 }
 
 /// An operation a slot has pushed, kept to retry short transfers and fall back on refusals.
@@ -82,6 +86,7 @@ impl Slot {
             ops: Vec::new(),
             mem: None,
             ticket: IoTicket::None,
+            gated: false,
         }
     }
 }
@@ -133,8 +138,12 @@ pub struct QueueWorker {
     /// Whether the guest enabled the volatile write cache (`writeback` in config space).
     writeback: Arc<AtomicBool>,
     engine: Engine,
-    /// Signalled by the engine on completions and by the worker to resume later.
-    wake: EventFd,
+    /// Signalled by the engine on completions, by the worker to resume later, and by the
+    /// write gate when it reopens.
+    wake: Arc<EventFd>,
+    /// Writes held back while the write gate is closed.
+    deferred: VecDeque<(u32, Request)>,
+    bitmap_cursor: BitmapCursor,
     slots: Vec<Slot>,
     free: Vec<u32>,
     /// The vring, kept from the first event so that [`QueueWorker::drain`] can complete requests.
@@ -155,7 +164,9 @@ impl QueueWorker {
         mem: GuestMemoryAtomic<GuestMemory>,
         writeback: Arc<AtomicBool>,
     ) -> std::io::Result<Self> {
-        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        device.bitmaps().gate().register_waker(&wake);
+        let bitmap_cursor = device.bitmaps().cursor();
         let depth = u32::from(device.queue_size());
         let engine = Engine::new(device.engine(), depth * 2, wake.as_raw_fd())?;
         let slots = (0..depth).map(|_| Slot::new(device.limits())).collect();
@@ -166,6 +177,8 @@ impl QueueWorker {
             writeback,
             engine,
             wake,
+            deferred: VecDeque::new(),
+            bitmap_cursor,
             slots,
             free: (0..depth).rev().collect(),
             vring: None,
@@ -196,6 +209,7 @@ impl QueueWorker {
         // Nothing to clear is fine: the counter only coalesces wake-ups.
         let _ = self.wake.read();
         let mut state = vring.get_mut();
+        self.run_deferred(&mut state);
         if kick || std::mem::take(&mut self.resume) {
             self.process_avail(&mut state);
         }
@@ -205,6 +219,19 @@ impl QueueWorker {
 
     /// Wait for every request in flight to complete and put it on the used ring.
     pub fn drain(&mut self) {
+        while !self.deferred.is_empty() {
+            let Some(vring) = self.vring.clone() else {
+                break;
+            };
+            if self.device.bitmaps().gate().is_closed() {
+                // A bitmap operation is running; it ends within milliseconds.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            let mut state = vring.get_mut();
+            self.run_deferred(&mut state);
+            let _ = self.engine.submit();
+        }
         while self.in_flight() > 0 && self.engine.in_flight() > 0 {
             if let Err(e) = self.engine.wait() {
                 log::error!("queue {}: waiting for I/O: {e}", self.index);
@@ -224,6 +251,11 @@ impl QueueWorker {
 
     /// Pop and start requests until the ring is empty, the budget is spent or slots run out.
     fn process_avail(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
+        if self.device.bitmaps().gate().is_closed() || !self.deferred.is_empty() {
+            // Requests wait on the ring while writes are held back; the gate wakes us.
+            self.resume = true;
+            return;
+        }
         let mem = self.mem.memory().into_inner();
         let mut budget = MAX_REQUESTS_PER_WAKEUP;
         let mut empty_passes = 0;
@@ -324,10 +356,7 @@ impl QueueWorker {
                 slot.synced = false;
                 slot.ops.clear();
                 slot.mem = Some(mem.clone());
-                self.execute(slot_index, req);
-                if self.slots[slot_index as usize].pending == 0 {
-                    self.finish(slot_index, state);
-                }
+                self.begin(slot_index, req, state);
             }
             Err(err) => {
                 self.free.push(slot_index);
@@ -364,6 +393,54 @@ impl QueueWorker {
                 self.index,
                 format_args!("cannot return descriptor {head} to the guest: {e}"),
             ),
+        }
+    }
+
+    /// Start a validated request: writes pass the write gate and are marked in the dirty
+    /// bitmaps first (failed writes stay marked: their data may have partly landed).
+    fn begin(
+        &mut self,
+        slot_index: u32,
+        req: Request,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+    ) {
+        let modifies = matches!(
+            req.kind,
+            RequestKind::Write { .. } | RequestKind::Discard | RequestKind::WriteZeroes
+        );
+        if modifies {
+            let bitmaps = self.device.bitmaps();
+            if !bitmaps.gate().try_enter(self.index) {
+                // A bitmap operation is draining writes: hold this one until it is done.
+                self.deferred.push_back((slot_index, req));
+                return;
+            }
+            let slot = &mut self.slots[slot_index as usize];
+            slot.gated = true;
+            match req.kind {
+                RequestKind::Write { offset, len } => {
+                    bitmaps.mark(&mut self.bitmap_cursor, offset, len);
+                }
+                _ => {
+                    for seg in &slot.bufs.segments {
+                        bitmaps.mark(&mut self.bitmap_cursor, seg.offset, seg.len);
+                    }
+                }
+            }
+        }
+        self.execute(slot_index, req);
+        if self.slots[slot_index as usize].pending == 0 {
+            self.finish(slot_index, state);
+        }
+    }
+
+    /// Start the requests held back while the write gate was closed.
+    fn run_deferred(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
+        while !self.device.bitmaps().gate().is_closed() {
+            let Some((slot_index, req)) = self.deferred.pop_front() else {
+                break;
+            };
+            self.begin(slot_index, req, state);
         }
     }
 
@@ -636,6 +713,9 @@ impl QueueWorker {
             (Status::Ok, slot.used_len)
         };
         let head = slot.head;
+        if std::mem::take(&mut slot.gated) {
+            self.device.bitmaps().gate().exit(self.index);
+        }
         let ticket = std::mem::take(&mut slot.ticket);
         self.device.driver().release(ticket);
         if let Some(mem) = slot.mem.take() {

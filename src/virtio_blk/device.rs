@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::bitmap::{BitmapError, BitmapManager, WriteGate};
 use crate::block::io::EngineKind;
-use crate::block::{BlockDriver, BlockError};
+use crate::block::{BlockDriver, BlockError, NodeNames};
 
 use super::{DeviceLimits, ID_BYTES, SECTOR_SIZE};
 
@@ -25,6 +26,8 @@ pub struct DeviceOptions {
     /// Refuse writes (`--readonly`).
     pub read_only: bool,
     pub engine: EngineKind,
+    /// Node names for the control socket.
+    pub node_names: NodeNames,
 }
 
 /// Why a device cannot be built on an image.
@@ -41,6 +44,10 @@ pub enum DeviceError {
     },
     #[error("{path}: the image is empty")]
     Empty { path: PathBuf },
+    #[error("{path}: flushing: {source}")]
+    Flush { path: PathBuf, source: BlockError },
+    #[error("{path}: dirty bitmaps: {source}")]
+    Bitmaps { path: PathBuf, source: BitmapError },
     #[error(
         "{path}: direct I/O on this file needs {align}-byte alignment, larger than the logical \
          block size {block_size}; pass --logical-block-size {align} or --cache writeback"
@@ -59,6 +66,7 @@ pub struct BlockDevice {
     limits: DeviceLimits,
     serial: [u8; ID_BYTES],
     options: DeviceOptions,
+    bitmaps: BitmapManager,
 }
 
 impl BlockDevice {
@@ -111,16 +119,60 @@ impl BlockDevice {
         let mut serial = [0u8; ID_BYTES];
         let n = options.serial.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&options.serial[..n]);
+        let gate = Arc::new(WriteGate::new(usize::from(options.num_queues)));
+        let bitmaps = BitmapManager::open(
+            &options.node_names.format,
+            size,
+            driver.clone().bitmap_store(),
+            limits.read_only,
+            gate,
+        )
+        .map_err(|source| DeviceError::Bitmaps {
+            path: path.clone(),
+            source,
+        })?;
         Ok(BlockDevice {
             driver,
             limits,
             serial,
             options,
+            bitmaps,
         })
     }
 
     pub fn driver(&self) -> &Arc<dyn BlockDriver> {
         &self.driver
+    }
+
+    /// The exported node's dirty bitmaps.
+    pub fn bitmaps(&self) -> &BitmapManager {
+        &self.bitmaps
+    }
+
+    pub fn node_names(&self) -> &NodeNames {
+        &self.options.node_names
+    }
+
+    /// Store the bitmaps and make everything durable: the clean-shutdown path.
+    pub fn close(&self) -> Result<(), DeviceError> {
+        let path = self
+            .driver
+            .files()
+            .first()
+            .map(|f| f.path().to_path_buf())
+            .unwrap_or_default();
+        self.flush().map_err(|source| DeviceError::Flush {
+            path: path.clone(),
+            source,
+        })?;
+        self.bitmaps
+            .close()
+            .map_err(|source| DeviceError::Bitmaps {
+                path: path.clone(),
+                source,
+            })?;
+        self.flush()
+            .map_err(|source| DeviceError::Flush { path, source })
     }
 
     pub fn limits(&self) -> &DeviceLimits {

@@ -50,9 +50,8 @@ pub mod autoclear {
     /// The external data file is a consistent raw image on its own.
     pub const DATA_FILE_RAW: u64 = 1 << 1;
     /// Bits vubd keeps on a read-write open, because it keeps what they promise true; it
-    /// clears the others, as the spec requires. (Dirty bitmaps are not maintained yet, so
-    /// their consistency bit is cleared: the bitmaps then read as inconsistent, never stale.)
-    pub const KNOWN: u64 = DATA_FILE_RAW;
+    /// clears the others, as the spec requires.
+    pub const KNOWN: u64 = BITMAPS | DATA_FILE_RAW;
 }
 
 /// Header extension types.

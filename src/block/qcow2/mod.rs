@@ -13,6 +13,7 @@
 //! the disk before the L2 entry that uses them, and a cluster is only freed once the L2 entry
 //! that dropped it is on disk (and no request can still be doing I/O to it).
 
+mod bitmaps;
 mod cache;
 pub mod check;
 mod compress;
@@ -1152,6 +1153,14 @@ impl BlockDriver for Qcow2Node {
         }
         let mut meta = self.lock();
         self.write_back(&mut meta).map_err(|e| self.err(e))
+    }
+
+    fn data_file(&self) -> Option<&Arc<FileNode>> {
+        self.format.external_data.then_some(&self.data_file)
+    }
+
+    fn bitmap_store(self: Arc<Self>) -> Option<Arc<dyn crate::bitmap::BitmapStore>> {
+        Some(self)
     }
 
     fn discard_granularity(&self) -> u64 {

@@ -1,0 +1,279 @@
+//! One dirty bitmap in memory: a bit per granule of the disk, set by writes.
+//!
+//! The bits are kept in exactly the layout the qcow2 specification gives the bitmap data on
+//! disk ("Bitmaps" section: granule `n` is bit `n % 8` of byte `n / 8`), as little-endian
+//! 64-bit words, so storing a bitmap is a plain copy of its words and a single granule's bit can
+//! later be persisted by writing the one cluster that holds it.
+//!
+//! Marking is lock-free: a word is only written (`fetch_or`) when it lacks some of the bits, so
+//! writes to granules already dirty never touch a shared cache line, and the caller learns
+//! whether any granule became dirty for the first time — the hook the crash-consistent
+//! bitmaps need (such a first mark must reach the disk before the data write it covers).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Smallest and largest granularity (QEMU's limits): 512 B to 2 GiB.
+pub const MIN_GRANULARITY_BITS: u32 = 9;
+pub const MAX_GRANULARITY_BITS: u32 = 31;
+
+/// A dirty bitmap.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    name: String,
+    granularity_bits: u32,
+    /// Disk size in bytes.
+    size: u64,
+    words: Box<[AtomicU64]>,
+    /// Recording writes ("enabled"; stored as the qcow2 `auto` flag).
+    recording: AtomicBool,
+    persistent: bool,
+    /// Found `in_use` (or in an extension not marked consistent): its content cannot be
+    /// trusted. It records nothing and refuses use; it can only be removed.
+    inconsistent: bool,
+}
+
+impl DirtyBitmap {
+    /// An empty bitmap. `granularity_bits` must be within the limits.
+    pub fn new(
+        name: &str,
+        granularity_bits: u32,
+        size: u64,
+        recording: bool,
+        persistent: bool,
+    ) -> Self {
+        let granules = size.div_ceil(1 << granularity_bits);
+        DirtyBitmap {
+            name: name.to_string(),
+            granularity_bits,
+            size,
+            words: (0..granules.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            recording: AtomicBool::new(recording),
+            persistent,
+            inconsistent: false,
+        }
+    }
+
+    /// A bitmap whose stored content cannot be trusted.
+    pub fn inconsistent(name: &str, granularity_bits: u32, size: u64, persistent: bool) -> Self {
+        DirtyBitmap {
+            inconsistent: true,
+            ..DirtyBitmap::new(name, granularity_bits, size, false, persistent)
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn granularity_bits(&self) -> u32 {
+        self.granularity_bits
+    }
+
+    pub fn granularity(&self) -> u64 {
+        1 << self.granularity_bits
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_recording(&self) -> bool {
+        self.recording.load(Ordering::Acquire)
+    }
+
+    pub fn set_recording(&self, on: bool) {
+        self.recording.store(on, Ordering::Release);
+    }
+
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+
+    pub fn is_inconsistent(&self) -> bool {
+        self.inconsistent
+    }
+
+    fn granules(&self) -> u64 {
+        self.size.div_ceil(self.granularity())
+    }
+
+    /// Mark the granules `[offset, offset + len)` touches. Returns whether any of them was
+    /// clean before.
+    pub fn mark(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || offset >= self.size {
+            return false;
+        }
+        let first = offset >> self.granularity_bits;
+        let last = (offset + len - 1).min(self.size - 1) >> self.granularity_bits;
+        let mut newly = false;
+        let mut g = first;
+        while g <= last {
+            let word = (g / 64) as usize;
+            let lo = g % 64;
+            let hi = (last - word as u64 * 64).min(63);
+            let mask = if hi - lo == 63 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo + 1)) - 1) << lo
+            };
+            let w = &self.words[word];
+            if w.load(Ordering::Relaxed) & mask != mask {
+                newly |= w.fetch_or(mask, Ordering::AcqRel) & mask != mask;
+            }
+            g = word as u64 * 64 + hi + 1;
+        }
+        newly
+    }
+
+    /// Whether granule `n` is dirty.
+    pub fn is_dirty_granule(&self, n: u64) -> bool {
+        self.words
+            .get((n / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (n % 64)) != 0)
+    }
+
+    /// Dirty bytes (granules times granularity, the last one cut at the disk's end), as
+    /// QEMU's `count`.
+    pub fn dirty_bytes(&self) -> u64 {
+        let granules = self.granules();
+        let mut count = 0u64;
+        for (i, w) in self.words.iter().enumerate() {
+            let bits = w.load(Ordering::Acquire);
+            if bits == 0 {
+                continue;
+            }
+            count += u64::from(bits.count_ones()) * self.granularity();
+            let last_in_word = i as u64 * 64 + 63;
+            if last_in_word >= granules - 1 && bits & (1 << ((granules - 1) % 64)) != 0 {
+                // The last granule may extend past the disk.
+                count -= granules * self.granularity() - self.size;
+            }
+        }
+        count
+    }
+
+    pub fn clear(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::Release);
+        }
+    }
+
+    /// The dirty ranges, merged, as (offset, length) clipped to the disk.
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let g = self.granularity();
+        for (i, w) in self.words.iter().enumerate() {
+            let mut bits = w.load(Ordering::Acquire);
+            while bits != 0 {
+                let b = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let start = (i as u64 * 64 + b) * g;
+                let end = (start + g).min(self.size);
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == start => last.1 = end - last.0,
+                    _ => out.push((start, end - start)),
+                }
+            }
+        }
+        out
+    }
+
+    /// Set every granule `other` marks (granularities may differ).
+    pub fn merge_from(&self, other: &DirtyBitmap) {
+        for (offset, len) in other.extents() {
+            self.mark(offset, len);
+        }
+    }
+
+    /// The bitmap data as the qcow2 specification lays it out on disk.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let len = self.granules().div_ceil(8) as usize;
+        let mut out = Vec::with_capacity(self.words.len() * 8);
+        for w in self.words.iter() {
+            out.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Load bitmap data in the on-disk layout. Bits past the last granule are ignored.
+    pub fn load_bytes(&self, data: &[u8]) {
+        for (i, w) in self.words.iter().enumerate() {
+            let mut word = [0u8; 8];
+            let start = i * 8;
+            if start < data.len() {
+                let n = (data.len() - start).min(8);
+                word[..n].copy_from_slice(&data[start..start + n]);
+            }
+            w.store(u64::from_le_bytes(word), Ordering::Release);
+        }
+        // Clear tail bits beyond the disk (the spec requires them to be zero).
+        let granules = self.granules();
+        if let Some(last) = self.words.last() {
+            let used = granules % 64;
+            if used != 0 {
+                last.fetch_and((1u64 << used) - 1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_granules_touched_and_reports_first_marks() {
+        let b = DirtyBitmap::new("b", 16, 10 << 20, true, false);
+        assert!(b.mark(65536 * 3 + 100, 10));
+        assert!(!b.mark(65536 * 3, 65536), "already dirty");
+        assert!(b.mark(65535, 2), "straddles granules 0 and 1");
+        assert_eq!(b.extents(), vec![(0, 2 * 65536), (3 * 65536, 65536)]);
+        assert_eq!(b.dirty_bytes(), 3 * 65536);
+        // A range across many words.
+        assert!(b.mark(65536 * 60, 65536 * 10));
+        assert_eq!(b.dirty_bytes(), 13 * 65536);
+        b.clear();
+        assert_eq!(b.dirty_bytes(), 0);
+        assert!(b.extents().is_empty());
+    }
+
+    #[test]
+    fn last_granule_is_clipped_to_the_disk() {
+        let size = 3 * 65536 + 4096;
+        let b = DirtyBitmap::new("b", 16, size, true, false);
+        assert!(b.mark(size - 512, 512));
+        assert_eq!(b.dirty_bytes(), 4096);
+        assert_eq!(b.extents(), vec![(3 * 65536, 4096)]);
+        assert!(!b.mark(size, 512), "past the end marks nothing");
+    }
+
+    #[test]
+    fn bytes_follow_the_qcow2_layout() {
+        let b = DirtyBitmap::new("b", 9, 512 * 100, true, false);
+        b.mark(0, 512); // granule 0: byte 0 bit 0
+        b.mark(512 * 9, 512); // granule 9: byte 1 bit 1
+        b.mark(512 * 99, 512); // granule 99: byte 12 bit 3
+        let bytes = b.to_bytes();
+        assert_eq!(bytes.len(), 13);
+        assert_eq!(bytes[0], 1);
+        assert_eq!(bytes[1], 2);
+        assert_eq!(bytes[12], 8);
+        let c = DirtyBitmap::new("c", 9, 512 * 100, true, false);
+        let mut with_tail = bytes.clone();
+        with_tail[12] |= 0xf0; // bits past granule 99 must be ignored
+        c.load_bytes(&with_tail);
+        assert_eq!(c.to_bytes(), bytes);
+    }
+
+    #[test]
+    fn merge_across_granularities() {
+        let fine = DirtyBitmap::new("f", 12, 1 << 20, true, false);
+        let coarse = DirtyBitmap::new("c", 16, 1 << 20, true, false);
+        fine.mark(70000, 10);
+        coarse.merge_from(&fine);
+        assert_eq!(coarse.extents(), vec![(65536, 65536)]);
+    }
+}

@@ -1,0 +1,393 @@
+//! The qcow2 bitmaps extension (docs/interop/qcow2.txt, "Bitmaps extension" and "Bitmaps").
+//!
+//! The extension points to a bitmap directory; each directory entry points to a bitmap table,
+//! whose entries point to clusters of bitmap data (or say "all zeroes" / "all ones"). Storing
+//! always writes new clusters and a new directory, switches the header over, and only then
+//! frees the old clusters, so a crash at any point leaves a consistent image (at worst with
+//! leaked clusters). Bitmaps vubd cannot use (unknown type, extra data without the
+//! `extra_data_compatible` flag) are carried over untouched.
+
+use crate::bitmap::{
+    BitmapError, BitmapStore, StoreData, StoreEntry, StoredBitmap, MAX_BITMAPS, MAX_BITMAP_BYTES,
+    MAX_GRANULARITY_BITS, MAX_NAME_BYTES, MIN_GRANULARITY_BITS,
+};
+
+use super::entry::OFFSET_MASK;
+use super::header::{autoclear, extension};
+use super::{Meta, Qcow2Error, Qcow2Node};
+
+/// Directory entry flags.
+const FLAG_IN_USE: u32 = 1 << 0;
+const FLAG_AUTO: u32 = 1 << 1;
+const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
+const FLAGS_KNOWN: u32 = FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE;
+/// The only bitmap type: dirty tracking.
+const TYPE_DIRTY_TRACKING: u8 = 1;
+/// Fixed part of a directory entry.
+const ENTRY_HEADER: usize = 24;
+/// QEMU's limit on the directory size.
+const MAX_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+/// QEMU's limit on bitmap table entries.
+const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+/// Bitmap table entry bit 0 with no offset: the cluster reads as all ones.
+const TABLE_ALL_ONES: u64 = 1;
+
+/// One bitmap directory entry. Byte offsets: table offset 0, table size 8, flags 12, type 16,
+/// granularity bits 17, name size 18, extra data size 20, then extra data, name, padding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DirEntry {
+    table_offset: u64,
+    table_size: u32,
+    flags: u32,
+    kind: u8,
+    granularity_bits: u8,
+    extra: Vec<u8>,
+    name: String,
+}
+
+impl DirEntry {
+    fn encoded_len(&self) -> usize {
+        (ENTRY_HEADER + self.extra.len() + self.name.len()).next_multiple_of(8)
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&self.table_offset.to_be_bytes());
+        out.extend_from_slice(&self.table_size.to_be_bytes());
+        out.extend_from_slice(&self.flags.to_be_bytes());
+        out.push(self.kind);
+        out.push(self.granularity_bits);
+        out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(self.extra.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.extra);
+        out.extend_from_slice(self.name.as_bytes());
+        out.resize(start + self.encoded_len(), 0);
+    }
+
+    /// Whether vubd may use (load, mark, rewrite the data of) this bitmap.
+    fn usable(&self) -> bool {
+        self.kind == TYPE_DIRTY_TRACKING
+            && (self.extra.is_empty() || self.flags & FLAG_EXTRA_DATA_COMPATIBLE != 0)
+            && (MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS)
+                .contains(&u32::from(self.granularity_bits))
+    }
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or_default())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or_default())
+}
+
+fn corrupt(msg: impl Into<String>) -> Qcow2Error {
+    Qcow2Error::corrupt(format!("bitmap directory: {}", msg.into()))
+}
+
+impl Qcow2Node {
+    /// Bitmap table entries a bitmap of this granularity needs.
+    fn bitmap_table_size(&self, granularity_bits: u32) -> u64 {
+        self.size
+            .div_ceil(1 << granularity_bits)
+            .div_ceil(8)
+            .div_ceil(self.cluster_size())
+    }
+
+    /// Parse and check the bitmap directory; also whether the extension is marked consistent.
+    fn read_directory(&self, meta: &Meta) -> Result<(Vec<DirEntry>, bool), Qcow2Error> {
+        let Some(ext) = meta.header.extension(extension::BITMAPS) else {
+            return Ok((Vec::new(), true));
+        };
+        if ext.len() < 24 {
+            return Err(corrupt("extension too short"));
+        }
+        let nb = be32(ext, 0) as usize;
+        let dir_size = be64(ext, 8);
+        let dir_offset = be64(ext, 16);
+        if nb == 0 || nb > MAX_BITMAPS || be32(ext, 4) != 0 {
+            return Err(corrupt(format!("invalid bitmap count {nb}")));
+        }
+        if dir_size > MAX_DIRECTORY_BYTES || !dir_offset.is_multiple_of(self.cluster_size()) {
+            return Err(corrupt("invalid directory size or offset"));
+        }
+        let mut dir = vec![0u8; dir_size as usize];
+        self.meta_file.read_exact_at(&mut dir, dir_offset)?;
+        let mut entries = Vec::with_capacity(nb);
+        let mut at = 0usize;
+        for _ in 0..nb {
+            if at + ENTRY_HEADER > dir.len() {
+                return Err(corrupt("truncated entry"));
+            }
+            let name_size = usize::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
+            let extra_size = be32(&dir, at + 20) as usize;
+            let end = at + ENTRY_HEADER + extra_size + name_size;
+            if name_size == 0 || name_size > MAX_NAME_BYTES || end > dir.len() {
+                return Err(corrupt("invalid entry name or extra data size"));
+            }
+            let e = DirEntry {
+                table_offset: be64(&dir, at),
+                table_size: be32(&dir, at + 8),
+                flags: be32(&dir, at + 12),
+                kind: dir[at + 16],
+                granularity_bits: dir[at + 17],
+                extra: dir[at + ENTRY_HEADER..at + ENTRY_HEADER + extra_size].to_vec(),
+                name: String::from_utf8(dir[at + ENTRY_HEADER + extra_size..end].to_vec())
+                    .map_err(|_| corrupt("bitmap name is not UTF-8"))?,
+            };
+            if !e.table_offset.is_multiple_of(self.cluster_size()) || e.flags & !FLAGS_KNOWN != 0 {
+                return Err(corrupt(format!("invalid entry for bitmap '{}'", e.name)));
+            }
+            if e.usable()
+                && u64::from(e.table_size) != self.bitmap_table_size(u32::from(e.granularity_bits))
+            {
+                return Err(corrupt(format!("wrong table size for bitmap '{}'", e.name)));
+            }
+            if u64::from(e.table_size) > MAX_TABLE_ENTRIES {
+                return Err(corrupt(format!("table too large for bitmap '{}'", e.name)));
+            }
+            if entries.iter().any(|o: &DirEntry| o.name == e.name) {
+                return Err(corrupt(format!("duplicate bitmap name '{}'", e.name)));
+            }
+            at = (end).next_multiple_of(8);
+            entries.push(e);
+        }
+        let consistent = meta.header.autoclear_features & autoclear::BITMAPS != 0;
+        Ok((entries, consistent))
+    }
+
+    fn read_table(&self, e: &DirEntry) -> Result<Vec<u64>, Qcow2Error> {
+        let mut raw = vec![0u8; e.table_size as usize * 8];
+        self.meta_file.read_exact_at(&mut raw, e.table_offset)?;
+        Ok(raw.chunks_exact(8).map(|b| be64(b, 0)).collect())
+    }
+
+    /// The data of a usable, consistent bitmap.
+    fn read_bitmap_data(&self, e: &DirEntry) -> Result<Vec<u8>, Qcow2Error> {
+        let bytes = self.size.div_ceil(1 << e.granularity_bits).div_ceil(8);
+        if bytes > MAX_BITMAP_BYTES {
+            return Err(corrupt(format!("bitmap '{}' is too large", e.name)));
+        }
+        let cs = self.cluster_size() as usize;
+        let mut data = vec![0u8; bytes as usize];
+        for (i, raw) in self.read_table(e)?.into_iter().enumerate() {
+            let chunk = &mut data[(i * cs).min(bytes as usize)..((i + 1) * cs).min(bytes as usize)];
+            let offset = raw & OFFSET_MASK;
+            if raw & !OFFSET_MASK & !TABLE_ALL_ONES != 0
+                || (offset != 0 && raw & TABLE_ALL_ONES != 0)
+            {
+                return Err(corrupt(format!(
+                    "invalid table entry {raw:#x} of bitmap '{}'",
+                    e.name
+                )));
+            }
+            if offset != 0 {
+                self.meta_file.read_exact_at(chunk, offset)?;
+            } else if raw & TABLE_ALL_ONES != 0 {
+                chunk.fill(0xff);
+            }
+        }
+        Ok(data)
+    }
+
+    /// Write bitmap data into new clusters and a new table; returns the table's offset and
+    /// size. All-zero clusters are not allocated.
+    fn write_bitmap_data(
+        &self,
+        meta: &mut Meta,
+        data: &[u8],
+        granularity_bits: u32,
+    ) -> Result<(u64, u32), Qcow2Error> {
+        let cs = self.cluster_size() as usize;
+        let entries = self.bitmap_table_size(granularity_bits) as usize;
+        let mut table = vec![0u8; entries * 8];
+        for i in 0..entries {
+            let chunk = &data[(i * cs).min(data.len())..((i + 1) * cs).min(data.len())];
+            if chunk.iter().all(|b| *b == 0) {
+                continue;
+            }
+            let offset = meta.refcounts.allocate(&self.meta_file, 1)?;
+            let mut cluster = vec![0u8; cs];
+            cluster[..chunk.len()].copy_from_slice(chunk);
+            self.meta_file.write_all_at(&cluster, offset)?;
+            table[i * 8..i * 8 + 8].copy_from_slice(&offset.to_be_bytes());
+        }
+        let table_clusters = (table.len() as u64).div_ceil(cs as u64).max(1);
+        let table_offset = meta.refcounts.allocate(&self.meta_file, table_clusters)?;
+        table.resize((table_clusters as usize) * cs, 0);
+        self.meta_file.write_all_at(&table, table_offset)?;
+        Ok((table_offset, entries as u32))
+    }
+
+    /// Free a bitmap's table and data clusters.
+    fn free_bitmap(&self, meta: &mut Meta, e: &DirEntry) -> Result<(), Qcow2Error> {
+        let cs = self.cluster_size();
+        for raw in self.read_table(e)? {
+            let offset = raw & OFFSET_MASK;
+            if offset != 0 {
+                meta.refcounts.adjust(&self.meta_file, offset / cs, -1)?;
+            }
+        }
+        let table_clusters = (u64::from(e.table_size) * 8).div_ceil(cs).max(1);
+        for c in 0..table_clusters {
+            meta.refcounts
+                .adjust(&self.meta_file, e.table_offset / cs + c, -1)?;
+        }
+        Ok(())
+    }
+
+    fn store(&self, entries: &[StoreEntry]) -> Result<(), Qcow2Error> {
+        let mut meta = self.lock();
+        let (old, _) = self.read_directory(&meta)?;
+        let mut new: Vec<DirEntry> = Vec::with_capacity(entries.len());
+        let mut kept_tables = Vec::new();
+        for s in entries {
+            let prior = old.iter().find(|o| o.name == s.name && o.usable());
+            let (table_offset, table_size, extra, compatible) = match (s.data, prior) {
+                (StoreData::Keep, Some(p)) => {
+                    kept_tables.push(p.table_offset);
+                    (
+                        p.table_offset,
+                        p.table_size,
+                        p.extra.clone(),
+                        p.flags & FLAG_EXTRA_DATA_COMPATIBLE,
+                    )
+                }
+                (StoreData::Keep, None) => {
+                    return Err(corrupt(format!(
+                        "bitmap '{}' has no stored data to keep",
+                        s.name
+                    )))
+                }
+                (StoreData::Data(d), p) => {
+                    let (off, size) = self.write_bitmap_data(&mut meta, d, s.granularity_bits)?;
+                    let extra = p.map(|p| p.extra.clone()).unwrap_or_default();
+                    let compatible = p.map_or(0, |p| p.flags & FLAG_EXTRA_DATA_COMPATIBLE);
+                    (off, size, extra, compatible)
+                }
+            };
+            let mut flags = compatible;
+            if s.in_use {
+                flags |= FLAG_IN_USE;
+            }
+            if s.recording {
+                flags |= FLAG_AUTO;
+            }
+            new.push(DirEntry {
+                table_offset,
+                table_size,
+                flags,
+                kind: TYPE_DIRTY_TRACKING,
+                granularity_bits: s.granularity_bits as u8,
+                extra,
+                name: s.name.to_string(),
+            });
+        }
+        // Bitmaps vubd cannot use stay as they are.
+        for o in old.iter().filter(|o| !o.usable()) {
+            kept_tables.push(o.table_offset);
+            new.push(o.clone());
+        }
+
+        let old_dir = meta
+            .header
+            .extension(extension::BITMAPS)
+            .map(|ext| (be64(ext, 16), be64(ext, 8)));
+        if new.is_empty() {
+            meta.header.set_extension(extension::BITMAPS, None);
+            meta.header.autoclear_features &= !autoclear::BITMAPS;
+        } else {
+            let mut dir = Vec::new();
+            for e in &new {
+                e.encode(&mut dir);
+            }
+            let cs = self.cluster_size();
+            let clusters = (dir.len() as u64).div_ceil(cs);
+            let dir_offset = meta.refcounts.allocate(&self.meta_file, clusters)?;
+            let mut padded = dir.clone();
+            padded.resize((clusters * cs) as usize, 0);
+            self.meta_file.write_all_at(&padded, dir_offset)?;
+            let mut ext = Vec::with_capacity(24);
+            ext.extend_from_slice(&(new.len() as u32).to_be_bytes());
+            ext.extend_from_slice(&0u32.to_be_bytes());
+            ext.extend_from_slice(&(dir.len() as u64).to_be_bytes());
+            ext.extend_from_slice(&dir_offset.to_be_bytes());
+            meta.header.set_extension(extension::BITMAPS, Some(ext));
+            meta.header.autoclear_features |= autoclear::BITMAPS;
+        }
+        // New clusters and their refcounts are on disk before the header points to them.
+        meta.refcounts.write_back(&self.meta_file)?;
+        self.meta_file.sync_data()?;
+        self.write_header(&mut meta)?;
+        // Only now are the old structures unreferenced.
+        if let Some((offset, size)) = old_dir {
+            let cs = self.cluster_size();
+            for c in 0..size.div_ceil(cs) {
+                meta.refcounts
+                    .adjust(&self.meta_file, offset / cs + c, -1)?;
+            }
+        }
+        for o in old
+            .iter()
+            .filter(|o| !kept_tables.contains(&o.table_offset))
+        {
+            self.free_bitmap(&mut meta, o)?;
+        }
+        meta.refcounts.write_back(&self.meta_file)?;
+        self.meta_file.sync_data()?;
+        Ok(())
+    }
+}
+
+fn to_bitmap_error(e: Qcow2Error) -> BitmapError {
+    BitmapError::Io(e.to_string())
+}
+
+impl BitmapStore for Qcow2Node {
+    fn load_bitmaps(&self) -> Result<Vec<StoredBitmap>, BitmapError> {
+        let meta = self.lock();
+        let (entries, consistent) = self.read_directory(&meta).map_err(to_bitmap_error)?;
+        drop(meta);
+        let mut out = Vec::new();
+        for e in entries.iter().filter(|e| e.usable()) {
+            let inconsistent = !consistent || e.flags & FLAG_IN_USE != 0;
+            let data = if inconsistent {
+                None
+            } else {
+                match self.read_bitmap_data(e) {
+                    Ok(d) => Some(d),
+                    Err(err) => {
+                        log::warn!("{}: bitmap '{}': {err}", self.path.display(), e.name);
+                        None
+                    }
+                }
+            };
+            out.push(StoredBitmap {
+                name: e.name.clone(),
+                granularity_bits: u32::from(e.granularity_bits),
+                recording: e.flags & FLAG_AUTO != 0,
+                inconsistent: data.is_none(),
+                data,
+            });
+        }
+        Ok(out)
+    }
+
+    fn store_bitmaps(&self, entries: &[StoreEntry]) -> Result<(), BitmapError> {
+        self.store(entries).map_err(to_bitmap_error)
+    }
+
+    fn cannot_store(&self) -> Option<String> {
+        if self.read_only {
+            Some("the image is read-only".into())
+        } else if self.format.version < 3 {
+            Some("version 2 images cannot hold bitmaps (compat=0.10)".into())
+        } else {
+            None
+        }
+    }
+
+    fn cluster_size(&self) -> u64 {
+        Qcow2Node::cluster_size(self)
+    }
+}

@@ -1,0 +1,105 @@
+//! The control socket: QMP, the QEMU Machine Protocol, so that existing QMP clients and
+//! scripts written against qemu-storage-daemon manage vubd's dirty bitmaps unchanged.
+//!
+//! Each client gets the QMP greeting, must negotiate capabilities, then sends JSON commands
+//! (`{"execute": ..., "arguments": ..., "id": ...}`) and receives one `return` or `error`
+//! object per command. Clients are served one thread each; bitmap operations serialise inside
+//! the bitmap manager.
+
+mod qmp;
+
+use std::io::{BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
+use crate::virtio_blk::device::BlockDevice;
+
+pub use qmp::Session;
+
+/// The listening control socket.
+pub struct ControlServer {
+    listener: UnixListener,
+    device: Arc<BlockDevice>,
+    _remove: RemoveOnDrop,
+}
+
+impl ControlServer {
+    /// Create the control socket (mode 0600).
+    pub fn bind(path: &Path, device: Arc<BlockDevice>) -> Result<ControlServer, SocketError> {
+        let listener = bind_unix(path, 0o600, "--control")?;
+        Ok(ControlServer {
+            listener,
+            device,
+            _remove: RemoveOnDrop(path.to_path_buf()),
+        })
+    }
+
+    /// Accept clients on a thread of their own.
+    pub fn start(&self) -> std::io::Result<()> {
+        let listener = self.listener.try_clone()?;
+        let device = self.device.clone();
+        std::thread::Builder::new()
+            .name("vubd-control".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else {
+                        break;
+                    };
+                    let device = device.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("vubd-qmp".into())
+                        .spawn(move || serve_client(stream, device));
+                }
+            })?;
+        Ok(())
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        // Wake the accept loop so that it ends.
+        // SAFETY: shutdown() on our own listening socket; it only changes socket state.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+fn send(stream: &mut UnixStream, value: &Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.extend_from_slice(b"\r\n");
+    stream.write_all(&line)
+}
+
+/// Run one QMP session until the client hangs up or sends something that is not JSON.
+fn serve_client(mut stream: UnixStream, device: Arc<BlockDevice>) {
+    let mut session = Session::new(device);
+    if send(&mut stream, &session.greeting()).is_err() {
+        return;
+    }
+    let Ok(reader) = stream.try_clone() else {
+        return;
+    };
+    let values = serde_json::Deserializer::from_reader(BufReader::new(reader)).into_iter::<Value>();
+    for value in values {
+        let reply = match value {
+            Ok(request) => session.handle(&request),
+            Err(e) if e.is_eof() || e.is_io() => break,
+            Err(e) => {
+                // QEMU answers a parse error and resynchronises; a stream that is not JSON
+                // cannot be resynchronised here, so answer and hang up.
+                let _ = send(
+                    &mut stream,
+                    &qmp::error("GenericError", &format!("JSON parse error, {e}"), None),
+                );
+                break;
+            }
+        };
+        if send(&mut stream, &reply).is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! QMP commands, with the request and reply shapes of QEMU's QAPI schema.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::bitmap::{Action, BitmapError};
+use crate::virtio_blk::device::BlockDevice;
+
+/// Commands this server implements.
+const COMMANDS: [&str; 12] = [
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "query-named-block-nodes",
+    "query-block",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "transaction",
+];
+
+/// An error reply's class and description.
+struct QmpError {
+    class: &'static str,
+    desc: String,
+}
+
+impl QmpError {
+    fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+}
+
+impl From<BitmapError> for QmpError {
+    fn from(e: BitmapError) -> Self {
+        QmpError::generic(e.to_string())
+    }
+}
+
+/// An error reply.
+pub fn error(class: &str, desc: &str, id: Option<&Value>) -> Value {
+    let mut v = json!({"error": {"class": class, "desc": desc}});
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v
+}
+
+/// One client's session.
+pub struct Session {
+    device: Arc<BlockDevice>,
+    negotiated: bool,
+}
+
+/// Command arguments, checked as they are taken; leftovers are errors.
+struct Args {
+    map: Map<String, Value>,
+}
+
+impl Args {
+    fn new(value: Option<&Value>) -> Result<Args, QmpError> {
+        match value {
+            None => Ok(Args { map: Map::new() }),
+            Some(Value::Object(map)) => Ok(Args { map: map.clone() }),
+            Some(_) => Err(QmpError::generic(
+                "QMP input member 'arguments' must be an object",
+            )),
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Result<String, QmpError> {
+        match self.map.remove(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{key}', expected: string"
+            ))),
+            None => Err(QmpError::generic(format!("Parameter '{key}' is missing"))),
+        }
+    }
+
+    fn opt_bool(&mut self, key: &str) -> Result<Option<bool>, QmpError> {
+        match self.map.remove(key) {
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{key}', expected: boolean"
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn opt_u64(&mut self, key: &str) -> Result<Option<u64>, QmpError> {
+        match self.map.remove(key) {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| QmpError::generic(format!("Parameter '{key}' expects uint64"))),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{key}', expected: integer"
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key)
+    }
+
+    fn finish(self) -> Result<(), QmpError> {
+        match self.map.keys().next() {
+            Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Session {
+    pub fn new(device: Arc<BlockDevice>) -> Self {
+        Session {
+            device,
+            negotiated: false,
+        }
+    }
+
+    fn version() -> Value {
+        let v: Vec<u64> = env!("CARGO_PKG_VERSION")
+            .split('.')
+            .map(|p| p.parse().unwrap_or(0))
+            .collect();
+        json!({
+            "qemu": {"major": v.first().copied().unwrap_or(0), "minor": v.get(1).copied().unwrap_or(0), "micro": v.get(2).copied().unwrap_or(0)},
+            "package": format!("vubd {}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
+    pub fn greeting(&self) -> Value {
+        json!({"QMP": {"version": Self::version(), "capabilities": []}})
+    }
+
+    /// Answer one request.
+    pub fn handle(&mut self, request: &Value) -> Value {
+        let Some(obj) = request.as_object() else {
+            return error("GenericError", "QMP input must be a JSON object", None);
+        };
+        let id = obj.get("id");
+        let reply = self.dispatch(obj);
+        match reply {
+            Ok(ret) => {
+                let mut v = json!({"return": ret});
+                if let Some(id) = id {
+                    v["id"] = id.clone();
+                }
+                v
+            }
+            Err(e) => error(e.class, &e.desc, id),
+        }
+    }
+
+    fn dispatch(&mut self, obj: &Map<String, Value>) -> Result<Value, QmpError> {
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "id"))
+        {
+            return Err(QmpError::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            )));
+        }
+        let command = match obj.get("execute") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "QMP input member 'execute' must be a string",
+                ))
+            }
+            None => return Err(QmpError::generic("QMP input lacks member 'execute'")),
+        };
+        let mut args = Args::new(obj.get("arguments"))?;
+        if !self.negotiated && command != "qmp_capabilities" {
+            return Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+            });
+        }
+        let result = match command {
+            "qmp_capabilities" => {
+                if self.negotiated {
+                    return Err(QmpError {
+                        class: "CommandNotFound",
+                        desc: "Capabilities negotiation is already complete, command ignored"
+                            .into(),
+                    });
+                }
+                args.take("enable");
+                self.negotiated = true;
+                json!({})
+            }
+            "query-version" => Self::version(),
+            "query-commands" => Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()),
+            "query-named-block-nodes" => {
+                args.opt_bool("flat")?;
+                self.named_block_nodes()
+            }
+            "query-block" => json!([{
+                "device": "",
+                "locked": false,
+                "removable": false,
+                "type": "unknown",
+                "inserted": self.format_node_info(),
+            }]),
+            "transaction" => {
+                let actions = self.transaction_actions(&mut args)?;
+                args.take("properties");
+                args.finish()?;
+                self.device.bitmaps().transaction(&actions)?;
+                return Ok(json!({}));
+            }
+            "block-dirty-bitmap-add"
+            | "block-dirty-bitmap-remove"
+            | "block-dirty-bitmap-clear"
+            | "block-dirty-bitmap-enable"
+            | "block-dirty-bitmap-disable"
+            | "block-dirty-bitmap-merge" => {
+                let action = self.bitmap_action(command, &mut args)?;
+                args.finish()?;
+                self.device.bitmaps().apply(action)?;
+                return Ok(json!({}));
+            }
+            other => {
+                return Err(QmpError {
+                    class: "CommandNotFound",
+                    desc: format!("The command {other} has not been found"),
+                })
+            }
+        };
+        args.finish()?;
+        Ok(result)
+    }
+
+    /// Check that `node` names the node that holds bitmaps.
+    fn check_node(&self, node: &str) -> Result<(), QmpError> {
+        let names = self.device.node_names();
+        if node == names.format {
+            return Ok(());
+        }
+        if node == names.file || names.data_file.as_deref() == Some(node) {
+            return Err(QmpError::generic(format!(
+                "Node '{node}' is a protocol node; vubd keeps dirty bitmaps on the format node '{}'",
+                names.format
+            )));
+        }
+        Err(QmpError::generic(format!(
+            "Cannot find device='' nor node-name='{node}'"
+        )))
+    }
+
+    /// Parse a bitmap command's arguments into an action.
+    fn bitmap_action(&self, command: &str, args: &mut Args) -> Result<Action, QmpError> {
+        let node = args.string("node")?;
+        self.check_node(&node)?;
+        if command == "block-dirty-bitmap-merge" {
+            let target = args.string("target")?;
+            let sources = match args.take("bitmaps") {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|item| self.merge_source(item))
+                    .collect::<Result<Vec<_>, _>>()?,
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'bitmaps', expected: array",
+                    ))
+                }
+                None => return Err(QmpError::generic("Parameter 'bitmaps' is missing")),
+            };
+            return Ok(Action::Merge { target, sources });
+        }
+        let name = args.string("name")?;
+        Ok(match command {
+            "block-dirty-bitmap-add" => Action::Add {
+                name,
+                granularity: args.opt_u64("granularity")?,
+                persistent: args.opt_bool("persistent")?.unwrap_or(false),
+                disabled: args.opt_bool("disabled")?.unwrap_or(false),
+            },
+            "block-dirty-bitmap-remove" => Action::Remove { name },
+            "block-dirty-bitmap-clear" => Action::Clear { name },
+            "block-dirty-bitmap-enable" => Action::Enable { name },
+            _ => Action::Disable { name },
+        })
+    }
+
+    /// A merge source: a bitmap name on the same node, or `{"node": ..., "name": ...}`.
+    fn merge_source(&self, item: &Value) -> Result<String, QmpError> {
+        match item {
+            Value::String(name) => Ok(name.clone()),
+            Value::Object(_) => {
+                let mut a = Args::new(Some(item))?;
+                let node = a.string("node")?;
+                self.check_node(&node)?;
+                let name = a.string("name")?;
+                a.finish()?;
+                Ok(name)
+            }
+            _ => Err(QmpError::generic(
+                "Invalid parameter type for 'bitmaps' element",
+            )),
+        }
+    }
+
+    fn transaction_actions(&self, args: &mut Args) -> Result<Vec<Action>, QmpError> {
+        let items = match args.take("actions") {
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'actions', expected: array",
+                ))
+            }
+            None => return Err(QmpError::generic("Parameter 'actions' is missing")),
+        };
+        items
+            .iter()
+            .map(|item| {
+                let mut a = Args::new(Some(item))?;
+                let kind = a.string("type")?;
+                if !kind.starts_with("block-dirty-bitmap-") || !COMMANDS.contains(&kind.as_str()) {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'type' does not accept value '{kind}'"
+                    )));
+                }
+                let mut data = Args::new(a.take("data").as_ref())?;
+                a.finish()?;
+                let action = self.bitmap_action(&kind, &mut data)?;
+                data.finish()?;
+                Ok(action)
+            })
+            .collect()
+    }
+
+    fn bitmap_infos(&self) -> Value {
+        Value::Array(
+            self.device
+                .bitmaps()
+                .infos()
+                .into_iter()
+                .map(|b| {
+                    json!({
+                        "name": b.name,
+                        "count": b.count,
+                        "granularity": b.granularity,
+                        "recording": b.recording,
+                        "busy": false,
+                        "persistent": b.persistent,
+                        "inconsistent": b.inconsistent,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    fn node_info(&self, name: &str, drv: &str, path: &str, size: u64, direct: bool) -> Value {
+        json!({
+            "node-name": name,
+            "drv": drv,
+            "file": path,
+            "ro": self.device.limits().read_only,
+            "encrypted": false,
+            "detect_zeroes": "off",
+            "backing_file_depth": 0,
+            "write_threshold": 0,
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "cache": {"writeback": true, "direct": direct, "no-flush": false},
+            "image": {"filename": path, "format": drv, "virtual-size": size, "dirty-flag": false},
+        })
+    }
+
+    fn format_node_info(&self) -> Value {
+        let driver = self.device.driver();
+        let files = driver.files();
+        let path = files
+            .first()
+            .map(|f| f.path().display().to_string())
+            .unwrap_or_default();
+        let direct = files.last().is_some_and(|f| f.is_direct());
+        let mut info = self.node_info(
+            &self.device.node_names().format,
+            driver.format(),
+            &path,
+            driver.size(),
+            direct,
+        );
+        info["dirty-bitmaps"] = self.bitmap_infos();
+        info
+    }
+
+    fn named_block_nodes(&self) -> Value {
+        let names = self.device.node_names();
+        let driver = self.device.driver();
+        let files = driver.files();
+        let mut nodes = vec![self.format_node_info()];
+        if let Some(file) = files.first() {
+            nodes.push(self.node_info(
+                &names.file,
+                "file",
+                &file.path().display().to_string(),
+                file.size(),
+                file.is_direct(),
+            ));
+        }
+        if let (Some(data), Some(name)) = (driver.data_file(), &names.data_file) {
+            nodes.push(self.node_info(
+                name,
+                "file",
+                &data.path().display().to_string(),
+                data.size(),
+                data.is_direct(),
+            ));
+        }
+        Value::Array(nodes)
+    }
+}

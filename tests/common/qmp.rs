@@ -1,0 +1,96 @@
+//! A minimal QMP client, for vubd's control socket and qemu-storage-daemon's monitor alike.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub struct Qmp {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+    pub greeting: Value,
+}
+
+impl Qmp {
+    /// Connect (retrying while the server starts) and read the greeting, without negotiating.
+    pub fn connect_raw(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut qmp = Qmp {
+            writer: stream,
+            reader,
+            greeting: Value::Null,
+        };
+        qmp.greeting = qmp.read();
+        qmp
+    }
+
+    /// Connect and negotiate capabilities.
+    pub fn connect(path: &Path) -> Qmp {
+        let mut qmp = Qmp::connect_raw(path);
+        let r = qmp.execute("qmp_capabilities", json!({}));
+        assert_eq!(r, json!({"return": {}}), "capabilities negotiation");
+        qmp
+    }
+
+    fn read(&mut self) -> Value {
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read QMP");
+            assert!(n > 0, "QMP connection closed");
+            let v: Value = serde_json::from_str(line.trim()).expect("QMP JSON");
+            // Asynchronous events are not replies.
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    /// Send a raw request and return the reply.
+    pub fn send(&mut self, request: &Value) -> Value {
+        let mut line = serde_json::to_vec(request).unwrap();
+        line.push(b'\n');
+        self.writer.write_all(&line).expect("write QMP");
+        self.read()
+    }
+
+    /// `{"execute": command, "arguments": args}`; returns the whole reply.
+    pub fn execute(&mut self, command: &str, args: Value) -> Value {
+        self.send(&json!({"execute": command, "arguments": args}))
+    }
+
+    /// Execute and expect success; returns `return`.
+    pub fn ok(&mut self, command: &str, args: Value) -> Value {
+        let r = self.execute(command, args.clone());
+        match r.get("return") {
+            Some(v) => v.clone(),
+            None => panic!("{command} {args}: {r}"),
+        }
+    }
+
+    /// The `dirty-bitmaps` of node `node`, from query-named-block-nodes.
+    pub fn bitmaps(&mut self, node: &str) -> Vec<Value> {
+        let nodes = self.ok("query-named-block-nodes", json!({}));
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == node)
+            .unwrap_or_else(|| panic!("no node {node} in {nodes}"))
+            .get("dirty-bitmaps")
+            .and_then(|b| b.as_array().cloned())
+            .unwrap_or_default()
+    }
+}
