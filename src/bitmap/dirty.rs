@@ -101,12 +101,24 @@ impl DirtyBitmap {
 
     /// Mark the granules `[offset, offset + len)` touches. Returns whether any of them was
     /// clean before.
+    #[inline(always)]
     pub fn mark(&self, offset: u64, len: u64) -> bool {
         if len == 0 || offset >= self.size {
             return false;
         }
         let first = offset >> self.granularity_bits;
         let last = (offset + len - 1).min(self.size - 1) >> self.granularity_bits;
+        if first == last {
+            // The common case: a write inside one granule.
+            let bit = 1u64 << (first % 64);
+            let w = &self.words[(first / 64) as usize];
+            return w.load(Ordering::Relaxed) & bit == 0
+                && w.fetch_or(bit, Ordering::AcqRel) & bit == 0;
+        }
+        self.mark_range(first, last)
+    }
+
+    fn mark_range(&self, first: u64, last: u64) -> bool {
         let mut newly = false;
         let mut g = first;
         while g <= last {

@@ -157,10 +157,12 @@ impl std::fmt::Debug for BitmapManager {
     }
 }
 
-/// A queue's view of the bitmap list, refreshed when the generation moves.
+/// A queue's view of the recording bitmaps, refreshed when the generation moves (every
+/// change of the list or of a bitmap's recording state publishes a new generation, and happens
+/// while no write is being marked).
 pub struct BitmapCursor {
     generation: u64,
-    list: BitmapList,
+    recording: Vec<Arc<DirtyBitmap>>,
 }
 
 impl BitmapManager {
@@ -235,25 +237,30 @@ impl BitmapManager {
 
     /// A cursor for a queue's write path.
     pub fn cursor(&self) -> BitmapCursor {
+        let generation = self.generation.load(Ordering::Acquire);
         BitmapCursor {
-            generation: self.generation.load(Ordering::Acquire),
-            list: self.snapshot(),
+            generation,
+            recording: self
+                .snapshot()
+                .iter()
+                .filter(|b| b.is_recording())
+                .cloned()
+                .collect(),
         }
     }
 
     /// Mark `[offset, offset + len)` in every recording bitmap. Returns whether some granule
     /// became dirty for the first time. No lock is taken unless the list changed since the
     /// cursor last looked.
+    #[inline]
     pub fn mark(&self, cursor: &mut BitmapCursor, offset: u64, len: u64) -> bool {
         let generation = self.generation.load(Ordering::Acquire);
         if generation != cursor.generation {
             *cursor = self.cursor();
         }
         let mut newly = false;
-        for b in cursor.list.iter() {
-            if b.is_recording() {
-                newly |= b.mark(offset, len);
-            }
+        for b in &cursor.recording {
+            newly |= b.mark(offset, len);
         }
         newly
     }
