@@ -607,3 +607,97 @@ fn qmp_protocol_shapes() {
     drop(qmp);
     vubd.stop();
 }
+
+#[test]
+fn checkpoints_under_load_lose_no_write() {
+    use blkio::ReqFlags;
+    use std::mem::MaybeUninit;
+
+    let dir = TempDir::new("bm-stress");
+    raw_with_metadata(&dir, 64 << 20);
+    vubd_bitmap(&dir, &["add", "cp0"]);
+    let control = dir.join("qmp.sock");
+    let mut vubd = serve(
+        &dir,
+        &["--control", control.to_str().unwrap(), "--num-queues", "2"],
+    );
+    let mut client = BlkioClient::connect(&vubd.socket, 2).unwrap();
+    let base = client.buf(0).as_mut_ptr() as usize;
+    let per_queue = BlkioClient::BUF;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let written: Vec<Vec<(u64, u64)>> = std::thread::scope(|s| {
+        let writers: Vec<_> = client
+            .queues
+            .iter_mut()
+            .enumerate()
+            .map(|(t, q)| {
+                let stop = &stop;
+                s.spawn(move || {
+                    let ops = workload(100_000, 64 * MIB, 20 + t as u64);
+                    let mut done = Vec::new();
+                    let mut completions: Vec<MaybeUninit<blkio::Completion>> =
+                        (0..8).map(|_| MaybeUninit::uninit()).collect();
+                    for batch in ops.chunks(8) {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        for (i, &(_, offset, len)) in batch.iter().enumerate() {
+                            let ptr = (base + t * per_queue + i * 131072) as *mut u8;
+                            q.write(offset, ptr, len as usize, i, ReqFlags::empty());
+                        }
+                        let mut got = 0;
+                        while got < batch.len() {
+                            let n = q
+                                .do_io(
+                                    &mut completions[got..batch.len()],
+                                    batch.len() - got,
+                                    None,
+                                    None,
+                                )
+                                .unwrap();
+                            got += n;
+                        }
+                        done.extend(batch.iter().map(|&(_, o, l)| (o, l)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut qmp = Qmp::connect(&control);
+        for i in 1..=20 {
+            std::thread::sleep(Duration::from_millis(20));
+            qmp.ok(
+                "transaction",
+                json!({"actions": [
+                    {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": format!("cp{i}"), "persistent": true}},
+                    {"type": "block-dirty-bitmap-disable", "data": {"node": "disk", "name": format!("cp{}", i - 1)}},
+                ]}),
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    drop(client);
+    vubd.stop();
+    assert_check_clean(dir.path(), "meta.qcow2");
+    let all: Vec<(Op, u64, u64)> = written
+        .iter()
+        .flatten()
+        .map(|&(o, l)| (Op::Write, o, l))
+        .collect();
+    assert!(all.len() > 1000, "the writers made progress: {}", all.len());
+    let mut union = BTreeSet::new();
+    for i in 0..=20 {
+        let dump = vubd_bitmap(&dir, &["dump", &format!("cp{i}"), "--json"]);
+        let dump: Value = serde_json::from_str(&dump).unwrap();
+        for e in dump["extents"].as_array().unwrap() {
+            let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            union.extend(o / 65536..(o + l).div_ceil(65536));
+        }
+    }
+    assert_eq!(
+        union,
+        granules(&all, 65536),
+        "every write is in some checkpoint's bitmap"
+    );
+}

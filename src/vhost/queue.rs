@@ -219,31 +219,33 @@ impl QueueWorker {
 
     /// Wait for every request in flight to complete and put it on the used ring.
     pub fn drain(&mut self) {
-        while !self.deferred.is_empty() {
-            let Some(vring) = self.vring.clone() else {
-                break;
-            };
-            if self.device.bitmaps().gate().is_closed() {
-                // A bitmap operation is running; it ends within milliseconds.
-                std::thread::sleep(std::time::Duration::from_millis(1));
-                continue;
-            }
-            let mut state = vring.get_mut();
-            self.run_deferred(&mut state);
-            let _ = self.engine.submit();
-        }
-        while self.in_flight() > 0 && self.engine.in_flight() > 0 {
-            if let Err(e) = self.engine.wait() {
-                log::error!("queue {}: waiting for I/O: {e}", self.index);
-                break;
-            }
-            match self.vring.clone() {
-                Some(vring) => {
-                    let mut state = vring.get_mut();
-                    self.run_completions(&mut state);
-                    self.notify_guest(&mut state);
+        let Some(vring) = self.vring.clone() else {
+            // No event was ever handled, so no request was ever started.
+            return;
+        };
+        loop {
+            {
+                let mut state = vring.get_mut();
+                // Held-back writes start once the gate reopens; completions keep being reaped
+                // meanwhile, which is what lets a bitmap operation's drain finish.
+                self.run_deferred(&mut state);
+                if let Err(e) = self.engine.submit() {
+                    log::error!("queue {}: submitting I/O: {e}", self.index);
                 }
-                None => break,
+                self.run_completions(&mut state);
+                self.notify_guest(&mut state);
+            }
+            if self.deferred.is_empty() && self.engine.in_flight() == 0 {
+                break;
+            }
+            if self.engine.in_flight() > 0 {
+                if let Err(e) = self.engine.wait() {
+                    log::error!("queue {}: waiting for I/O: {e}", self.index);
+                    break;
+                }
+            } else {
+                // Only writes held back by a bitmap operation remain; it ends shortly.
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
         self.resume = false;
@@ -436,11 +438,18 @@ impl QueueWorker {
 
     /// Start the requests held back while the write gate was closed.
     fn run_deferred(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
+        let mut started = false;
         while !self.device.bitmaps().gate().is_closed() {
             let Some((slot_index, req)) = self.deferred.pop_front() else {
                 break;
             };
             self.begin(slot_index, req, state);
+            started = true;
+        }
+        if started {
+            if let Err(e) = self.engine.submit() {
+                log::error!("queue {}: submitting I/O: {e}", self.index);
+            }
         }
     }
 
