@@ -15,6 +15,8 @@ cargo build --release --quiet --bin vubd --example loadgen
 vubd=$PWD/target/release/vubd
 loadgen=$PWD/target/release/examples/loadgen
 dir=$(mktemp -d /dev/shm/vubd-bench.XXXXXX)
+# Pin the backend and the load generator to different CPUs: less noise between runs.
+if [ "$(nproc)" -ge 2 ]; then pin_backend="taskset -c 1"; pin_load="taskset -c 0"; else pin_backend=""; pin_load=""; fi
 trap 'rm -rf "$dir"' EXIT
 dd if=/dev/urandom of="$dir/disk.raw" bs=1M count=1024 status=none
 
@@ -27,7 +29,7 @@ done
 serve() { # bitmaps [wrapper...]
     local n=$1; shift
     rm -f "$dir/s.sock"
-    "$@" "$vubd" serve --socket "$dir/s.sock" --image "$dir/meta$n.qcow2" --format qcow2 2>"$dir/serve.log" &
+    $pin_backend "$@" "$vubd" serve --socket "$dir/s.sock" --image "$dir/meta$n.qcow2" --format qcow2 2>"$dir/serve.log" &
     pid=$!
     for _ in $(seq 300); do [ -S "$dir/s.sock" ] && break; sleep 0.1; done
     sleep 0.2
@@ -41,7 +43,7 @@ for rep in $(seq "$reps"); do
     for n in 0 1 8; do
         serve "$n"
         before=$(cpu_ticks)
-        result=$("$loadgen" --socket "$dir/s.sock" --rw randwrite --bs 4k --iodepth 32 --runtime "$runtime" --json)
+        result=$($pin_load "$loadgen" --socket "$dir/s.sock" --rw randwrite --bs 4k --iodepth 32 --runtime "$runtime" --json)
         echo "$n $(( $(cpu_ticks) - before )) $result" >>"$dir/results"
         stop
     done
@@ -71,7 +73,7 @@ if command -v valgrind >/dev/null; then
     for n in 0 1 8; do
         for count in $w $((3 * w)); do
             serve "$n" valgrind --tool=callgrind --callgrind-out-file=/dev/null --log-file="$dir/vg.log"
-            "$loadgen" --socket "$dir/s.sock" --rw randwrite --iodepth 32 --ios "$count" --runtime 600 >/dev/null
+            $pin_load "$loadgen" --socket "$dir/s.sock" --rw randwrite --iodepth 32 --ios "$count" --runtime 600 >/dev/null
             stop
             echo "$n $count $(grep -oE 'refs: +[0-9,]+' "$dir/vg.log" | tr -d ', ' | cut -d: -f2)"
         done

@@ -16,6 +16,8 @@ cargo build --release --quiet --bin vubd --example loadgen
 vubd=$PWD/target/release/vubd
 loadgen=$PWD/target/release/examples/loadgen
 dir=$(mktemp -d /dev/shm/vubd-bench.XXXXXX)
+# Pin the backend and the load generator to different CPUs: less noise between runs.
+if [ "$(nproc)" -ge 2 ]; then pin_backend="taskset -c 1"; pin_load="taskset -c 0"; else pin_backend=""; pin_load=""; fi
 trap 'rm -rf "$dir"' EXIT
 dd if=/dev/urandom of="$dir/disk.raw" bs=1M count=1024 status=none
 "$vubd" create "$dir/meta.qcow2" --data-file "$dir/disk.raw" >/dev/null
@@ -28,7 +30,7 @@ serve() { # kind [wrapper...]
     local kind=$1; shift
     rm -f "$dir/s.sock"
     # shellcheck disable=SC2046
-    "$@" "$vubd" serve --socket "$dir/s.sock" $(image_args "$kind") 2>"$dir/serve.log" &
+    $pin_backend "$@" "$vubd" serve --socket "$dir/s.sock" $(image_args "$kind") 2>"$dir/serve.log" &
     pid=$!
     for _ in $(seq 300); do [ -S "$dir/s.sock" ] && break; sleep 0.1; done
     sleep 0.2
@@ -44,7 +46,7 @@ for wl in "randread 1" "randread 32" "randwrite 1" "randwrite 32"; do
     for rep in $(seq "$reps"); do
         for kind in raw qcow2; do
             serve "$kind"
-            echo "$kind $1 $2 $("$loadgen" --socket "$dir/s.sock" --rw "$1" --bs 4k --iodepth "$2" --runtime "$runtime" --json)" >>"$results"
+            echo "$kind $1 $2 $($pin_load "$loadgen" --socket "$dir/s.sock" --rw "$1" --bs 4k --iodepth "$2" --runtime "$runtime" --json)" >>"$results"
             stop
         done
     done
@@ -69,7 +71,7 @@ if command -v valgrind >/dev/null; then
         for kind in raw qcow2; do
             for count in $n $((3 * n)); do
                 serve "$kind" valgrind --tool=callgrind --callgrind-out-file=/dev/null --log-file="$dir/vg.log"
-                "$loadgen" --socket "$dir/s.sock" --rw "$rw" --iodepth 32 --ios "$count" --runtime 600 >/dev/null
+                $pin_load "$loadgen" --socket "$dir/s.sock" --rw "$rw" --iodepth 32 --ios "$count" --runtime 600 >/dev/null
                 stop
                 echo "$rw $kind $count $(grep -oE 'refs: +[0-9,]+' "$dir/vg.log" | tr -d ', ' | cut -d: -f2)"
             done

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -258,7 +258,7 @@ impl QueueWorker {
             self.resume = true;
             return;
         }
-        let mem = self.mem.memory().into_inner();
+        let mut mem = self.mem.memory().into_inner();
         let mut budget = MAX_REQUESTS_PER_WAKEUP;
         let mut empty_passes = 0;
         loop {
@@ -269,6 +269,16 @@ impl QueueWorker {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                     break;
                 };
+                // The frontend may have added memory (and then made this request available)
+                // after we took our view of it: a request must be read with the memory as it
+                // was when its ring entry became visible. Take the entry back and retry.
+                let current = self.mem.memory().into_inner();
+                if !Arc::ptr_eq(&current, &mem) {
+                    drop(chain);
+                    state.get_queue_mut().go_to_previous_position();
+                    mem = current;
+                    continue;
+                }
                 budget -= 1;
                 popped += 1;
                 self.start_request(chain, &mem, state);
