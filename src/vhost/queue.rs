@@ -274,7 +274,6 @@ impl QueueWorker {
                 // was when its ring entry became visible. Take the entry back and retry.
                 let current = self.mem.memory().into_inner();
                 if !Arc::ptr_eq(&current, &mem) {
-                    drop(chain);
                     state.get_queue_mut().go_to_previous_position();
                     mem = current;
                     continue;
