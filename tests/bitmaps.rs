@@ -523,8 +523,29 @@ fn offline_bitmap_commands() {
         .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(total, granules(&ops, 65536).len() as u64 * 65536);
+    // qemu-img's own bitmap command works on what vubd stored.
+    qemu_img(dir.path(), &["bitmap", "--disable", "meta.qcow2", "b"]);
+    qemu_img(dir.path(), &["bitmap", "--add", "meta.qcow2", "c"]);
+    qemu_img(dir.path(), &["bitmap", "--merge", "b", "meta.qcow2", "c"]);
+    assert_eq!(
+        nbd_dirty_granules(dir.path(), "meta.qcow2", "c", 65536),
+        granules(&ops, 65536)
+    );
+    let list = vubd_bitmap(&dir, &["list", "--json"]);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let b = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "b")
+        .unwrap();
+    assert_eq!(
+        b["recording"], false,
+        "qemu-img's --disable is seen by vubd"
+    );
     vubd_bitmap(&dir, &["remove", "a"]);
     vubd_bitmap(&dir, &["remove", "b"]);
+    vubd_bitmap(&dir, &["remove", "c"]);
     assert_check_clean(dir.path(), "meta.qcow2");
     let (code, _, err) = run_vubd(&[
         "bitmap",
