@@ -27,7 +27,11 @@ fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
 }
 
 fn round_trip(engine: &str) {
-    let dir = TempDir::new(&format!("round-trip-{engine}"));
+    round_trip_in(&std::env::temp_dir(), engine);
+}
+
+fn round_trip_in(base: &std::path::Path, engine: &str) {
+    let dir = TempDir::new_in(base, &format!("round-trip-{engine}"));
     let image = dir.join("disk.raw");
     let mut model = create_image(&image, 8 * MIB, 1);
     let mut vubd = Vubd::start(
@@ -80,6 +84,17 @@ fn read_write_flush_round_trip_io_uring() {
 #[test]
 fn read_write_flush_round_trip_sync_engine() {
     round_trip("sync");
+}
+
+#[test]
+fn read_write_flush_round_trip_auto_engine_on_tmpfs() {
+    // Memory-backed files take the inline path of the default engine.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        round_trip_in(shm, "auto");
+    } else {
+        round_trip("auto");
+    }
 }
 
 #[test]

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
 
+use super::io::InlinePolicy;
+
 /// How to open a file node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FileOptions {
@@ -44,6 +46,8 @@ pub struct FileNode {
     size: u64,
     /// Alignment of memory buffers, offsets and lengths that direct I/O needs (1 when cached).
     direct_align: u64,
+    /// Whether transfers may complete inline in the queue thread.
+    inline: InlinePolicy,
     /// `FALLOC_FL_ZERO_RANGE` was refused once; fall back straight away from then on.
     no_zero_range: AtomicBool,
     /// `FALLOC_FL_PUNCH_HOLE` was refused once.
@@ -81,11 +85,19 @@ impl FileNode {
                 path: path.to_path_buf(),
             });
         };
+        let inline = if options.direct || meta.file_type().is_block_device() {
+            InlinePolicy::Never
+        } else if is_memory_backed(&file) {
+            InlinePolicy::Always
+        } else {
+            InlinePolicy::NoWait
+        };
         let mut node = FileNode {
             file,
             path: path.to_path_buf(),
             options,
             size,
+            inline,
             direct_align: 1,
             no_zero_range: AtomicBool::new(false),
             no_punch_hole: AtomicBool::new(false),
@@ -119,6 +131,11 @@ impl FileNode {
 
     pub fn is_direct(&self) -> bool {
         self.options.direct
+    }
+
+    /// How the I/O engine may complete this file's transfers inline.
+    pub fn inline_policy(&self) -> InlinePolicy {
+        self.inline
     }
 
     /// Alignment direct I/O needs for buffers, offsets and lengths (1 for cached files).
@@ -238,6 +255,25 @@ impl FileNode {
         }
         Ok(())
     }
+}
+
+/// Whether the file lives in memory (tmpfs, ramfs, hugetlbfs), where reads and writes are memory
+/// copies that never wait for a device.
+fn is_memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: an all-zero statfs is a valid value for fstatfs to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs through a pointer to a live one; the fd is owned by
+    // `file`.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    matches!(
+        st.f_type as i64,
+        TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC
+    )
 }
 
 /// `BLKGETSIZE64`: the size of a block device in bytes.

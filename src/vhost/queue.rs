@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bitmap::BitmapCursor;
 use crate::block::file::AlignedBuf;
-use crate::block::io::{self, Engine, Op};
+use crate::block::io::{self, Engine, InlinePolicy, Op};
 use crate::block::{Extent, GuestIo, HostZeroOp, IoTicket, Mapping, ZeroOp};
 use crate::virtio_blk::device::BlockDevice;
 use crate::virtio_blk::request::{self, GuestMemory, Request, RequestBuffers, RequestKind};
@@ -61,6 +61,8 @@ struct Slot {
 #[derive(Clone, Copy)]
 struct SlotOp {
     op: Op,
+    /// For transfers: whether the engine may complete it inline.
+    inline: InlinePolicy,
     /// Bytes a transfer moves.
     expected: u64,
     /// For fallocate operations: what it implements.
@@ -557,6 +559,7 @@ impl QueueWorker {
                     .op(iov);
                     let slot_op = SlotOp {
                         op,
+                        inline: node.inline_policy(),
                         expected: extent.len,
                         zero: None,
                     };
@@ -576,6 +579,7 @@ impl QueueWorker {
             }
             let op = SlotOp {
                 op: Op::Fdatasync { fd: file.fd() },
+                inline: InlinePolicy::Never,
                 expected: 0,
                 zero: None,
             };
@@ -611,6 +615,7 @@ impl QueueWorker {
             match mode {
                 Some(mode) => {
                     let op = SlotOp {
+                        inline: InlinePolicy::Never,
                         op: Op::Fallocate {
                             fd: file.fd(),
                             mode,
@@ -762,7 +767,15 @@ fn push_op(engine: &mut Engine, slot: &mut Slot, slot_index: u32, op: SlotOp) {
     slot.ops.push(op);
     // SAFETY: the op's pointers are iovecs in `slot.bufs` / `slot.split_iov` (not modified
     // until the slot completes) naming guest memory that `slot.mem` keeps mapped.
-    match unsafe { engine.push(op.op, user_data, false) } {
+    let pushed = match op.op {
+        // SAFETY: as above.
+        Op::Readv { .. } | Op::Writev { .. } => unsafe {
+            engine.push_transfer(op.op, user_data, op.inline)
+        },
+        // SAFETY: as above.
+        _ => unsafe { engine.push(op.op, user_data, false) },
+    };
+    match pushed {
         Ok(()) => slot.pending += 1,
         Err(e) => {
             log::warn!("cannot queue I/O: {e}");

@@ -22,9 +22,14 @@ pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
+        Self::new_in(&std::env::temp_dir(), name)
+    }
+
+    /// A scratch directory under `base` (e.g. /dev/shm, to test memory-backed files).
+    pub fn new_in(base: &Path, name: &str) -> TempDir {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("vubd-test-{}-{name}-{n}", std::process::id()));
+        let dir = base.join(format!("vubd-test-{}-{name}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)

@@ -41,12 +41,29 @@ pub enum Op {
     },
 }
 
+/// Whether a transfer may be done inline, in the queue thread, instead of asynchronously.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InlinePolicy {
+    /// Always asynchronous (direct I/O, block devices: the kernel would make the thread wait).
+    #[default]
+    Never,
+    /// Try without blocking first (`RWF_NOWAIT`): a page-cache hit completes inline, anything
+    /// that would wait goes to the asynchronous engine.
+    NoWait,
+    /// Always inline: memory-backed files (tmpfs), where a transfer is a memory copy and an
+    /// asynchronous hand-off only adds a thread hop.
+    Always,
+}
+
 /// Which engine to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
-    /// io_uring where the kernel allows it, else synchronous.
+    /// io_uring where the kernel allows it (else synchronous), with transfers the page cache
+    /// or memory can serve at once done inline.
     Auto,
+    /// Everything through io_uring.
     IoUring,
+    /// Everything synchronous.
     Sync,
 }
 
@@ -56,15 +73,58 @@ pub enum Engine {
     Sync(SyncEngine),
 }
 
+/// The full length of a transfer, if `op` is one.
+fn transfer_len(op: &Op) -> Option<usize> {
+    match *op {
+        Op::Readv { iov, iovcnt, .. } | Op::Writev { iov, iovcnt, .. } => {
+            // SAFETY: the caller of `push_transfer` guarantees the iovec array is valid.
+            let iovecs = unsafe { std::slice::from_raw_parts(iov, iovcnt as usize) };
+            Some(iovecs.iter().map(|v| v.iov_len).sum())
+        }
+        _ => None,
+    }
+}
+
+/// Try a transfer without blocking (`preadv2`/`pwritev2` with `RWF_NOWAIT`). Returns its
+/// result if it moved everything; `None` if it would have had to wait (or the file cannot
+/// say), leaving the caller to do it asynchronously. A partial write is harmless: the
+/// asynchronous retry writes the same bytes again.
+///
+/// # Safety
+/// Every pointer in `op` must be valid for the duration of the call.
+unsafe fn run_nowait(op: Op) -> Option<i32> {
+    let expected = transfer_len(&op)?;
+    // SAFETY: forwarded contract; the fds are plain integers the kernel checks.
+    let ret = unsafe {
+        match op {
+            Op::Readv {
+                fd,
+                offset,
+                iov,
+                iovcnt,
+            } => libc::preadv2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT),
+            Op::Writev {
+                fd,
+                offset,
+                iov,
+                iovcnt,
+            } => libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT),
+            _ => return None,
+        }
+    };
+    (ret >= 0 && ret as usize == expected).then_some(ret as i32)
+}
+
 impl Engine {
     /// An engine with room for `depth` operations in flight. An asynchronous engine signals
     /// `completion_fd` (an eventfd) when operations complete.
     pub fn new(kind: EngineKind, depth: u32, completion_fd: RawFd) -> io::Result<Engine> {
         match kind {
             EngineKind::Sync => Ok(Engine::Sync(SyncEngine::new())),
-            EngineKind::IoUring => {
-                UringEngine::new(depth, completion_fd).map(|e| Engine::Uring(Box::new(e)))
-            }
+            EngineKind::IoUring => UringEngine::new(depth, completion_fd).map(|mut e| {
+                e.allow_inline = false;
+                Engine::Uring(Box::new(e))
+            }),
             EngineKind::Auto => match UringEngine::new(depth, completion_fd) {
                 Ok(engine) => Ok(Engine::Uring(Box::new(engine))),
                 Err(e) => {
@@ -86,6 +146,43 @@ impl Engine {
             Engine::Uring(e) => unsafe { e.push(op, user_data, link) },
             // SAFETY: forwarded contract.
             Engine::Sync(e) => unsafe { e.push(op, user_data, link) },
+        }
+    }
+
+    /// Queue a read or write, completing it inline when `policy` allows and it can be done
+    /// without waiting; other operations go through [`Engine::push`].
+    ///
+    /// # Safety
+    /// As for [`Engine::push`].
+    pub unsafe fn push_transfer(
+        &mut self,
+        op: Op,
+        user_data: u64,
+        policy: InlinePolicy,
+    ) -> io::Result<()> {
+        let Engine::Uring(e) = self else {
+            // SAFETY: forwarded contract.
+            return unsafe { self.push(op, user_data, false) };
+        };
+        let policy = if e.allow_inline {
+            policy
+        } else {
+            InlinePolicy::Never
+        };
+        let inline = match policy {
+            InlinePolicy::Never => None,
+            // SAFETY: forwarded contract.
+            InlinePolicy::NoWait => unsafe { run_nowait(op) },
+            // SAFETY: forwarded contract.
+            InlinePolicy::Always => Some(unsafe { run_sync(op) }),
+        };
+        match inline {
+            Some(result) => {
+                e.complete_inline(user_data, result);
+                Ok(())
+            }
+            // SAFETY: forwarded contract.
+            None => unsafe { e.push(op, user_data, false) },
         }
     }
 

@@ -1,5 +1,6 @@
 //! The io_uring engine.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 
@@ -11,6 +12,10 @@ use super::Op;
 pub struct UringEngine {
     ring: IoUring,
     in_flight: usize,
+    /// Operations completed inline, reaped before the ring's completions.
+    inline_done: VecDeque<(u64, i32)>,
+    /// Whether transfers may complete inline at all.
+    pub(super) allow_inline: bool,
 }
 
 impl UringEngine {
@@ -19,7 +24,12 @@ impl UringEngine {
     pub fn new(depth: u32, completion_fd: RawFd) -> io::Result<Self> {
         let ring = IoUring::new(depth.clamp(8, 4096))?;
         ring.submitter().register_eventfd(completion_fd)?;
-        Ok(UringEngine { ring, in_flight: 0 })
+        Ok(UringEngine {
+            ring,
+            in_flight: 0,
+            inline_done: VecDeque::new(),
+            allow_inline: true,
+        })
     }
 
     /// Queue `op`, submitting what is queued first if the submission ring is full.
@@ -72,6 +82,12 @@ impl UringEngine {
         Ok(())
     }
 
+    /// Record an operation the caller completed inline.
+    pub fn complete_inline(&mut self, user_data: u64, result: i32) {
+        self.inline_done.push_back((user_data, result));
+        self.in_flight += 1;
+    }
+
     pub fn submit(&mut self) -> io::Result<()> {
         loop {
             match self.ring.submit() {
@@ -85,6 +101,10 @@ impl UringEngine {
     }
 
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) {
+        while let Some((user_data, result)) = self.inline_done.pop_front() {
+            self.in_flight -= 1;
+            f(user_data, result);
+        }
         let mut completion = self.ring.completion();
         completion.sync();
         for cqe in &mut completion {
@@ -95,7 +115,7 @@ impl UringEngine {
 
     /// Block until a completion is ready, if anything is in flight.
     pub fn wait(&mut self) -> io::Result<()> {
-        if self.in_flight == 0 {
+        if self.in_flight == 0 || !self.inline_done.is_empty() {
             return Ok(());
         }
         match self.ring.submit_and_wait(1) {
