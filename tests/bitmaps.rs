@@ -631,6 +631,16 @@ fn qmp_protocol_shapes() {
 
 #[test]
 fn checkpoints_under_load_lose_no_write() {
+    checkpoints_under_load(&[]);
+}
+
+#[test]
+fn checkpoints_under_load_lose_no_write_with_busy_polling() {
+    // A polling queue must still let the write gate close and drain.
+    checkpoints_under_load(&["--poll-us", "500"]);
+}
+
+fn checkpoints_under_load(extra: &[&str]) {
     use blkio::ReqFlags;
     use std::mem::MaybeUninit;
 
@@ -638,10 +648,9 @@ fn checkpoints_under_load_lose_no_write() {
     raw_with_metadata(&dir, 64 << 20);
     vubd_bitmap(&dir, &["add", "cp0"]);
     let control = dir.join("qmp.sock");
-    let mut vubd = serve(
-        &dir,
-        &["--control", control.to_str().unwrap(), "--num-queues", "2"],
-    );
+    let mut args = vec!["--control", control.to_str().unwrap(), "--num-queues", "2"];
+    args.extend_from_slice(extra);
+    let mut vubd = serve(&dir, &args);
     let mut client = BlkioClient::connect(&vubd.socket, 2).unwrap();
     let base = client.buf(0).as_mut_ptr() as usize;
     let per_queue = BlkioClient::BUF;

@@ -420,7 +420,31 @@ fn indirect_descriptors_are_followed() {
 
 #[test]
 fn a_looping_chain_or_a_broken_ring_does_not_hang_the_daemon() {
-    let s = setup("loop", &[]);
+    broken_rings(&[]);
+}
+
+#[test]
+fn a_broken_ring_does_not_keep_a_polling_queue_spinning() {
+    broken_rings(&["--poll-us", "1000"]);
+}
+
+/// CPU time (user + system) the process has used.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+fn broken_rings(extra: &[&str]) {
+    let s = setup("loop", extra);
     {
         let mut fe = s.frontend();
         // Descriptor 0 chains to itself forever.
@@ -435,6 +459,15 @@ fn a_looping_chain_or_a_broken_ring_does_not_hang_the_daemon() {
         assert!(fe.wait_used_for(Duration::from_millis(300)).is_none());
         fe.set_avail_idx(1000);
         assert!(fe.wait_used_for(Duration::from_millis(300)).is_none());
+        // The queue waits for the next kick rather than spinning on the ring: a spinning
+        // thread would use the whole second (or, on a crowded machine, a good share of it).
+        let before = cpu_time(s.vubd.pid());
+        std::thread::sleep(Duration::from_secs(1));
+        let used = cpu_time(s.vubd.pid()) - before;
+        assert!(
+            used < Duration::from_millis(200),
+            "vubd used {used:?} of CPU while idle"
+        );
     }
     // The daemon is alive and serves the next frontend.
     let mut client = BlkioClient::connect(&s.vubd.socket, 1).unwrap();

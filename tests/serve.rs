@@ -27,17 +27,16 @@ fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
 }
 
 fn round_trip(engine: &str) {
-    round_trip_in(&std::env::temp_dir(), engine);
+    round_trip_in(&std::env::temp_dir(), engine, &[]);
 }
 
-fn round_trip_in(base: &std::path::Path, engine: &str) {
+fn round_trip_in(base: &std::path::Path, engine: &str, extra: &[&str]) {
     let dir = TempDir::new_in(base, &format!("round-trip-{engine}"));
     let image = dir.join("disk.raw");
     let mut model = create_image(&image, 8 * MIB, 1);
-    let mut vubd = Vubd::start(
-        &dir.join("vubd.sock"),
-        &["--image", image.to_str().unwrap(), "--io-engine", engine],
-    );
+    let mut args = vec!["--image", image.to_str().unwrap(), "--io-engine", engine];
+    args.extend_from_slice(extra);
+    let mut vubd = Vubd::start(&dir.join("vubd.sock"), &args);
     let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
     assert_eq!(client.capacity(), 8 * MIB as u64);
 
@@ -89,11 +88,21 @@ fn read_write_flush_round_trip_sync_engine() {
 #[test]
 fn read_write_flush_round_trip_auto_engine_on_tmpfs() {
     // Memory-backed files take the inline path of the default engine.
+    round_trip_in(&memory_backed_dir(), "auto", &[]);
+}
+
+#[test]
+fn read_write_flush_round_trip_busy_polling() {
+    round_trip_in(&memory_backed_dir(), "auto", &["--poll-us", "100"]);
+    round_trip_in(&std::env::temp_dir(), "io-uring", &["--poll-us", "100"]);
+}
+
+fn memory_backed_dir() -> std::path::PathBuf {
     let shm = std::path::Path::new("/dev/shm");
     if shm.is_dir() {
-        round_trip_in(shm, "auto");
+        shm.to_path_buf()
     } else {
-        round_trip("auto");
+        std::env::temp_dir()
     }
 }
 
@@ -153,15 +162,23 @@ fn discard_and_write_zeroes() {
 
 #[test]
 fn concurrent_random_writes_over_two_queues_then_verify() {
+    concurrent_random_writes(&[]);
+}
+
+#[test]
+fn concurrent_random_writes_over_two_busy_polling_queues() {
+    concurrent_random_writes(&["--poll-us", "200"]);
+}
+
+fn concurrent_random_writes(extra: &[&str]) {
     const CHUNK: u64 = 64 * 1024;
     const DISK: usize = 32 * MIB;
     let dir = TempDir::new("concurrent");
     let image = dir.join("disk.raw");
     let mut model = create_image(&image, DISK, 4);
-    let mut vubd = Vubd::start(
-        &dir.join("s"),
-        &["--image", image.to_str().unwrap(), "--num-queues", "2"],
-    );
+    let mut args = vec!["--image", image.to_str().unwrap(), "--num-queues", "2"];
+    args.extend_from_slice(extra);
+    let mut vubd = Vubd::start(&dir.join("s"), &args);
     let mut client = BlkioClient::connect(&vubd.socket, 2).unwrap();
     let chunks = DISK as u64 / CHUNK;
 

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -26,6 +27,9 @@ pub struct DeviceOptions {
     /// Refuse writes (`--readonly`).
     pub read_only: bool,
     pub engine: EngineKind,
+    /// How long a queue thread keeps busy-polling its ring and I/O completions after the last
+    /// work it found, instead of sleeping until the next notification (`--poll-us`).
+    pub poll: Option<Duration>,
     /// Node names for the control socket.
     pub node_names: NodeNames,
 }
@@ -194,6 +198,10 @@ impl BlockDevice {
 
     pub fn engine(&self) -> EngineKind {
         self.options.engine
+    }
+
+    pub fn poll_window(&self) -> Option<Duration> {
+        self.options.poll
     }
 
     /// Make everything written so far durable: metadata, then every file.

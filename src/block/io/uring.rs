@@ -89,6 +89,14 @@ impl UringEngine {
     }
 
     pub fn submit(&mut self) -> io::Result<()> {
+        {
+            let sq = self.ring.submission();
+            // Nothing queued and no completions held back by the kernel: entering the kernel
+            // would be a wasted system call on every wake-up.
+            if sq.is_empty() && !sq.cq_overflow() && !sq.taskrun() {
+                return Ok(());
+            }
+        }
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
