@@ -216,8 +216,11 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        // Nothing to clear is fine: the counter only coalesces wake-ups.
-        let _ = self.wake.read();
+        if !kick {
+            // Clear the wake-up being handled (a level-triggered epoll reports it until then);
+            // a kick leaves it alone, saving a system call per request.
+            let _ = self.wake.read();
+        }
         let mut state = vring.get_mut();
         self.run_deferred(&mut state);
         if kick || std::mem::take(&mut self.resume) {
