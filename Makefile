@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run test deps lint unit clean
+.PHONY: all build run test bench deps lint clean
 
 all: build
 
@@ -23,6 +23,12 @@ lint:
 # Linux guest under QEMU (required here, not skipped).
 test: deps lint
 	VUBD_REQUIRE_GUEST=1 $(CARGO) test --all-targets
+
+# vubd against qemu-storage-daemon, side by side; writes docs/benchmarks.md and its chart.
+# Options through BENCH_ARGS, e.g. BENCH_ARGS="--dir /var/tmp --cache none" for a real disk.
+BENCH_ARGS ?=
+bench: deps build
+	$(CARGO) run --release --example bench -- $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

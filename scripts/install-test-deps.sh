@@ -1,10 +1,12 @@
 #!/bin/sh
-# Install, through apt, the Debian packages the tests need and the machine lacks.
+# Install, through apt, the Debian packages the tests and `make bench` need and the
+# machine lacks.
 #   qemu-utils          qemu-img / qemu-io / qemu-nbd / qemu-storage-daemon 10: the reference
 #   qemu-system-x86     boots the Linux test guest (vhost-user-blk-pci)
 #   linux-image-cloud-amd64, busybox-static   the test guest's kernel and userland
 #   fio                 the guest's I/O verifier
 #   libnbd-bin          nbdinfo, to read dirty bitmaps independently
+#   fonts-dejavu-core   the font `make bench` draws its chart with
 #
 # QEMU comes from bookworm-backports (10.0): the oracle tests rely on qemu-img 10, and
 # bookworm's qemu-system-x86 7.2 would replace it with 7.2 (the packages must match).
@@ -22,7 +24,7 @@ for p in qemu-utils qemu-system-x86; do
     version_ok "$p" "1:10" || backports="$backports $p"
 done
 main=""
-for p in linux-image-cloud-amd64 busybox-static fio libnbd-bin; do
+for p in linux-image-cloud-amd64 busybox-static fio libnbd-bin fonts-dejavu-core; do
     dpkg -s "$p" >/dev/null 2>&1 || main="$main $p"
 done
 [ -z "$backports$main" ] && exit 0
