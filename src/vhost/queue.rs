@@ -8,6 +8,7 @@
 //! the iovecs the kernel reads or writes, and the count of operations still in flight.
 
 use std::collections::VecDeque;
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,6 +33,10 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 /// Requests popped per wake-up before the worker yields to its other events. A guest that keeps
 /// its queue full cannot keep the thread from completing requests or serving a shutdown.
 const MAX_REQUESTS_PER_WAKEUP: usize = 256;
+
+/// A pass over at least this many available requests hands the first half back as soon as it
+/// is done (see [`QueueWorker::publish_done`]).
+const SPLIT_BATCHES_FROM: usize = 4;
 
 /// Longest a busy-polling worker keeps its queue before going back to its event loop, so that
 /// a guest that never lets the queue go idle cannot keep the control path (which stops queues
@@ -322,6 +327,7 @@ impl QueueWorker {
         loop {
             // Errors here mean the guest put the ring outside its memory; popping fails too.
             let _ = state.get_queue_mut().disable_notification(&*mem);
+            let publish_at = self.publish_point(state, &mem);
             let mut popped = 0;
             while budget > 0 && !self.free.is_empty() {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
@@ -340,6 +346,9 @@ impl QueueWorker {
                 popped += 1;
                 total += 1;
                 self.start_request(chain, &mem, state);
+                if popped == publish_at && self.engine.done_inline_bytes() > 0 {
+                    self.publish_done(state);
+                }
             }
             if popped == 0 {
                 empty_passes += 1;
@@ -401,6 +410,44 @@ impl QueueWorker {
                 log::error!("queue {}: submitting I/O: {e}", self.index);
             }
         }
+    }
+
+    /// After how many requests of this pass to hand the finished ones back early: half of
+    /// what the driver has made available, when that is a batch worth splitting. (Measured
+    /// against no split, quarters and eighths: halves gave the most IOPS at 4k depth 32 and
+    /// 64k depth 8; more notifications cost more than the overlap gains.)
+    fn publish_point(
+        &self,
+        state: &VringState<GuestMemoryAtomic<GuestMemory>>,
+        mem: &GuestMemory,
+    ) -> usize {
+        let queue = state.get_queue();
+        let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) else {
+            return usize::MAX;
+        };
+        let available = usize::from((avail - Wrapping(queue.next_avail())).0);
+        if available >= SPLIT_BATCHES_FROM {
+            available / 2
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// Put the requests finished so far on the used ring and notify the driver, in the middle
+    /// of a pass over the available ring. A pass of inline copies can take a while (eight
+    /// 64 KiB requests are ~100 µs of copying); handing back finished requests early lets the
+    /// driver refill the ring while the rest is copied, so the queue does not run dry and
+    /// sleep between batches. Transfers in flight in io_uring are not waited for.
+    fn publish_done(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.clear();
+        self.engine
+            .reap(|user_data, result| completions.push((user_data, result)));
+        for &(user_data, result) in &completions {
+            self.complete_op(user_data, result, state);
+        }
+        self.completions = completions;
+        self.notify_guest(state);
     }
 
     fn notify_guest(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {

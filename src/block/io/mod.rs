@@ -203,6 +203,15 @@ impl Engine {
         }
     }
 
+    /// Bytes moved by transfers done in the calling thread whose results are not reaped yet:
+    /// work the caller has finished but not yet handed back.
+    pub fn done_inline_bytes(&self) -> u64 {
+        match self {
+            Engine::Uring(e) => e.inline_bytes(),
+            Engine::Sync(e) => e.done_bytes(),
+        }
+    }
+
     /// Block until at least one completion is ready, if any operation is in flight.
     pub fn wait(&mut self) -> io::Result<()> {
         match self {

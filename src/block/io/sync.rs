@@ -11,6 +11,8 @@ pub struct SyncEngine {
     done: VecDeque<(u64, i32)>,
     /// The previous operation was linked and failed: cancel the next one, as io_uring does.
     cancel_next: bool,
+    /// Bytes moved by the operations in `done`.
+    done_bytes: u64,
 }
 
 impl SyncEngine {
@@ -30,11 +32,18 @@ impl SyncEngine {
             unsafe { run_sync(op) }
         };
         self.cancel_next = link && result < 0;
+        self.done_bytes += u64::try_from(result).unwrap_or(0);
         self.done.push_back((user_data, result));
         Ok(())
     }
 
+    /// Bytes moved by operations run and not yet reaped.
+    pub fn done_bytes(&self) -> u64 {
+        self.done_bytes
+    }
+
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) {
+        self.done_bytes = 0;
         while let Some((user_data, result)) = self.done.pop_front() {
             f(user_data, result);
         }

@@ -16,6 +16,8 @@ pub struct UringEngine {
     inline_done: VecDeque<(u64, i32)>,
     /// Whether transfers may complete inline at all.
     pub(super) allow_inline: bool,
+    /// Bytes moved by the operations in `inline_done`.
+    inline_bytes: u64,
 }
 
 impl UringEngine {
@@ -29,6 +31,7 @@ impl UringEngine {
             in_flight: 0,
             inline_done: VecDeque::new(),
             allow_inline: true,
+            inline_bytes: 0,
         })
     }
 
@@ -85,7 +88,13 @@ impl UringEngine {
     /// Record an operation the caller completed inline.
     pub fn complete_inline(&mut self, user_data: u64, result: i32) {
         self.inline_done.push_back((user_data, result));
+        self.inline_bytes += u64::try_from(result).unwrap_or(0);
         self.in_flight += 1;
+    }
+
+    /// Bytes moved by operations completed inline and not yet reaped.
+    pub fn inline_bytes(&self) -> u64 {
+        self.inline_bytes
     }
 
     pub fn submit(&mut self) -> io::Result<()> {
@@ -109,6 +118,7 @@ impl UringEngine {
     }
 
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) {
+        self.inline_bytes = 0;
         while let Some((user_data, result)) = self.inline_done.pop_front() {
             self.in_flight -= 1;
             f(user_data, result);
