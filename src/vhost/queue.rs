@@ -390,16 +390,7 @@ impl QueueWorker {
     fn run_completions(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) -> bool {
         let mut any = false;
         loop {
-            let mut completions = std::mem::take(&mut self.completions);
-            completions.clear();
-            self.engine
-                .reap(|user_data, result| completions.push((user_data, result)));
-            let reaped = !completions.is_empty();
-            for &(user_data, result) in &completions {
-                self.complete_op(user_data, result, state);
-            }
-            self.completions = completions;
-            if !reaped {
+            if !self.complete_ready(state) {
                 return any;
             }
             any = true;
@@ -439,6 +430,13 @@ impl QueueWorker {
     /// driver refill the ring while the rest is copied, so the queue does not run dry and
     /// sleep between batches. Transfers in flight in io_uring are not waited for.
     fn publish_done(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
+        self.complete_ready(state);
+        self.notify_guest(state);
+    }
+
+    /// Finish every operation the engine has ready (follow-up operations are pushed, not
+    /// submitted). Returns whether there was any.
+    fn complete_ready(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) -> bool {
         let mut completions = std::mem::take(&mut self.completions);
         completions.clear();
         self.engine
@@ -446,8 +444,9 @@ impl QueueWorker {
         for &(user_data, result) in &completions {
             self.complete_op(user_data, result, state);
         }
+        let any = !completions.is_empty();
         self.completions = completions;
-        self.notify_guest(state);
+        any
     }
 
     fn notify_guest(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {

@@ -172,11 +172,21 @@ impl RawFrontend {
 
     /// Make `head` available and kick.
     pub fn push_avail(&mut self, head: u16) {
+        self.add_avail(head);
+        self.publish_avail();
+    }
+
+    /// Put `head` in the next avail ring slot, not yet visible to the device.
+    fn add_avail(&mut self, head: u16) {
         let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % self.queue_size);
         self.mem
             .write_obj(head.to_le(), GuestAddress(slot))
             .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Make every added slot visible with one index update, and kick once.
+    fn publish_avail(&mut self) {
         self.mem
             .store(
                 self.avail_idx.to_le(),
@@ -198,6 +208,23 @@ impl RawFrontend {
 
     /// Put `chain` on the ring as a linked list of descriptors; returns the head index.
     pub fn submit(&mut self, chain: &[Desc]) -> u16 {
+        let head = self.write_chain(chain);
+        self.push_avail(head);
+        head
+    }
+
+    /// Make all `chains` available at once, with one index update and one kick, as a driver
+    /// batching its requests does.
+    pub fn submit_batch(&mut self, chains: &[Vec<Desc>]) {
+        for chain in chains {
+            let head = self.write_chain(chain);
+            self.add_avail(head);
+        }
+        self.publish_avail();
+    }
+
+    /// Write `chain` into the descriptor table; returns its head index.
+    fn write_chain(&mut self, chain: &[Desc]) -> u16 {
         let head = self.next_desc;
         for (i, d) in chain.iter().enumerate() {
             let index = (head + i as u16) % self.queue_size;
@@ -210,8 +237,28 @@ impl RawFrontend {
             self.write_desc(index, d.addr, d.len, flags, next);
         }
         self.next_desc = (head + chain.len() as u16) % self.queue_size;
-        self.push_avail(head);
         head
+    }
+
+    /// Wait until the device has used `count` more elements, leaving notifications unread.
+    pub fn wait_used_count(&mut self, count: u16) {
+        let target = self.used_seen.wrapping_add(count);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while u16::from_le(
+            self.mem
+                .load::<u16>(GuestAddress(USED + 2), Ordering::Acquire)
+                .unwrap(),
+        ) != target
+        {
+            assert!(Instant::now() < deadline, "requests not used within 10 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.used_seen = target;
+    }
+
+    /// How many times the device signalled the call eventfd since the last look.
+    pub fn take_notifications(&mut self) -> u64 {
+        self.call.read().unwrap_or(0)
     }
 
     /// Wait for the next used element, up to `timeout`.
