@@ -18,6 +18,32 @@ pub enum SocketError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// Check that a socket can be created at `path`: nothing is there, or a stale socket
+/// (nobody listening; returns true). A live socket, or a file that is not a socket, is an
+/// error naming `option`. Serving checks this before opening (and locking) its images, so a
+/// second daemon started by mistake is told about the socket, the thing it got wrong.
+pub fn check_free(path: &Path, option: &'static str) -> Result<bool, SocketError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(SocketError::NotASocket {
+            path: path.to_path_buf(),
+            option,
+        }),
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => Err(SocketError::InUse {
+                path: path.to_path_buf(),
+                option,
+            }),
+            // Nobody listens: a stale socket left by a process that died.
+            Err(_) => Ok(true),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(SocketError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
 /// Create a listening socket at `path` with permission bits `mode`. A stale socket (nobody
 /// listening) is replaced; a live one, or a file that is not a socket, is an error naming
 /// `option`.
@@ -30,25 +56,8 @@ pub fn bind_unix(
         path: path.to_path_buf(),
         source,
     };
-    match fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(SocketError::NotASocket {
-                path: path.to_path_buf(),
-                option,
-            })
-        }
-        Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(SocketError::InUse {
-                    path: path.to_path_buf(),
-                    option,
-                })
-            }
-            // Nobody listens: a stale socket left by a process that died.
-            Err(_) => fs::remove_file(path).map_err(io_err)?,
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(e)),
+    if check_free(path, option)? {
+        fs::remove_file(path).map_err(io_err)?;
     }
     // Create the socket with no permissions beyond the owner's, then widen as asked, so that it
     // is never reachable by others in between.

@@ -670,3 +670,85 @@ fn images_go_back_and_forth_with_qemu_storage_daemon() {
         "the raw data file is the disk"
     );
 }
+
+#[test]
+fn images_are_locked_against_qemu_and_other_vubd_processes() {
+    let dir = TempDir::new("locking");
+    let disk = dir.join("disk.raw");
+    create_image(&disk, 16 * MIB, 13);
+    let meta = dir.join("meta.qcow2");
+    let (meta_s, disk_s) = (meta.to_str().unwrap(), disk.to_str().unwrap());
+    vubd_ok(&["create", meta_s, "--data-file", disk_s]);
+    let in_use = |out: &str| out.contains("in use by another process");
+
+    // vubd writes: QEMU's tools and other vubd processes keep off both files.
+    let mut vubd = Vubd::start(
+        &dir.join("a.sock"),
+        &["--image", meta_s, "--format", "qcow2"],
+    );
+    let (code, out) = try_run_in(dir.path(), "qemu-img", &["info", "meta.qcow2"]);
+    assert!(code != 0 && out.contains("lock"), "qemu-img info: {out}");
+    let (code, out) = try_run_in(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", "-c", "write 0 4k", "disk.raw"],
+    );
+    assert!(
+        code != 0 && out.contains("lock"),
+        "qemu-io on the data file: {out}"
+    );
+    let out = serve_fails(&dir, &meta, &[]);
+    assert!(in_use(&out), "a second vubd: {out}");
+    let (code, _, out) = run_vubd(&["bitmap", meta_s, "add", "b"]);
+    assert!(code != 0 && in_use(&out), "bitmap add: {out}");
+    let (code, _, out) = run_vubd(&["bitmap", meta_s, "-U", "add", "b"]);
+    assert!(
+        code != 0 && out.contains("only goes with list and dump"),
+        "{out}"
+    );
+    let (code, _, out) = run_vubd(&["check", meta_s]);
+    assert!(code != 0 && in_use(&out), "check: {out}");
+    // Read-only looks are allowed when asked for.
+    let (code, out) = try_run_in(dir.path(), "qemu-img", &["info", "-U", "meta.qcow2"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(run_vubd(&["check", "-U", meta_s]).0, 0);
+    assert_eq!(run_vubd(&["bitmap", meta_s, "list", "-U"]).0, 0);
+    vubd.stop();
+    // Released on exit.
+    qemu_img(dir.path(), &["info", "meta.qcow2"]);
+
+    // Readers share with readers.
+    let ro = ["--image", meta_s, "--format", "qcow2", "--readonly"];
+    let mut first = Vubd::start(&dir.join("r1.sock"), &ro);
+    let mut second = Vubd::start(&dir.join("r2.sock"), &ro);
+    qemu_img(dir.path(), &["info", "meta.qcow2"]);
+    let out = serve_fails(&dir, &meta, &[]);
+    assert!(in_use(&out), "a writer next to readers: {out}");
+    first.stop();
+    second.stop();
+
+    // qemu-storage-daemon writes: vubd refuses, unless told not to lock.
+    let sock = dir.join("qsd.sock");
+    let qsd = Qsd::start(
+        dir.path(),
+        &sock,
+        &qsd_args(meta_s, Some(disk_s), &sock, true),
+    );
+    let out = serve_fails(&dir, &meta, &[]);
+    assert!(in_use(&out), "vubd next to qemu-storage-daemon: {out}");
+    let mut unlocked = Vubd::start(
+        &dir.join("u.sock"),
+        &[
+            "--image",
+            meta_s,
+            "--format",
+            "qcow2",
+            "--readonly",
+            "--locking",
+            "off",
+        ],
+    );
+    unlocked.stop();
+    drop(qsd);
+    assert_check_clean(dir.path(), "meta.qcow2");
+}

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 
 use super::io::InlinePolicy;
+use super::lock::{self, LockError, LockRequest};
 
 /// How to open a file node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,6 +22,9 @@ pub struct FileOptions {
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`), as `--cache none` asks.
     pub direct: bool,
+    /// Lock the file against conflicting users, QEMU's way (none: a second descriptor of a
+    /// file this process already holds, or locking turned off).
+    pub lock: Option<LockRequest>,
 }
 
 /// Errors opening a file node. Each names the file.
@@ -35,6 +39,12 @@ pub enum FileError {
         path.display()
     )]
     NoDirectIo { path: PathBuf },
+    #[error(
+        "{}: in use by another process ({what}); stop it first, or override with \
+         'vubd serve --locking off' or a read-only '-U' (--force-share)",
+        path.display()
+    )]
+    Locked { path: PathBuf, what: String },
 }
 
 /// An open host file.
@@ -75,6 +85,15 @@ impl FileNode {
             }
             Err(e) => return Err(err(e)),
         };
+        if let Some(request) = options.lock {
+            lock::acquire(&file, path, request).map_err(|e| match e {
+                LockError::Conflict { what } => FileError::Locked {
+                    path: path.to_path_buf(),
+                    what,
+                },
+                LockError::Io(e) => err(e),
+            })?;
+        }
         let meta = file.metadata().map_err(err)?;
         let size = if meta.file_type().is_block_device() {
             block_device_size(&file).map_err(err)?
@@ -352,7 +371,7 @@ mod tests {
     fn directories_are_refused() {
         let options = FileOptions {
             read_only: true,
-            direct: false,
+            ..FileOptions::default()
         };
         let err = FileNode::open(Path::new("/"), options).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");

@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod io;
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 
@@ -323,6 +324,26 @@ pub struct OpenOptions {
     pub l2_cache_bytes: Option<u64>,
     /// qcow2: open an image marked corrupt read-write, to repair it.
     pub repair: bool,
+    /// Whether the files are locked against conflicting users, as QEMU locks them.
+    pub locking: Locking,
+}
+
+/// Image locking (QEMU's `locking=on|off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Locking {
+    /// Lock every file the graph opens: writers exclude other writers and readers, readers
+    /// exclude writers.
+    #[default]
+    On,
+    /// Take no locks and check none (another process may be writing the image).
+    Off,
+}
+
+impl OpenOptions {
+    /// The lock a file opened with these options takes.
+    pub fn lock_request(&self) -> Option<lock::LockRequest> {
+        (self.locking == Locking::On).then(|| lock::LockRequest::for_access(self.read_only))
+    }
 }
 
 /// Open `path` as a format node of `format` over a `file` protocol node.
@@ -338,6 +359,7 @@ pub fn open_image(
                 FileOptions {
                     read_only: options.read_only,
                     direct: options.direct,
+                    lock: options.lock_request(),
                 },
             )?;
             Ok(Arc::new(raw::RawNode::new(Arc::new(file))))

@@ -9,7 +9,7 @@ use serde_json::json;
 use super::{parse_size, Failure};
 use crate::bitmap::{Action, BitmapManager, WriteGate};
 use crate::block::qcow2::Qcow2Node;
-use crate::block::{BlockDriver, OpenOptions};
+use crate::block::{BlockDriver, Locking, OpenOptions};
 
 #[derive(Debug, Args)]
 pub struct BitmapArgs {
@@ -18,6 +18,10 @@ pub struct BitmapArgs {
     /// The external data file, if the image's stored name cannot be followed.
     #[arg(long, value_name = "PATH", global = true)]
     data_file: Option<PathBuf>,
+    /// list and dump: read even if another process is writing the image (like qemu-img's
+    /// -U; what is read may be stale).
+    #[arg(short = 'U', long, global = true)]
+    force_share: bool,
     #[command(subcommand)]
     op: Op,
 }
@@ -63,12 +67,24 @@ enum Op {
 
 pub fn run(args: BitmapArgs) -> Result<i32, Failure> {
     let read_only = matches!(args.op, Op::List { .. } | Op::Dump { .. });
+    if args.force_share && !read_only {
+        return Err(
+            "--force-share (-U) only goes with list and dump: changing the bitmaps of \
+                    an image another process is writing would corrupt it"
+                .into(),
+        );
+    }
     let node = Arc::new(
         Qcow2Node::open(
             &args.image,
             &OpenOptions {
                 read_only,
                 data_file: args.data_file.clone(),
+                locking: if args.force_share {
+                    Locking::Off
+                } else {
+                    Locking::On
+                },
                 ..OpenOptions::default()
             },
         )

@@ -11,7 +11,7 @@ use crate::block::qcow2::check::{self, CheckReport};
 use crate::block::qcow2::create::{self, CreateOptions};
 use crate::block::qcow2::header::{self, compatible, extension, incompatible, Header};
 use crate::block::qcow2::Qcow2Node;
-use crate::block::OpenOptions;
+use crate::block::{Locking, OpenOptions};
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -49,6 +49,10 @@ pub struct CheckArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Check even if another process is writing the image (like qemu-img's -U; the result
+    /// may then be inconsistent). Not with --repair.
+    #[arg(short = 'U', long, conflicts_with = "repair")]
+    force_share: bool,
 }
 
 pub fn create(args: CreateArgs) -> Result<i32, Failure> {
@@ -227,6 +231,11 @@ pub fn check(args: CheckArgs) -> Result<i32, Failure> {
         read_only: !args.repair,
         repair: args.repair,
         data_file: args.data_file.clone(),
+        locking: if args.force_share {
+            Locking::Off
+        } else {
+            Locking::On
+        },
         ..OpenOptions::default()
     };
     let node = Qcow2Node::open(&args.image, &options).map_err(|e| Failure {

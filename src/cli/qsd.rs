@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use super::serve::ServeSpec;
 use super::Failure;
-use crate::block::{BackingChoice, Format, NodeNames, OpenOptions};
+use crate::block::{BackingChoice, Format, Locking, NodeNames, OpenOptions};
 use crate::vhost::daemon::SocketOptions;
 
 type Opts = BTreeMap<String, String>;
@@ -182,6 +182,8 @@ struct FileSpec {
     filename: PathBuf,
     direct: bool,
     read_only: bool,
+    /// `locking=off`: take no image locks.
+    no_locking: bool,
     node_name: Option<String>,
 }
 
@@ -231,9 +233,17 @@ impl Graph {
             .ok_or_else(|| fail(format!("{what}: filename is required")))?;
         let direct = t.take_bool("cache.direct")?.unwrap_or(false);
         let read_only = t.take_bool("read-only")?.unwrap_or(false);
+        let no_locking = match t.take("locking").as_deref() {
+            None | Some("on") | Some("auto") => false,
+            Some("off") => true,
+            Some(v) => {
+                return Err(fail(format!(
+                    "{what}: locking={v}: expected on, off or auto"
+                )))
+            }
+        };
         t.ignore(&[
             "aio",
-            "locking",
             "discard",
             "cache.no-flush",
             "detect-zeroes",
@@ -244,6 +254,7 @@ impl Graph {
             filename: PathBuf::from(filename),
             direct,
             read_only,
+            no_locking,
             node_name: node.opts.get("node-name").cloned(),
         })
     }
@@ -392,6 +403,9 @@ pub fn parse(
             let f = graph.file(&node)?;
             open.direct = f.direct;
             open.read_only |= f.read_only;
+            if f.no_locking {
+                open.locking = Locking::Off;
+            }
             (f.filename, Format::Raw)
         }
         "raw" | "qcow2" => {
@@ -404,6 +418,10 @@ pub fn parse(
                 .ok_or_else(|| fail(format!("{what}: file is required")))?;
             open.direct = file.direct;
             open.read_only |= file.read_only;
+            if file.no_locking {
+                // One setting for the whole graph: off if any of its files asks for it.
+                open.locking = Locking::Off;
+            }
             if let Some(name) = &file.node_name {
                 node_names.file = name.clone();
             }
@@ -411,6 +429,9 @@ pub fn parse(
                 if let Some(data) = graph.format_child_file(&mut t, "data-file")? {
                     if let Some(name) = &data.node_name {
                         node_names.data_file = Some(name.clone());
+                    }
+                    if data.no_locking {
+                        open.locking = Locking::Off;
                     }
                     open.data_file = Some(data.filename);
                 }

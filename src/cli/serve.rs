@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::{qsd, Failure};
 use crate::block::io::EngineKind;
-use crate::block::{open_image, BackingChoice, Format, NodeNames, OpenOptions};
+use crate::block::{open_image, BackingChoice, Format, Locking, NodeNames, OpenOptions};
 use crate::vhost::daemon::{self, SocketOptions};
 use crate::virtio_blk::device::{BlockDevice, DeviceOptions};
 use crate::virtio_blk::ID_BYTES;
@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// Host page cache use: `none` opens the data file with O_DIRECT.
     #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
     cache: CacheMode,
+
+    /// Lock the image files as QEMU does, so that QEMU, qemu-img and other vubd processes
+    /// refuse to write them while served (`off`: no locks, no checks).
+    #[arg(long, value_enum, default_value_t = LockingArg::On)]
+    locking: LockingArg,
 
     /// Permission bits of the socket file, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
@@ -134,6 +139,21 @@ enum CacheMode {
     Writeback,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LockingArg {
+    On,
+    Off,
+}
+
+impl From<LockingArg> for Locking {
+    fn from(l: LockingArg) -> Locking {
+        match l {
+            LockingArg::On => Locking::On,
+            LockingArg::Off => Locking::Off,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum EngineArg {
     Auto,
@@ -187,6 +207,7 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
                 backing,
                 l2_cache_bytes: args.l2_cache_size,
                 repair: false,
+                locking: args.locking.into(),
             },
             socket: SocketOptions {
                 path: socket,
@@ -198,6 +219,7 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
             control: args.control.clone(),
         }
     };
+    crate::socket::check_free(&spec.socket.path, "--socket")?;
     let driver = open_image(&spec.image, spec.format, &spec.open)?;
     let serial = args
         .serial

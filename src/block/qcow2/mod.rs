@@ -272,6 +272,7 @@ impl Qcow2Node {
             FileOptions {
                 read_only: options.read_only,
                 direct: false,
+                lock: options.lock_request(),
             },
         )?);
         let header = read_header(&meta_file).map_err(wrap)?;
@@ -310,6 +311,7 @@ impl Qcow2Node {
                 FileOptions {
                     read_only: options.read_only,
                     direct: options.direct,
+                    lock: options.lock_request(),
                 },
             )?;
             if file.size() < header.size {
@@ -336,6 +338,8 @@ impl Qcow2Node {
                     FileOptions {
                         read_only: options.read_only,
                         direct: true,
+                        // The same file as `meta_file`, which holds the lock.
+                        lock: None,
                     },
                 )?)
             } else {
