@@ -1051,6 +1051,24 @@ impl Qcow2Node {
         }
     }
 
+    /// The raw-data-file fast path: a range whose clusters are all identity-mapped goes to
+    /// the same offset in the data file, with no lock and no table lookup.
+    #[inline]
+    fn map_identity(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> bool {
+        let Some(fast) = &self.fast else {
+            return false;
+        };
+        if len == 0 || !fast.covers(offset, len) {
+            return false;
+        }
+        let mapping = Mapping::Data {
+            file: self.data_fid,
+            offset,
+        };
+        out.push(Extent { len, mapping });
+        true
+    }
+
     fn ticket(&self, tracked: bool) -> IoTicket {
         if tracked {
             self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -1085,15 +1103,8 @@ impl BlockDriver for Qcow2Node {
         guest: GuestIo,
         out: &mut Vec<Extent>,
     ) -> Result<IoTicket, BlockError> {
-        if let Some(fast) = &self.fast {
-            if len > 0 && fast.covers(offset, len) {
-                let mapping = Mapping::Data {
-                    file: self.data_fid,
-                    offset,
-                };
-                out.push(Extent { len, mapping });
-                return Ok(IoTicket::None);
-            }
+        if self.map_identity(offset, len, out) {
+            return Ok(IoTicket::None);
         }
         let mut meta = self.lock();
         // Count the request before unlocking, so a free cannot slip in between.
@@ -1113,15 +1124,8 @@ impl BlockDriver for Qcow2Node {
         if self.read_only {
             return Err(self.err(Qcow2Error::Unsupported("the image is read-only".into())));
         }
-        if let Some(fast) = &self.fast {
-            if len > 0 && fast.covers(offset, len) {
-                let mapping = Mapping::Data {
-                    file: self.data_fid,
-                    offset,
-                };
-                out.push(Extent { len, mapping });
-                return Ok(IoTicket::None);
-            }
+        if self.map_identity(offset, len, out) {
+            return Ok(IoTicket::None);
         }
         let mut meta = self.lock();
         let tracked = self
