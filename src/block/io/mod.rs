@@ -94,25 +94,34 @@ fn transfer_len(op: &Op) -> Option<usize> {
 /// Every pointer in `op` must be valid for the duration of the call.
 unsafe fn run_nowait(op: Op) -> Option<i32> {
     let expected = transfer_len(&op)?;
+    // SAFETY: forwarded contract.
+    let ret = unsafe { run_transfer(&op, libc::RWF_NOWAIT) }?;
+    (ret >= 0 && ret as usize == expected).then_some(ret as i32)
+}
+
+/// `preadv2`/`pwritev2` with `flags`; `None` if `op` is not a transfer.
+///
+/// # Safety
+/// Every pointer in `op` must be valid for the duration of the call.
+unsafe fn run_transfer(op: &Op, flags: libc::c_int) -> Option<isize> {
     // SAFETY: forwarded contract; the fds are plain integers the kernel checks.
-    let ret = unsafe {
-        match op {
+    unsafe {
+        match *op {
             Op::Readv {
                 fd,
                 offset,
                 iov,
                 iovcnt,
-            } => libc::preadv2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT),
+            } => Some(libc::preadv2(fd, iov, iovcnt as i32, offset as i64, flags)),
             Op::Writev {
                 fd,
                 offset,
                 iov,
                 iovcnt,
-            } => libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT),
-            _ => return None,
+            } => Some(libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, flags)),
+            _ => None,
         }
-    };
-    (ret >= 0 && ret as usize == expected).then_some(ret as i32)
+    }
 }
 
 impl Engine {
@@ -238,18 +247,8 @@ pub unsafe fn run_sync(op: Op) -> i32 {
     // kernel checks.
     let ret: i64 = unsafe {
         match op {
-            Op::Readv {
-                fd,
-                offset,
-                iov,
-                iovcnt,
-            } => libc::preadv(fd, iov, iovcnt as i32, offset as i64) as i64,
-            Op::Writev {
-                fd,
-                offset,
-                iov,
-                iovcnt,
-            } => libc::pwritev(fd, iov, iovcnt as i32, offset as i64) as i64,
+            // Always `Some` for these two.
+            Op::Readv { .. } | Op::Writev { .. } => run_transfer(&op, 0).map_or(-1, |r| r as i64),
             Op::Fdatasync { fd } => libc::fdatasync(fd) as i64,
             Op::Fallocate {
                 fd,

@@ -777,23 +777,7 @@ impl Qcow2Node {
         for p in pieces(offset, len, self.cluster_bits) {
             match self.l2_entry(meta, p.cluster)? {
                 L2Entry::Normal { host, .. } => {
-                    if let Some(fast) = &self.fast {
-                        if host == p.cluster << self.cluster_bits {
-                            fast.set(p.cluster);
-                        }
-                    }
-                    tracked |= !self.format.external_data;
-                    let mapping = Mapping::Data {
-                        file: self.data_fid,
-                        offset: host + p.within,
-                    };
-                    push_extent(
-                        out,
-                        Extent {
-                            len: p.len,
-                            mapping,
-                        },
-                    );
+                    tracked |= self.map_allocated(&p, host, out);
                 }
                 L2Entry::Zero { .. } => push_extent(
                     out,
@@ -840,23 +824,7 @@ impl Qcow2Node {
                 _ => None,
             };
             if let Some(host) = in_place {
-                if let Some(fast) = &self.fast {
-                    if host == p.cluster << self.cluster_bits {
-                        fast.set(p.cluster);
-                    }
-                }
-                tracked |= !self.format.external_data;
-                let mapping = Mapping::Data {
-                    file: self.data_fid,
-                    offset: host + p.within,
-                };
-                push_extent(
-                    out,
-                    Extent {
-                        len: p.len,
-                        mapping,
-                    },
-                );
+                tracked |= self.map_allocated(&p, host, out);
                 continue;
             }
             let mapping = self.allocating_write(meta, entry, p, guest.offset(p.at))?;
@@ -1049,6 +1017,29 @@ impl Qcow2Node {
             path: self.path.display().to_string(),
             source: e,
         }
+    }
+
+    /// Map a piece to its allocated cluster at `host`, noting identity-mapped clusters for the
+    /// fast path. Returns whether the request must be tracked (internal data: the cluster
+    /// could be freed while the I/O runs).
+    fn map_allocated(&self, p: &Piece, host: u64, out: &mut Vec<Extent>) -> bool {
+        if let Some(fast) = &self.fast {
+            if host == p.cluster << self.cluster_bits {
+                fast.set(p.cluster);
+            }
+        }
+        let mapping = Mapping::Data {
+            file: self.data_fid,
+            offset: host + p.within,
+        };
+        push_extent(
+            out,
+            Extent {
+                len: p.len,
+                mapping,
+            },
+        );
+        !self.format.external_data
     }
 
     /// The raw-data-file fast path: a range whose clusters are all identity-mapped goes to
