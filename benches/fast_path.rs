@@ -96,7 +96,7 @@ fn bench_map(c: &mut Criterion) {
                 let ticket = node
                     .map_write(black_box(offset), 4096, GuestIo::none(), &mut extents)
                     .unwrap();
-                node.release(ticket);
+                node.release(ticket, true);
                 black_box(&extents);
             })
         });

@@ -8,6 +8,7 @@
 //! data transfer runs without holding anything.
 
 pub mod file;
+pub mod filter;
 pub mod io;
 pub mod lock;
 pub mod qcow2;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::iov::Cursor;
 use file::{FileError, FileNode, FileOptions};
 
 /// Index of a protocol node in [`BlockDriver::files`].
@@ -36,16 +38,27 @@ pub enum Mapping {
     Filled,
 }
 
-/// Returned by mapping calls: whether the driver must be told, through
-/// [`BlockDriver::release`], when the request's data I/O is over. Drivers that may free and
-/// reuse the host clusters a request maps to use it to defer reuse until no I/O can still land
-/// there.
+/// Returned by mapping calls and handed back through [`BlockDriver::release`] when the
+/// request's data I/O is over: what the nodes on the request's path asked to be told then.
+///
+/// Drivers that may free and reuse the host clusters a request maps to (qcow2) count the
+/// request as in flight, to defer reuse until no I/O can still land there. Filters that act
+/// after a write ([`filter::Filter::after_write`]) note the written range.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[must_use]
-pub enum IoTicket {
-    #[default]
-    None,
-    Tracked,
+pub struct IoTicket {
+    /// A format node counted the request as in flight.
+    pub tracked: bool,
+    /// A filter wants to hear when the write of `(offset, len)` is over.
+    pub written: Option<(u64, u64)>,
+}
+
+impl IoTicket {
+    /// Nothing to be told.
+    pub const NONE: IoTicket = IoTicket {
+        tracked: false,
+        written: None,
+    };
 }
 
 /// The guest buffers of one request, for drivers that copy data themselves.
@@ -82,24 +95,13 @@ impl<'a> GuestIo<'a> {
 
     /// Visit the pieces of `[at, at + len)` as (pointer, length, position in the range).
     fn pieces(&self, at: u64, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
-        let mut at = self.base + at;
+        let mut cursor = Cursor::new(self.iovecs);
+        cursor.skip(self.base + at);
         let mut done = 0usize;
-        for iov in self.iovecs {
-            if done == len {
-                break;
-            }
-            let iov_len = iov.iov_len as u64;
-            if at >= iov_len {
-                at -= iov_len;
-                continue;
-            }
-            let n = ((iov_len - at) as usize).min(len - done);
-            // SAFETY: `at < iov_len`, so the pointer stays within the iovec's buffer.
-            let ptr = unsafe { iov.iov_base.cast::<u8>().add(at as usize) };
-            f(ptr, n, done);
-            done += n;
-            at = 0;
-        }
+        cursor.take(len as u64, |iov| {
+            f(iov.iov_base.cast(), iov.iov_len, done);
+            done += iov.iov_len;
+        });
     }
 
     /// Copy `buf` into the guest buffers at byte `at` of the request.
@@ -195,8 +197,9 @@ pub trait BlockDriver: Send + Sync + Debug {
         out: &mut Vec<Extent>,
     ) -> Result<IoTicket, BlockError>;
 
-    /// The data I/O of a request whose mapping returned `ticket` is over.
-    fn release(&self, _ticket: IoTicket) {}
+    /// The data I/O of a request whose mapping returned `ticket` is over; `ok` says whether
+    /// all of it succeeded.
+    fn release(&self, _ticket: IoTicket, _ok: bool) {}
 
     /// Translate a discard or write-zeroes of `[offset, offset + len)` into protocol node
     /// operations, updating the node's own metadata first.
@@ -253,7 +256,7 @@ pub trait BlockDriver: Send + Sync + Debug {
             }
             at += extent.len as usize;
         }
-        self.release(ticket);
+        self.release(ticket, result.is_ok());
         result
     }
 }

@@ -49,7 +49,7 @@ impl BlockDriver for RawNode {
         out: &mut Vec<Extent>,
     ) -> Result<IoTicket, BlockError> {
         Self::identity(offset, len, out);
-        Ok(IoTicket::None)
+        Ok(IoTicket::NONE)
     }
 
     fn map_write(
@@ -60,7 +60,7 @@ impl BlockDriver for RawNode {
         out: &mut Vec<Extent>,
     ) -> Result<IoTicket, BlockError> {
         Self::identity(offset, len, out);
-        Ok(IoTicket::None)
+        Ok(IoTicket::NONE)
     }
 
     fn map_zeroes(

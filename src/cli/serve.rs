@@ -9,8 +9,9 @@ use clap::{Args, ValueEnum};
 use super::{qsd, Failure};
 use crate::block::io::EngineKind;
 use crate::block::{open_image, BackingChoice, Format, Locking, NodeNames, OpenOptions};
+use crate::export::{Export, ExportOptions};
 use crate::vhost::daemon::{self, SocketOptions};
-use crate::virtio_blk::device::{BlockDevice, DeviceOptions};
+use crate::vhost::device::{BlkDevice, DeviceOptions};
 use crate::virtio_blk::ID_BYTES;
 
 #[derive(Debug, Args)]
@@ -225,14 +226,11 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
         .serial
         .unwrap_or_else(|| default_serial(&spec.image))
         .into_bytes();
-    let device = BlockDevice::new(
+    let export = Export::new(
         driver,
-        DeviceOptions {
-            num_queues: spec.num_queues,
-            queue_size: args.queue_size,
-            serial,
-            logical_block_size: spec.logical_block_size,
+        ExportOptions {
             read_only: spec.open.read_only,
+            writers: spec.num_queues,
             engine: match args.io_engine {
                 EngineArg::Auto => EngineKind::Auto,
                 EngineArg::IoUring => EngineKind::IoUring,
@@ -241,6 +239,15 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
             poll: (args.poll_us > 0)
                 .then(|| std::time::Duration::from_micros(u64::from(args.poll_us))),
             node_names: spec.node_names.clone(),
+        },
+    )?;
+    let device = BlkDevice::new(
+        Arc::new(export),
+        DeviceOptions {
+            num_queues: spec.num_queues,
+            queue_size: args.queue_size,
+            serial,
+            logical_block_size: spec.logical_block_size,
         },
     )?;
     daemon::serve(Arc::new(device), &spec.socket, spec.control.as_deref())?;

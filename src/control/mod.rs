@@ -16,21 +16,21 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::export::Export;
 use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
-use crate::virtio_blk::device::BlockDevice;
 
 pub use qmp::Session;
 
 /// The listening control socket.
 pub struct ControlServer {
     listener: UnixListener,
-    device: Arc<BlockDevice>,
+    device: Arc<Export>,
     _remove: RemoveOnDrop,
 }
 
 impl ControlServer {
     /// Create the control socket (mode 0600).
-    pub fn bind(path: &Path, device: Arc<BlockDevice>) -> Result<ControlServer, SocketError> {
+    pub fn bind(path: &Path, device: Arc<Export>) -> Result<ControlServer, SocketError> {
         let listener = bind_unix(path, 0o600, "--control")?;
         Ok(ControlServer {
             listener,
@@ -75,7 +75,7 @@ fn send(stream: &mut UnixStream, value: &Value) -> std::io::Result<()> {
 }
 
 /// Run one QMP session until the client hangs up or sends something that is not JSON.
-fn serve_client(mut stream: UnixStream, device: Arc<BlockDevice>) {
+fn serve_client(mut stream: UnixStream, device: Arc<Export>) {
     let mut session = Session::new(device);
     if send(&mut stream, &session.greeting()).is_err() {
         return;

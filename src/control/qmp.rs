@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use crate::bitmap::{Action, BitmapError};
-use crate::virtio_blk::device::BlockDevice;
+use crate::export::Export;
 
 /// Commands this server implements.
 const COMMANDS: [&str; 12] = [
@@ -55,7 +55,7 @@ pub fn error(class: &str, desc: &str, id: Option<&Value>) -> Value {
 
 /// One client's session.
 pub struct Session {
-    device: Arc<BlockDevice>,
+    device: Arc<Export>,
     negotiated: bool,
 }
 
@@ -121,7 +121,7 @@ impl Args {
 }
 
 impl Session {
-    pub fn new(device: Arc<BlockDevice>) -> Self {
+    pub fn new(device: Arc<Export>) -> Self {
         Session {
             device,
             negotiated: false,
@@ -367,7 +367,7 @@ impl Session {
             "node-name": name,
             "drv": drv,
             "file": path,
-            "ro": self.device.limits().read_only,
+            "ro": self.device.read_only(),
             "encrypted": false,
             "detect_zeroes": "off",
             "backing_file_depth": 0,
@@ -379,7 +379,7 @@ impl Session {
     }
 
     fn format_node_info(&self) -> Value {
-        let driver = self.device.driver();
+        let driver = self.device.root();
         let files = driver.files();
         let path = files
             .first()
@@ -399,7 +399,7 @@ impl Session {
 
     fn named_block_nodes(&self) -> Value {
         let names = self.device.node_names();
-        let driver = self.device.driver();
+        let driver = self.device.root();
         let files = driver.files();
         let mut nodes = vec![self.format_node_info()];
         if let Some(file) = files.first() {

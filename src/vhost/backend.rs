@@ -16,15 +16,15 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::queue::{QueueWorker, Vring};
+use super::device::BlkDevice;
+use super::ring::{QueueWorker, Vring};
 use crate::virtio_blk::config::{VirtioBlkConfig, WRITEBACK_OFFSET};
-use crate::virtio_blk::device::BlockDevice;
 use crate::virtio_blk::device_features;
 use crate::virtio_blk::request::GuestMemory;
 
 /// The backend for one connection.
 pub struct BlkBackend {
-    device: Arc<BlockDevice>,
+    device: Arc<BlkDevice>,
     workers: Vec<Mutex<QueueWorker>>,
     /// The guest's `writeback` choice, shared with every queue.
     writeback: Arc<AtomicBool>,
@@ -35,7 +35,7 @@ impl BlkBackend {
     /// Writeback caching is on until the driver turns it off, as on QEMU's devices.
     const DEFAULT_WRITEBACK: bool = true;
 
-    pub fn new(device: Arc<BlockDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<Self> {
+    pub fn new(device: Arc<BlkDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<Self> {
         let writeback = Arc::new(AtomicBool::new(Self::DEFAULT_WRITEBACK));
         let workers = (0..usize::from(device.num_queues()))
             .map(|index| {

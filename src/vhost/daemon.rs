@@ -3,7 +3,7 @@
 //!
 //! vhost-user-backend's daemon serves a single connection, so vubd builds a fresh backend and
 //! daemon for each frontend that connects (a VMM restarting, or QEMU's `reconnect-ms`), all on
-//! the same [`BlockDevice`]. Signals are blocked in every thread and taken by one dedicated
+//! the same [`BlkDevice`]. Signals are blocked in every thread and taken by one dedicated
 //! thread with `sigwait`, which wakes the accept loop or closes the live connection.
 
 use std::io;
@@ -21,9 +21,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::BlkBackend;
+use super::device::BlkDevice;
 use crate::control::ControlServer;
+use crate::export::ExportError;
 use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
-use crate::virtio_blk::device::{BlockDevice, DeviceError};
 use crate::virtio_blk::request::GuestMemory;
 
 /// Errors that stop the daemon. Each names what failed.
@@ -32,7 +33,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Socket(#[from] SocketError),
     #[error(transparent)]
-    Device(#[from] DeviceError),
+    Export(#[from] ExportError),
     #[error("accepting connections: {0}")]
     Accept(io::Error),
     #[error("signal handling: {0}")]
@@ -52,14 +53,14 @@ pub struct SocketOptions {
 /// Serve `device` on `socket` until SIGTERM or SIGINT, one connection at a time, with a QMP
 /// control socket at `control` if given.
 pub fn serve(
-    device: Arc<BlockDevice>,
+    device: Arc<BlkDevice>,
     socket: &SocketOptions,
     control: Option<&Path>,
 ) -> Result<(), DaemonError> {
     let listener = bind_unix(&socket.path, socket.mode, "--socket")?;
     let _remove_socket = RemoveOnDrop(socket.path.clone());
     let control = match control {
-        Some(path) => Some(ControlServer::bind(path, device.clone())?),
+        Some(path) => Some(ControlServer::bind(path, device.export().clone())?),
         None => None,
     };
     let shutdown = Shutdown::install(listener.as_raw_fd())?;
@@ -68,13 +69,8 @@ pub fn serve(
     }
     log::info!(
         "serving {} ({} bytes) on {}",
-        device
-            .driver()
-            .files()
-            .first()
-            .map(|f| f.path().display().to_string())
-            .unwrap_or_default(),
-        device.driver().size(),
+        device.export().path().display(),
+        device.export().size(),
         socket.path.display()
     );
 
@@ -83,19 +79,19 @@ pub fn serve(
             break;
         }
         serve_connection(&device, &listener, &shutdown)?;
-        if let Err(e) = device.flush() {
+        if let Err(e) = device.export().flush() {
             log::error!("flush after disconnect: {e}");
         }
     }
     log::info!("shutting down");
     drop(control);
-    device.close()?;
+    device.export().close()?;
     Ok(())
 }
 
 /// Accept one frontend and serve it until it disconnects or shutdown is requested.
 fn serve_connection(
-    device: &Arc<BlockDevice>,
+    device: &Arc<BlkDevice>,
     listener: &UnixListener,
     shutdown: &Shutdown,
 ) -> Result<(), DaemonError> {

@@ -1,6 +1,8 @@
-//! The vhost-user side: the backend a frontend connection talks to, the per-queue workers that
-//! execute requests, and the daemon loop that accepts connections.
+//! The vhost-user side: the device a frontend sees, the backend a connection talks to, the
+//! per-queue ring workers and request executors, and the daemon loop that accepts connections.
 
 pub mod backend;
 pub mod daemon;
-pub mod queue;
+pub mod device;
+mod executor;
+pub mod ring;

@@ -5,7 +5,6 @@
 //! [`request::Request`], and the vhost layer executes it against the block graph.
 
 pub mod config;
-pub mod device;
 pub mod request;
 
 use virtio_bindings::virtio_blk as bindings;
@@ -92,6 +91,38 @@ pub struct DeviceLimits {
 }
 
 impl DeviceLimits {
+    /// Most sectors one discard or write-zeroes segment may cover (1 GiB).
+    pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+    /// Most segments in one discard or write-zeroes request.
+    pub const MAX_DISCARD_SEG: u32 = 32;
+
+    /// The limits of a disk of `capacity_bytes` (a non-zero multiple of `logical_block_size`)
+    /// served on virtqueues of up to `queue_size` entries, whose graph frees space in units of
+    /// `discard_granularity` bytes.
+    pub fn new(
+        capacity_bytes: u64,
+        logical_block_size: u32,
+        discard_granularity: u64,
+        queue_size: u16,
+        read_only: bool,
+    ) -> Self {
+        let discard_align = discard_granularity.max(u64::from(logical_block_size));
+        DeviceLimits {
+            capacity_bytes,
+            logical_block_size,
+            // The header and status take two descriptors of a queue-sized chain. Half the iovec
+            // budget leaves room for segments that cross guest memory regions.
+            seg_max: u32::from(queue_size)
+                .saturating_sub(2)
+                .clamp(1, Self::MAX_IOVECS as u32 / 2 - 2),
+            max_discard_sectors: Self::MAX_DISCARD_SECTORS,
+            max_discard_seg: Self::MAX_DISCARD_SEG,
+            discard_sector_alignment: u32::try_from(discard_align / SECTOR_SIZE)
+                .unwrap_or(u32::MAX),
+            read_only,
+        }
+    }
+
     /// Most descriptors, after splitting at guest memory region boundaries, that one request
     /// may use. Bounded so that per-request state is bounded whatever the guest sends; the
     /// value is the kernel's `IOV_MAX`, the most a single `preadv`/`pwritev` accepts.

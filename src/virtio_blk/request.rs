@@ -17,6 +17,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{request_type, DeviceLimits, Status, ID_BYTES, SECTOR_SIZE, SEGMENT_FLAG_UNMAP};
+use crate::iov::{total_len, Cursor, GuestRange};
 
 /// The guest memory type the daemon maps (no dirty-page log: vubd does not offer LOG_ALL).
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -84,6 +85,9 @@ pub struct Request {
     pub kind: RequestKind,
     /// Guest address of the status byte.
     pub status: GuestAddress,
+    /// Bytes the device writes into the chain if the request succeeds, status byte included:
+    /// the used ring's `len` (a `u32`, so the parser refuses requests that would exceed it).
+    pub used_len: u32,
 }
 
 /// Why a chain was refused.
@@ -113,6 +117,8 @@ pub enum Invalid {
     OutOfRange { sector: u64, len: u64 },
     #[error("data buffer outside guest memory")]
     BufferOutsideMemory,
+    #[error("read of {0} bytes does not fit the used ring's 32-bit length")]
+    TooLong(u64),
     #[error("write to a read-only device")]
     ReadOnly,
     #[error("GET_ID without a data buffer")]
@@ -133,13 +139,6 @@ pub struct RequestError {
     pub status: Option<GuestAddress>,
     pub code: Status,
     pub reason: Invalid,
-}
-
-/// A stretch of guest memory named by one descriptor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct GuestRange {
-    addr: GuestAddress,
-    len: u64,
 }
 
 /// Per-request storage the parser fills, reused from request to request so that parsing does
@@ -212,17 +211,19 @@ where
 
     let request_type = u32::from_le(header.request_type);
     let sector = u64::from_le(header.sector);
-    let kind = match request_type {
+    let (kind, used_len) = match request_type {
         request_type::IN => {
             if readable_data != 0 {
                 return Err(ioerr(Invalid::WrongDirection));
             }
             let offset = data_range(sector, writable_data, limits).map_err(ioerr)?;
+            let used_len = read_used_len(writable_data).map_err(ioerr)?;
             map_buffers(mem, &bufs.writable, 0, writable_data, &mut bufs.iovecs).map_err(ioerr)?;
-            RequestKind::Read {
+            let kind = RequestKind::Read {
                 offset,
                 len: writable_data,
-            }
+            };
+            (kind, used_len)
         }
         request_type::OUT => {
             if writable_data != 0 {
@@ -240,13 +241,14 @@ where
                 &mut bufs.iovecs,
             )
             .map_err(ioerr)?;
-            RequestKind::Write {
+            let kind = RequestKind::Write {
                 offset,
                 len: readable_data,
-            }
+            };
+            (kind, 1)
         }
         // A flush carries no data; the driver SHOULD NOT send any, and any it sends is ignored.
-        request_type::FLUSH => RequestKind::Flush,
+        request_type::FLUSH => (RequestKind::Flush, 1),
         request_type::GET_ID => {
             if readable_data != 0 {
                 return Err(ioerr(Invalid::WrongDirection));
@@ -256,7 +258,7 @@ where
             }
             let len = writable_data.min(ID_BYTES as u64);
             map_buffers(mem, &bufs.writable, 0, len, &mut bufs.iovecs).map_err(ioerr)?;
-            RequestKind::GetId
+            (RequestKind::GetId, len as u32 + 1)
         }
         request_type::DISCARD | request_type::WRITE_ZEROES => {
             let discard = request_type == request_type::DISCARD;
@@ -278,15 +280,20 @@ where
                 Invalid::UnsupportedSegmentFlags(_) => fail(Status::Unsupp, reason),
                 _ => ioerr(reason),
             })?;
-            if discard {
+            let kind = if discard {
                 RequestKind::Discard
             } else {
                 RequestKind::WriteZeroes
-            }
+            };
+            (kind, 1)
         }
         other => return Err(fail(Status::Unsupp, Invalid::UnsupportedType(other))),
     };
-    Ok(Request { kind, status })
+    Ok(Request {
+        kind,
+        status,
+        used_len,
+    })
 }
 
 /// Sort the chain's descriptors into readable and writable ranges and locate the status byte.
@@ -302,6 +309,8 @@ where
     bufs.writable.clear();
     let mut misordered = false;
     let mut too_many = false;
+    // A descriptor whose end lies past the top of the address space.
+    let mut wraps = false;
     // The last non-empty descriptor, and whether it is device-writable.
     let mut last: Option<(GuestRange, bool)> = None;
     for desc in chain {
@@ -312,6 +321,7 @@ where
             addr: desc.addr(),
             len: u64::from(desc.len()),
         };
+        wraps |= range.addr.0.checked_add(range.len).is_none();
         last = Some((range, desc.is_write_only()));
         if desc.is_write_only() {
             push_bounded(&mut bufs.writable, range, &mut too_many);
@@ -350,6 +360,9 @@ where
     if total_len(&bufs.readable) < HEADER_SIZE as u64 {
         return Err(fail(Invalid::ShortHeader));
     }
+    if wraps {
+        return Err(fail(Invalid::BufferOutsideMemory));
+    }
     Ok(status)
 }
 
@@ -361,25 +374,46 @@ fn push_bounded(ranges: &mut Vec<GuestRange>, range: GuestRange, too_many: &mut 
     }
 }
 
-fn total_len(ranges: &[GuestRange]) -> u64 {
-    ranges.iter().map(|r| r.len).sum()
+/// Fill `buf` from guest memory at the cursor, wherever the bytes are cut; `err` if they run
+/// out or lie outside guest memory.
+fn read_bytes(
+    mem: &GuestMemory,
+    cursor: &mut Cursor<GuestRange>,
+    buf: &mut [u8],
+    err: Invalid,
+) -> Result<(), Invalid> {
+    let mut filled = 0usize;
+    let n = cursor.try_take(buf.len() as u64, |range| {
+        let end = filled + range.len as usize;
+        mem.read_slice(&mut buf[filled..end], range.addr)
+            .map_err(|_| err)?;
+        filled = end;
+        Ok(())
+    })?;
+    if n < buf.len() as u64 {
+        return Err(err);
+    }
+    Ok(())
 }
 
 /// Gather the 16-byte header from the start of the readable ranges, wherever it is cut.
 fn read_header(mem: &GuestMemory, readable: &[GuestRange]) -> Result<RequestHeader, Invalid> {
     let mut header = RequestHeader::default();
-    let bytes = header.as_mut_slice();
-    let mut filled = 0;
-    for range in readable {
-        if filled == bytes.len() {
-            break;
-        }
-        let take = (bytes.len() - filled).min(range.len as usize);
-        mem.read_slice(&mut bytes[filled..filled + take], range.addr)
-            .map_err(|_| Invalid::HeaderOutsideMemory)?;
-        filled += take;
-    }
+    read_bytes(
+        mem,
+        &mut Cursor::new(readable),
+        header.as_mut_slice(),
+        Invalid::HeaderOutsideMemory,
+    )?;
     Ok(header)
+}
+
+/// The used length of a read of `data` bytes: the data and the status byte, which must fit the
+/// used ring's 32-bit field.
+fn read_used_len(data: u64) -> Result<u32, Invalid> {
+    data.checked_add(1)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or(Invalid::TooLong(data))
 }
 
 /// Check a data transfer's range against the disk; returns its byte offset.
@@ -409,26 +443,14 @@ fn checked_byte_range(sector: u64, len: u64, limits: &DeviceLimits) -> Result<u6
 fn map_buffers(
     mem: &GuestMemory,
     ranges: &[GuestRange],
-    mut skip: u64,
-    mut len: u64,
+    skip: u64,
+    len: u64,
     out: &mut IoVecs,
 ) -> Result<(), Invalid> {
-    for range in ranges {
-        if len == 0 {
-            break;
-        }
-        if skip >= range.len {
-            skip -= range.len;
-            continue;
-        }
-        let addr = range
-            .addr
-            .checked_add(skip)
-            .ok_or(Invalid::BufferOutsideMemory)?;
-        let take = (range.len - skip).min(len);
-        skip = 0;
-        len -= take;
-        for slice in GuestMemoryBackend::get_slices(mem, addr, take as usize) {
+    let mut cursor = Cursor::new(ranges);
+    cursor.skip(skip);
+    cursor.try_take(len, |range| {
+        for slice in GuestMemoryBackend::get_slices(mem, range.addr, range.len as usize) {
             let slice = slice.map_err(|_| Invalid::BufferOutsideMemory)?;
             if out.0.len() >= DeviceLimits::MAX_IOVECS {
                 return Err(Invalid::TooManyBuffers);
@@ -438,7 +460,8 @@ fn map_buffers(
                 iov_len: slice.len(),
             });
         }
-    }
+        Ok(())
+    })?;
     Ok(())
 }
 
@@ -459,10 +482,16 @@ fn read_segments(
         return Err(Invalid::BadSegmentCount(data_len));
     }
     let mut wire = Vec::with_capacity(count as usize);
-    let mut cursor = ByteCursor::new(readable, HEADER_SIZE as u64);
+    let mut cursor = Cursor::new(readable);
+    cursor.skip(HEADER_SIZE as u64);
     for _ in 0..count {
         let mut seg = SegmentWire::default();
-        cursor.read(mem, seg.as_mut_slice())?;
+        read_bytes(
+            mem,
+            &mut cursor,
+            seg.as_mut_slice(),
+            Invalid::BufferOutsideMemory,
+        )?;
         wire.push(seg);
     }
     // Flags first: the specification demands UNSUPP for them whatever else is wrong.
@@ -485,43 +514,6 @@ fn read_segments(
         });
     }
     Ok(())
-}
-
-/// Reads consecutive bytes across a list of guest ranges.
-struct ByteCursor<'a> {
-    ranges: &'a [GuestRange],
-    skip: u64,
-}
-
-impl<'a> ByteCursor<'a> {
-    fn new(ranges: &'a [GuestRange], skip: u64) -> Self {
-        ByteCursor { ranges, skip }
-    }
-
-    fn read(&mut self, mem: &GuestMemory, buf: &mut [u8]) -> Result<(), Invalid> {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let (range, rest) = self
-                .ranges
-                .split_first()
-                .ok_or(Invalid::BufferOutsideMemory)?;
-            if self.skip >= range.len {
-                self.skip -= range.len;
-                self.ranges = rest;
-                continue;
-            }
-            let take = ((range.len - self.skip) as usize).min(buf.len() - filled);
-            let addr = range
-                .addr
-                .checked_add(self.skip)
-                .ok_or(Invalid::BufferOutsideMemory)?;
-            mem.read_slice(&mut buf[filled..filled + take], addr)
-                .map_err(|_| Invalid::BufferOutsideMemory)?;
-            filled += take;
-            self.skip += take as u64;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! io_uring.
 
 mod sync;
+pub mod transfer;
 mod uring;
 
 use std::io;

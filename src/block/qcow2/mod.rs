@@ -743,7 +743,7 @@ impl Qcow2Node {
         let n = (b.size - offset).min(len);
         let mut mapped = Vec::new();
         let ticket = b.node.map_read(offset, n, guest, &mut mapped)?;
-        b.node.release(ticket);
+        b.node.release(ticket, true);
         for mut extent in mapped {
             if let Mapping::Data { file, offset } = extent.mapping {
                 extent.mapping = Mapping::Data {
@@ -1063,9 +1063,10 @@ impl Qcow2Node {
     fn ticket(&self, tracked: bool) -> IoTicket {
         if tracked {
             self.in_flight.fetch_add(1, Ordering::AcqRel);
-            IoTicket::Tracked
-        } else {
-            IoTicket::None
+        }
+        IoTicket {
+            tracked,
+            written: None,
         }
     }
 }
@@ -1095,7 +1096,7 @@ impl BlockDriver for Qcow2Node {
         out: &mut Vec<Extent>,
     ) -> Result<IoTicket, BlockError> {
         if self.map_identity(offset, len, out) {
-            return Ok(IoTicket::None);
+            return Ok(IoTicket::NONE);
         }
         let mut meta = self.lock();
         // Count the request before unlocking, so a free cannot slip in between.
@@ -1116,7 +1117,7 @@ impl BlockDriver for Qcow2Node {
             return Err(self.err(Qcow2Error::Unsupported("the image is read-only".into())));
         }
         if self.map_identity(offset, len, out) {
-            return Ok(IoTicket::None);
+            return Ok(IoTicket::NONE);
         }
         let mut meta = self.lock();
         let tracked = self
@@ -1125,8 +1126,8 @@ impl BlockDriver for Qcow2Node {
         Ok(self.ticket(tracked))
     }
 
-    fn release(&self, ticket: IoTicket) {
-        if ticket == IoTicket::Tracked {
+    fn release(&self, ticket: IoTicket, _ok: bool) {
+        if ticket.tracked {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }

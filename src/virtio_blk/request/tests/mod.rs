@@ -7,17 +7,19 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 
-const MEM_SIZE: u64 = 0x100_0000;
-const HDR: u64 = 0x10_0000;
-const DATA: u64 = 0x20_0000;
-const STATUS: u64 = 0x30_0000;
-const CAPACITY: u64 = 1 << 20;
+mod segments;
 
-fn memory() -> GuestMemory {
+pub(super) const MEM_SIZE: u64 = 0x100_0000;
+pub(super) const HDR: u64 = 0x10_0000;
+pub(super) const DATA: u64 = 0x20_0000;
+pub(super) const STATUS: u64 = 0x30_0000;
+pub(super) const CAPACITY: u64 = 1 << 20;
+
+pub(super) fn memory() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
 }
 
-fn limits() -> DeviceLimits {
+pub(super) fn limits() -> DeviceLimits {
     DeviceLimits {
         capacity_bytes: CAPACITY,
         logical_block_size: 512,
@@ -29,11 +31,11 @@ fn limits() -> DeviceLimits {
     }
 }
 
-fn readable(addr: u64, len: u32) -> RawDescriptor {
+pub(super) fn readable(addr: u64, len: u32) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
 }
 
-fn writable(addr: u64, len: u32) -> RawDescriptor {
+pub(super) fn writable(addr: u64, len: u32) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(
         addr,
         len,
@@ -42,7 +44,7 @@ fn writable(addr: u64, len: u32) -> RawDescriptor {
     ))
 }
 
-fn write_header(mem: &GuestMemory, addr: u64, request_type: u32, sector: u64) {
+pub(super) fn write_header(mem: &GuestMemory, addr: u64, request_type: u32, sector: u64) {
     let header = RequestHeader {
         request_type: request_type.to_le(),
         reserved: 0,
@@ -51,7 +53,13 @@ fn write_header(mem: &GuestMemory, addr: u64, request_type: u32, sector: u64) {
     mem.write_obj(header, GuestAddress(addr)).unwrap();
 }
 
-fn write_segment(mem: &GuestMemory, addr: u64, sector: u64, num_sectors: u32, flags: u32) {
+pub(super) fn write_segment(
+    mem: &GuestMemory,
+    addr: u64,
+    sector: u64,
+    num_sectors: u32,
+    flags: u32,
+) {
     let seg = SegmentWire {
         sector: sector.to_le(),
         num_sectors: num_sectors.to_le(),
@@ -60,7 +68,7 @@ fn write_segment(mem: &GuestMemory, addr: u64, sector: u64, num_sectors: u32, fl
     mem.write_obj(seg, GuestAddress(addr)).unwrap();
 }
 
-fn parse_with(
+pub(super) fn parse_with(
     mem: &GuestMemory,
     descs: &[RawDescriptor],
     limits: &DeviceLimits,
@@ -71,24 +79,27 @@ fn parse_with(
     (parse(chain, mem, limits, &mut bufs), bufs)
 }
 
-fn parse_descs(mem: &GuestMemory, descs: &[RawDescriptor]) -> Result<Request, RequestError> {
+pub(super) fn parse_descs(
+    mem: &GuestMemory,
+    descs: &[RawDescriptor],
+) -> Result<Request, RequestError> {
     parse_with(mem, descs, &limits()).0
 }
 
-fn assert_refused(result: Result<Request, RequestError>, code: Status, reason: Invalid) {
+pub(super) fn assert_refused(result: Result<Request, RequestError>, code: Status, reason: Invalid) {
     let err = result.expect_err("request must be refused");
     assert_eq!(err.status, Some(GuestAddress(STATUS)));
     assert_eq!(err.code, code);
     assert_eq!(err.reason, reason);
 }
 
-fn assert_dropped(result: Result<Request, RequestError>, reason: Invalid) {
+pub(super) fn assert_dropped(result: Result<Request, RequestError>, reason: Invalid) {
     let err = result.expect_err("request must be dropped");
     assert_eq!(err.status, None);
     assert_eq!(err.reason, reason);
 }
 
-fn iov_lens(bufs: &RequestBuffers) -> Vec<usize> {
+pub(super) fn iov_lens(bufs: &RequestBuffers) -> Vec<usize> {
     bufs.iovecs.iter().map(|iov| iov.iov_len).collect()
 }
 
@@ -447,136 +458,6 @@ fn unknown_request_types_are_unsupported() {
     }
 }
 
-fn segment_request(
-    mem: &GuestMemory,
-    request: u32,
-    segments: &[(u64, u32, u32)],
-) -> (Result<Request, RequestError>, RequestBuffers) {
-    write_header(mem, HDR, request, 0);
-    for (i, (sector, n, flags)) in segments.iter().enumerate() {
-        write_segment(mem, DATA + 16 * i as u64, *sector, *n, *flags);
-    }
-    let len = 16 * segments.len() as u32;
-    parse_with(
-        mem,
-        &[readable(HDR, 16), readable(DATA, len), writable(STATUS, 1)],
-        &limits(),
-    )
-}
-
-#[test]
-fn discard_and_write_zeroes_segments_are_validated() {
-    let mem = memory();
-    let (result, bufs) = segment_request(&mem, request_type::DISCARD, &[(0, 8, 0), (100, 16, 0)]);
-    assert_eq!(result.unwrap().kind, RequestKind::Discard);
-    assert_eq!(
-        bufs.segments,
-        vec![
-            Segment {
-                offset: 0,
-                len: 4096,
-                unmap: false
-            },
-            Segment {
-                offset: 51200,
-                len: 8192,
-                unmap: false
-            }
-        ]
-    );
-
-    let (result, bufs) = segment_request(
-        &mem,
-        request_type::WRITE_ZEROES,
-        &[(8, 8, SEGMENT_FLAG_UNMAP)],
-    );
-    assert_eq!(result.unwrap().kind, RequestKind::WriteZeroes);
-    assert!(bufs.segments[0].unmap);
-}
-
-#[test]
-fn discard_with_unmap_or_reserved_flags_is_unsupported() {
-    let mem = memory();
-    let (result, _) = segment_request(&mem, request_type::DISCARD, &[(0, 8, SEGMENT_FLAG_UNMAP)]);
-    assert_refused(result, Status::Unsupp, Invalid::UnsupportedSegmentFlags(1));
-    let (result, _) = segment_request(&mem, request_type::WRITE_ZEROES, &[(0, 8, 0), (0, 8, 2)]);
-    assert_refused(result, Status::Unsupp, Invalid::UnsupportedSegmentFlags(2));
-}
-
-#[test]
-fn segment_count_length_and_range_are_checked() {
-    let mem = memory();
-    // Five segments where four are allowed.
-    let (result, _) = segment_request(&mem, request_type::DISCARD, &[(0, 8, 0); 5]);
-    assert_refused(result, Status::IoErr, Invalid::BadSegmentCount(80));
-    // No segment at all.
-    write_header(&mem, HDR, request_type::DISCARD, 0);
-    assert_refused(
-        parse_descs(&mem, &[readable(HDR, 16), writable(STATUS, 1)]),
-        Status::IoErr,
-        Invalid::BadSegmentCount(0),
-    );
-    // A partial segment.
-    assert_refused(
-        parse_descs(
-            &mem,
-            &[readable(HDR, 16), readable(DATA, 20), writable(STATUS, 1)],
-        ),
-        Status::IoErr,
-        Invalid::BadSegmentCount(20),
-    );
-    // Longer than max_discard_sectors.
-    let (result, _) = segment_request(&mem, request_type::WRITE_ZEROES, &[(0, 2048, 0)]);
-    assert_refused(result, Status::IoErr, Invalid::SegmentTooLong(2048));
-    // Past the end of the disk, and overflowing.
-    let end = CAPACITY / 512;
-    let (result, _) = segment_request(&mem, request_type::DISCARD, &[(end - 4, 8, 0)]);
-    assert_refused(
-        result,
-        Status::IoErr,
-        Invalid::OutOfRange {
-            sector: end - 4,
-            len: 4096,
-        },
-    );
-    let (result, _) = segment_request(&mem, request_type::DISCARD, &[(u64::MAX, 8, 0)]);
-    assert!(matches!(
-        result.unwrap_err().reason,
-        Invalid::OutOfRange { .. }
-    ));
-}
-
-#[test]
-fn segments_split_across_descriptors_are_gathered() {
-    let mem = memory();
-    write_header(&mem, HDR, request_type::WRITE_ZEROES, 0);
-    // One segment whose first 4 bytes follow the header and whose other 12 are elsewhere.
-    write_segment(&mem, DATA, 16, 8, 0);
-    let mut seg = [0u8; 16];
-    mem.read_slice(&mut seg, GuestAddress(DATA)).unwrap();
-    mem.write_slice(&seg[..4], GuestAddress(HDR + 16)).unwrap();
-    mem.write_slice(&seg[4..], GuestAddress(DATA + 0x1000))
-        .unwrap();
-    let (result, bufs) = parse_with(
-        &mem,
-        &[
-            readable(HDR, 20),
-            readable(DATA + 0x1000, 12),
-            writable(STATUS, 1),
-        ],
-        &limits(),
-    );
-    assert_eq!(result.unwrap().kind, RequestKind::WriteZeroes);
-    assert_eq!(
-        bufs.segments,
-        vec![Segment {
-            offset: 8192,
-            len: 4096,
-            unmap: false
-        }]
-    );
-}
-
 #[test]
 fn chains_with_too_many_buffers_are_refused() {
     let mem = memory();
@@ -608,4 +489,60 @@ fn zero_length_descriptors_are_skipped() {
     );
     assert!(result.is_ok());
     assert_eq!(iov_lens(&bufs), vec![512]);
+}
+
+#[test]
+fn read_and_get_id_report_the_bytes_they_write() {
+    let mem = memory();
+    write_header(&mem, HDR, request_type::IN, 0);
+    let descs = [readable(HDR, 16), writable(DATA, 4096), writable(STATUS, 1)];
+    assert_eq!(parse_descs(&mem, &descs).unwrap().used_len, 4097);
+    write_header(&mem, HDR, request_type::GET_ID, 0);
+    let descs = [readable(HDR, 16), writable(DATA, 512), writable(STATUS, 1)];
+    assert_eq!(parse_descs(&mem, &descs).unwrap().used_len, 21);
+    write_header(&mem, HDR, request_type::OUT, 0);
+    let descs = [readable(HDR, 16), readable(DATA, 4096), writable(STATUS, 1)];
+    assert_eq!(parse_descs(&mem, &descs).unwrap().used_len, 1);
+}
+
+#[test]
+fn a_read_longer_than_the_used_ring_can_report_is_refused() {
+    assert_eq!(read_used_len(4096), Ok(4097));
+    assert_eq!(read_used_len(u64::from(u32::MAX) - 1), Ok(u32::MAX));
+    assert_eq!(
+        read_used_len(u64::from(u32::MAX)),
+        Err(Invalid::TooLong(u64::from(u32::MAX)))
+    );
+    // Through a queue, such a chain never even parses: virtio-queue stops yielding
+    // descriptors past 4 GiB, so the chain ends early and is refused.
+    let mem = memory();
+    let huge = DeviceLimits {
+        capacity_bytes: 1 << 40,
+        ..limits()
+    };
+    write_header(&mem, HDR, request_type::IN, 0);
+    let descs = [
+        readable(HDR, 16),
+        writable(DATA, u32::MAX - 511),
+        writable(DATA, u32::MAX - 511),
+        writable(STATUS, 1),
+    ];
+    assert!(parse_with(&mem, &descs, &huge).0.is_err());
+}
+
+#[test]
+fn descriptors_wrapping_past_the_address_space_are_refused() {
+    let mem = memory();
+    write_header(&mem, HDR, request_type::OUT, 0);
+    // The data descriptor ends past 2^64: cutting it must never wrap to low addresses.
+    let descs = [
+        readable(HDR, 16),
+        readable(u64::MAX - 255, 512),
+        writable(STATUS, 1),
+    ];
+    assert_refused(
+        parse_descs(&mem, &descs),
+        Status::IoErr,
+        Invalid::BufferOutsideMemory,
+    );
 }

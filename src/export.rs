@@ -1,0 +1,159 @@
+//! An export: the root of a block graph as one consumer serves it, with the root node's dirty
+//! bitmaps, how its queues move data, and how it is made durable.
+//!
+//! The export is what the vhost-user side (queue workers) and the control socket (QMP) share.
+//! It knows nothing of virtio: the vhost-user-blk device built on it ([`crate::vhost::device`])
+//! adds the guest-visible geometry.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::bitmap::{BitmapError, BitmapManager, WriteGate};
+use crate::block::io::EngineKind;
+use crate::block::{BlockDriver, BlockError, NodeNames};
+
+/// How an export is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Refuse writes, whatever the graph allows.
+    pub read_only: bool,
+    /// How many queues write through the export (each gets its own slot in the write gate).
+    pub writers: u16,
+    pub engine: EngineKind,
+    /// How long a queue thread keeps busy-polling its ring and I/O completions after the last
+    /// work it found, instead of sleeping until the next notification (`--poll-us`).
+    pub poll: Option<Duration>,
+    /// Node names for the control socket.
+    pub node_names: NodeNames,
+}
+
+/// Why an export cannot be opened or closed.
+#[derive(Debug, Error)]
+pub enum ExportError {
+    #[error("{}: flushing", path.display())]
+    Flush {
+        path: PathBuf,
+        #[source]
+        source: BlockError,
+    },
+    #[error("{}: dirty bitmaps", path.display())]
+    Bitmaps {
+        path: PathBuf,
+        #[source]
+        source: BitmapError,
+    },
+}
+
+/// A served graph root.
+#[derive(Debug)]
+pub struct Export {
+    root: Arc<dyn BlockDriver>,
+    bitmaps: BitmapManager,
+    options: ExportOptions,
+}
+
+impl Export {
+    /// Load the root's persistent bitmaps and get ready to serve.
+    pub fn new(root: Arc<dyn BlockDriver>, options: ExportOptions) -> Result<Self, ExportError> {
+        let read_only = options.read_only || root.read_only();
+        let gate = Arc::new(WriteGate::new(usize::from(options.writers)));
+        let bitmaps = BitmapManager::open(
+            &options.node_names.format,
+            root.size(),
+            root.clone().bitmap_store(),
+            read_only,
+            gate,
+        )
+        .map_err(|source| ExportError::Bitmaps {
+            path: root_path(&*root),
+            source,
+        })?;
+        Ok(Export {
+            root,
+            bitmaps,
+            options: ExportOptions {
+                read_only,
+                ..options
+            },
+        })
+    }
+
+    /// The graph's root node, where requests enter.
+    pub fn root(&self) -> &Arc<dyn BlockDriver> {
+        &self.root
+    }
+
+    /// The root node's dirty bitmaps.
+    pub fn bitmaps(&self) -> &BitmapManager {
+        &self.bitmaps
+    }
+
+    pub fn node_names(&self) -> &NodeNames {
+        &self.options.node_names
+    }
+
+    /// Whether writes are refused (asked for, or the graph cannot write).
+    pub fn read_only(&self) -> bool {
+        self.options.read_only
+    }
+
+    pub fn size(&self) -> u64 {
+        self.root.size()
+    }
+
+    pub fn engine(&self) -> EngineKind {
+        self.options.engine
+    }
+
+    pub fn poll_window(&self) -> Option<Duration> {
+        self.options.poll
+    }
+
+    /// The file that names the export in messages: the root's first protocol node.
+    pub fn path(&self) -> PathBuf {
+        root_path(&*self.root)
+    }
+
+    /// Make everything written so far durable: metadata, then every file.
+    pub fn flush(&self) -> Result<(), BlockError> {
+        if self.options.read_only {
+            return Ok(());
+        }
+        self.root.flush_metadata()?;
+        for file in self.root.files() {
+            if !file.read_only() {
+                file.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Store the bitmaps and make everything durable: the clean-shutdown path.
+    pub fn close(&self) -> Result<(), ExportError> {
+        let flush = |path: &Path| {
+            self.flush().map_err(|source| ExportError::Flush {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let path = self.path();
+        flush(&path)?;
+        self.bitmaps
+            .close()
+            .map_err(|source| ExportError::Bitmaps {
+                path: path.clone(),
+                source,
+            })?;
+        flush(&path)
+    }
+}
+
+fn root_path(root: &dyn BlockDriver) -> PathBuf {
+    root.files()
+        .first()
+        .map(|f| f.path().to_path_buf())
+        .unwrap_or_default()
+}

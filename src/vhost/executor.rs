@@ -1,0 +1,610 @@
+//! Request execution for one queue: from a popped descriptor chain to a finished request whose
+//! status is written and whose used-ring entry waits to be published.
+//!
+//! A request occupies a [`Slot`] from the moment it is popped until it finishes; the slot keeps
+//! the guest memory mapping, the iovecs the kernel reads or writes, and the count of engine
+//! operations still in flight. The executor knows nothing of the ring: finished requests are
+//! queued as `(head, used length)` pairs that the ring part ([`super::ring`]) puts on the used
+//! ring and notifies in batches.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::device::BlkDevice;
+use crate::bitmap::BitmapCursor;
+use crate::block::io::transfer::Transfer;
+use crate::block::io::transfer::{bounce_transfer, fill_zero, finish_short_transfer, is_aligned};
+use crate::block::io::{Engine, InlinePolicy, Op};
+use crate::block::{BlockError, Extent, GuestIo, HostZeroOp, IoTicket, Mapping, ZeroOp};
+use crate::iov::Cursor;
+use crate::ratelimit::RateLimitedLog;
+use crate::virtio_blk::request::{self, GuestMemory, Request, RequestBuffers, RequestKind};
+use crate::virtio_blk::{DeviceLimits, Status};
+
+/// State of one in-flight request.
+struct Slot {
+    head: u16,
+    status: GuestAddress,
+    kind: RequestKind,
+    /// Bytes written into the guest's buffers, status byte included, if the request succeeds.
+    used_len: u32,
+    /// The engine operations the request has pushed.
+    io: SlotIo,
+    /// A writethrough sync has been issued for this request.
+    synced: bool,
+    bufs: RequestBuffers,
+    /// iovecs cut at extent boundaries, for requests that map to several extents.
+    split_iov: Vec<libc::iovec>,
+    /// Keeps the guest memory the iovecs point into mapped until the request completes.
+    mem: Option<Arc<GuestMemory>>,
+    /// Handed back to the block driver when the request's data I/O is over.
+    ticket: IoTicket,
+    /// The request passed the write gate and must leave it when it completes.
+    gated: bool,
+}
+
+/// The engine operations of one request and how they went.
+#[derive(Default)]
+struct SlotIo {
+    ops: Vec<SlotOp>,
+    /// Operations not yet completed.
+    pending: u32,
+    failed: bool,
+}
+
+impl SlotIo {
+    /// Push `op` for slot `slot_index`, tagging it with the slot and operation index.
+    fn push(&mut self, engine: &mut Engine, slot_index: u32, op: SlotOp) {
+        let user_data = (u64::from(slot_index) << 32) | self.ops.len() as u64;
+        self.ops.push(op);
+        // SAFETY: the op's pointers are iovecs in the slot's `bufs` / `split_iov` (not modified
+        // until the slot completes) naming guest memory that the slot's `mem` keeps mapped.
+        let pushed = match op.op {
+            // SAFETY: as above.
+            Op::Readv { .. } | Op::Writev { .. } => unsafe {
+                engine.push_transfer(op.op, user_data, op.inline)
+            },
+            // SAFETY: as above.
+            _ => unsafe { engine.push(op.op, user_data, false) },
+        };
+        match pushed {
+            Ok(()) => self.pending += 1,
+            Err(e) => {
+                log::warn!("cannot queue I/O: {e}");
+                self.failed = true;
+            }
+        }
+    }
+}
+
+/// An operation a slot has pushed, kept to retry short transfers and fall back on refusals.
+#[derive(Clone, Copy)]
+struct SlotOp {
+    op: Op,
+    /// For transfers: whether the engine may complete it inline.
+    inline: InlinePolicy,
+    /// Bytes a transfer moves.
+    expected: u64,
+    /// For fallocate operations: what it implements.
+    zero: Option<(usize, ZeroOp)>,
+}
+
+// SAFETY: the raw pointers in a slot point into guest memory that `Slot::mem` keeps mapped, or
+// into the slot's own vectors; a slot is only ever used by the thread that holds its executor.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    fn new(limits: &DeviceLimits) -> Self {
+        Slot {
+            head: 0,
+            status: GuestAddress(0),
+            kind: RequestKind::Flush,
+            used_len: 0,
+            io: SlotIo::default(),
+            synced: false,
+            bufs: RequestBuffers::with_limits(limits),
+            split_iov: Vec::new(),
+            mem: None,
+            ticket: IoTicket::NONE,
+            gated: false,
+        }
+    }
+
+    /// Set up for a request just parsed.
+    fn start(&mut self, head: u16, req: &Request, mem: &Arc<GuestMemory>) {
+        self.head = head;
+        self.status = req.status;
+        self.kind = req.kind;
+        self.used_len = req.used_len;
+        self.io.pending = 0;
+        self.io.failed = false;
+        self.synced = false;
+        self.io.ops.clear();
+        self.mem = Some(mem.clone());
+    }
+}
+
+/// Whether a request changes the disk (and so passes the write gate and marks bitmaps).
+fn modifies(kind: RequestKind) -> bool {
+    matches!(
+        kind,
+        RequestKind::Write { .. } | RequestKind::Discard | RequestKind::WriteZeroes
+    )
+}
+
+/// Executes one queue's requests.
+pub struct Executor {
+    index: usize,
+    device: Arc<BlkDevice>,
+    /// Whether the guest enabled the volatile write cache (`writeback` in config space).
+    writeback: Arc<AtomicBool>,
+    engine: Engine,
+    /// Writes held back while the write gate is closed.
+    deferred: VecDeque<(u32, Request)>,
+    bitmap_cursor: BitmapCursor,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Finished requests, `(head, used length)`, not yet on the used ring.
+    done: Vec<(u16, u32)>,
+    extents: Vec<Extent>,
+    zero_ops: Vec<HostZeroOp>,
+    completions: Vec<(u64, i32)>,
+    log: RateLimitedLog,
+}
+
+impl Executor {
+    /// An executor for queue `index` whose engine signals `completion_fd` on completions.
+    pub fn new(
+        index: usize,
+        device: Arc<BlkDevice>,
+        writeback: Arc<AtomicBool>,
+        completion_fd: std::os::fd::RawFd,
+    ) -> std::io::Result<Self> {
+        let export = device.export();
+        let bitmap_cursor = export.bitmaps().cursor();
+        let depth = u32::from(device.queue_size());
+        let engine = Engine::new(export.engine(), depth * 2, completion_fd)?;
+        let slots = (0..depth).map(|_| Slot::new(device.limits())).collect();
+        Ok(Executor {
+            index,
+            device,
+            writeback,
+            engine,
+            deferred: VecDeque::new(),
+            bitmap_cursor,
+            slots,
+            free: (0..depth).rev().collect(),
+            done: Vec::with_capacity(depth as usize),
+            extents: Vec::new(),
+            zero_ops: Vec::new(),
+            completions: Vec::new(),
+            log: RateLimitedLog::new(),
+        })
+    }
+
+    /// Requests started and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Whether another request can be started.
+    pub fn has_free_slot(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Writes are held back until the write gate reopens.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Engine operations pushed and not yet reaped.
+    pub fn ops_in_flight(&self) -> usize {
+        self.engine.in_flight()
+    }
+
+    /// Bytes moved inline and not yet reaped (see [`Engine::done_inline_bytes`]).
+    pub fn done_inline_bytes(&self) -> u64 {
+        self.engine.done_inline_bytes()
+    }
+
+    /// Hand every pushed operation to the kernel.
+    pub fn submit(&mut self) {
+        if let Err(e) = self.engine.submit() {
+            log::error!("queue {}: submitting I/O: {e}", self.index);
+        }
+    }
+
+    /// Block until an operation completes, if any is in flight.
+    pub fn wait(&mut self) -> std::io::Result<()> {
+        self.engine.wait()
+    }
+
+    /// Take the finished requests, in the order they finished.
+    pub fn take_done(&mut self) -> std::vec::Drain<'_, (u16, u32)> {
+        self.done.drain(..)
+    }
+
+    /// Parse a chain and start its I/O, or answer it at once. The caller checks
+    /// [`Executor::has_free_slot`] first.
+    pub fn start(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &Arc<GuestMemory>) {
+        let head = chain.head_index();
+        let Some(slot_index) = self.free.pop() else {
+            return;
+        };
+        let slot = &mut self.slots[slot_index as usize];
+        match request::parse(chain, mem, self.device.limits(), &mut slot.bufs) {
+            Ok(req) => {
+                slot.start(head, &req, mem);
+                self.begin(slot_index, req);
+            }
+            Err(err) => {
+                self.free.push(slot_index);
+                match err.status {
+                    Some(status) => {
+                        self.log.warn(
+                            self.index,
+                            format_args!("request {head} refused ({:?}): {err}", err.code),
+                        );
+                        write_status(mem, status, err.code);
+                        self.done.push((head, 1));
+                    }
+                    None => {
+                        self.log
+                            .warn(self.index, format_args!("request {head} dropped: {err}"));
+                        // Return the descriptors so the guest is not left waiting.
+                        self.done.push((head, 0));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Start a validated request: writes pass the write gate and are marked in the dirty
+    /// bitmaps first (failed writes stay marked: their data may have partly landed).
+    fn begin(&mut self, slot_index: u32, req: Request) {
+        if modifies(req.kind) {
+            let bitmaps = self.device.export().bitmaps();
+            if !bitmaps.gate().try_enter(self.index) {
+                // A bitmap operation is draining writes: hold this one until it is done.
+                self.deferred.push_back((slot_index, req));
+                return;
+            }
+            let slot = &mut self.slots[slot_index as usize];
+            slot.gated = true;
+            match req.kind {
+                RequestKind::Write { offset, len } => {
+                    bitmaps.mark(&mut self.bitmap_cursor, offset, len);
+                }
+                _ => {
+                    for seg in &slot.bufs.segments {
+                        bitmaps.mark(&mut self.bitmap_cursor, seg.offset, seg.len);
+                    }
+                }
+            }
+        }
+        self.execute(slot_index, req);
+        if self.slots[slot_index as usize].io.pending == 0 {
+            self.finish(slot_index);
+        }
+    }
+
+    /// Start the requests held back while the write gate was closed. Returns whether the gate
+    /// is open (nothing is held back any more).
+    pub fn run_deferred(&mut self) -> bool {
+        let mut started = false;
+        while !self.device.export().bitmaps().gate().is_closed() {
+            let Some((slot_index, req)) = self.deferred.pop_front() else {
+                break;
+            };
+            self.begin(slot_index, req);
+            started = true;
+        }
+        if started {
+            self.submit();
+        }
+        self.deferred.is_empty()
+    }
+
+    /// Start the I/O of a validated request.
+    fn execute(&mut self, slot_index: u32, req: Request) {
+        let driver = self.device.export().root().clone();
+        let result = match req.kind {
+            RequestKind::Read { offset, len } | RequestKind::Write { offset, len } => {
+                let write = matches!(req.kind, RequestKind::Write { .. });
+                self.extents.clear();
+                let slot = &self.slots[slot_index as usize];
+                // SAFETY: the iovecs were validated against guest memory that `slot.mem`
+                // keeps mapped, and the request owns them until it completes.
+                let guest = unsafe { GuestIo::new(&slot.bufs.iovecs) };
+                let mapped = if write {
+                    driver.map_write(offset, len, guest, &mut self.extents)
+                } else {
+                    driver.map_read(offset, len, guest, &mut self.extents)
+                };
+                mapped.map(|ticket| {
+                    self.slots[slot_index as usize].ticket = ticket;
+                    self.start_transfer(slot_index, write)
+                })
+            }
+            RequestKind::Flush => driver
+                .flush_metadata()
+                .map(|()| self.start_sync(slot_index)),
+            RequestKind::GetId => {
+                let slot = &self.slots[slot_index as usize];
+                // SAFETY: as above; the parser bounded the buffers to the ID's 20 bytes.
+                let guest = unsafe { GuestIo::new(&slot.bufs.iovecs) };
+                let serial = self.device.serial();
+                guest.write(0, &serial[..(slot.used_len as usize - 1).min(serial.len())]);
+                Ok(())
+            }
+            RequestKind::Discard | RequestKind::WriteZeroes => {
+                self.start_zeroes(slot_index, req.kind)
+            }
+        };
+        if let Err(e) = result {
+            self.log
+                .warn(self.index, format_args!("{:?} failed: {e}", req.kind));
+            self.slots[slot_index as usize].io.failed = true;
+        }
+    }
+
+    /// Push the data transfers of a read or write whose extents are in `self.extents`.
+    fn start_transfer(&mut self, slot_index: u32, write: bool) {
+        let files = self.device.export().root().files();
+        let Slot {
+            bufs,
+            split_iov,
+            io,
+            ..
+        } = &mut self.slots[slot_index as usize];
+        // One extent covering the request uses the request's iovecs directly; otherwise cut
+        // them at extent boundaries into `split_iov`, reserved up front so that the pointers
+        // handed to the kernel stay put.
+        let single = self.extents.len() == 1;
+        if !single {
+            split_iov.clear();
+            split_iov.reserve(bufs.iovecs.len() + self.extents.len());
+        }
+        let mut cursor = Cursor::new(&bufs.iovecs[..]);
+        for extent in &self.extents {
+            let iov_start = split_iov.len();
+            let iov: &[libc::iovec] = if single {
+                &bufs.iovecs
+            } else {
+                cursor.take(extent.len, |iov| split_iov.push(iov));
+                &split_iov[iov_start..]
+            };
+            match extent.mapping {
+                // SAFETY: validated guest memory, kept mapped by the slot.
+                Mapping::Zero if !write => unsafe { fill_zero(iov) },
+                Mapping::Zero => io.failed = true,
+                Mapping::Filled => {}
+                Mapping::Data { file, offset } => {
+                    let Some(node) = files.get(file) else {
+                        io.failed = true;
+                        continue;
+                    };
+                    let transfer = Transfer {
+                        fd: node.fd(),
+                        offset,
+                        write,
+                    };
+                    let align = node.direct_align();
+                    if align > 1 && !is_aligned(iov, align) {
+                        // SAFETY: validated guest memory, kept mapped and owned by the slot.
+                        if let Err(e) = unsafe { bounce_transfer(transfer, iov, extent.len, align) }
+                        {
+                            self.log
+                                .warn(self.index, format_args!("unaligned direct I/O: {e}"));
+                            io.failed = true;
+                        }
+                        continue;
+                    }
+                    let slot_op = SlotOp {
+                        op: transfer.op(iov),
+                        inline: node.inline_policy(),
+                        expected: extent.len,
+                        zero: None,
+                    };
+                    io.push(&mut self.engine, slot_index, slot_op);
+                }
+            }
+        }
+    }
+
+    /// Push an fdatasync of every writable file.
+    fn start_sync(&mut self, slot_index: u32) {
+        let slot = &mut self.slots[slot_index as usize];
+        slot.synced = true;
+        for file in self.device.export().root().files() {
+            if file.read_only() {
+                continue;
+            }
+            let op = SlotOp {
+                op: Op::Fdatasync { fd: file.fd() },
+                inline: InlinePolicy::Never,
+                expected: 0,
+                zero: None,
+            };
+            slot.io.push(&mut self.engine, slot_index, op);
+        }
+    }
+
+    /// Map a discard or write-zeroes and push its fallocate operations.
+    fn start_zeroes(&mut self, slot_index: u32, kind: RequestKind) -> Result<(), BlockError> {
+        let driver = self.device.export().root().clone();
+        self.zero_ops.clear();
+        let slot = &mut self.slots[slot_index as usize];
+        for seg in &slot.bufs.segments {
+            let op = match kind {
+                RequestKind::Discard => ZeroOp::Discard,
+                _ => ZeroOp::WriteZeroes { unmap: seg.unmap },
+            };
+            driver.map_zeroes(seg.offset, seg.len, op, &mut self.zero_ops)?;
+        }
+        for zop in &self.zero_ops {
+            let Some(file) = driver.files().get(zop.file) else {
+                slot.io.failed = true;
+                continue;
+            };
+            let mode = match zop.op {
+                ZeroOp::Discard => file.discard_mode(),
+                ZeroOp::WriteZeroes { unmap } => file.zero_mode(unmap),
+            };
+            match mode {
+                Some(mode) => {
+                    let op = SlotOp {
+                        inline: InlinePolicy::Never,
+                        op: Op::Fallocate {
+                            fd: file.fd(),
+                            mode,
+                            offset: zop.offset,
+                            len: zop.len,
+                        },
+                        expected: 0,
+                        zero: Some((zop.file, zop.op)),
+                    };
+                    slot.io.push(&mut self.engine, slot_index, op);
+                }
+                // Discarding is advisory: a file that cannot deallocate keeps its data.
+                None if zop.op == ZeroOp::Discard => {}
+                None => {
+                    let unmap = matches!(zop.op, ZeroOp::WriteZeroes { unmap: true });
+                    if let Err(e) = file.write_zeroes_fallback(zop.offset, zop.len, unmap) {
+                        self.log.warn(self.index, format_args!("write zeroes: {e}"));
+                        slot.io.failed = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finish every operation the engine has ready (follow-up operations are pushed, not
+    /// submitted). Returns whether there was any.
+    pub fn complete_ready(&mut self) -> bool {
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.clear();
+        self.engine
+            .reap(|user_data, result| completions.push((user_data, result)));
+        for &(user_data, result) in &completions {
+            self.complete_op(user_data, result);
+        }
+        let any = !completions.is_empty();
+        self.completions = completions;
+        any
+    }
+
+    /// Account for one finished engine operation.
+    fn complete_op(&mut self, user_data: u64, result: i32) {
+        let slot_index = (user_data >> 32) as u32;
+        let op_index = user_data as u32 as usize;
+        let Some(slot) = self.slots.get_mut(slot_index as usize) else {
+            return;
+        };
+        let Some(op) = slot.io.ops.get(op_index).copied() else {
+            return;
+        };
+        if let Err(e) = self.finish_op(op, result) {
+            self.log.warn(self.index, format_args!("I/O error: {e}"));
+            self.slots[slot_index as usize].io.failed = true;
+        }
+        let slot = &mut self.slots[slot_index as usize];
+        slot.io.pending -= 1;
+        if slot.io.pending > 0 {
+            return;
+        }
+        if modifies(slot.kind)
+            && !slot.io.failed
+            && !slot.synced
+            && !self.writeback.load(Ordering::Relaxed)
+        {
+            // Writethrough: the write is complete only once it is stable.
+            self.start_sync(slot_index);
+            if self.slots[slot_index as usize].io.pending > 0 {
+                return;
+            }
+        }
+        self.finish(slot_index);
+    }
+
+    /// Interpret an operation's result, completing short transfers and refused fallocates
+    /// synchronously.
+    fn finish_op(&self, op: SlotOp, result: i32) -> std::io::Result<()> {
+        let errno = |e: i32| std::io::Error::from_raw_os_error(e);
+        match op.op {
+            Op::Readv { .. } | Op::Writev { .. } if result >= 0 => {
+                let done = result as u64;
+                if done < op.expected {
+                    // SAFETY: the op's iovecs belong to the slot, still in flight.
+                    unsafe { finish_short_transfer(op.op, done, op.expected)? };
+                }
+                Ok(())
+            }
+            Op::Fallocate {
+                mode, offset, len, ..
+            } if result < 0 => {
+                let Some((file, zero)) = op.zero else {
+                    return Err(errno(-result));
+                };
+                let node = &self.device.export().root().files()[file];
+                if !node.note_fallocate_refusal(mode, -result) {
+                    return Err(errno(-result));
+                }
+                match zero {
+                    ZeroOp::Discard => Ok(()),
+                    ZeroOp::WriteZeroes { unmap } => node.write_zeroes_fallback(offset, len, unmap),
+                }
+            }
+            _ if result < 0 => Err(errno(-result)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Write the status, free the slot and queue the request for the used ring.
+    fn finish(&mut self, slot_index: u32) {
+        let slot = &mut self.slots[slot_index as usize];
+        let (status, used_len) = if slot.io.failed {
+            (Status::IoErr, 1)
+        } else {
+            (Status::Ok, slot.used_len)
+        };
+        let head = slot.head;
+        let export = self.device.export();
+        if std::mem::take(&mut slot.gated) {
+            export.bitmaps().gate().exit(self.index);
+        }
+        let ticket = std::mem::take(&mut slot.ticket);
+        export.root().release(ticket, !slot.io.failed);
+        if let Some(mem) = slot.mem.take() {
+            write_status(&mem, slot.status, status);
+        }
+        self.free.push(slot_index);
+        self.done.push((head, used_len));
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        // The kernel may still be writing into guest memory that the slots keep mapped: wait.
+        while self.engine.in_flight() > 0 {
+            if self.engine.wait().is_err() {
+                break;
+            }
+            self.engine.reap(|_, _| {});
+        }
+    }
+}
+
+fn write_status(mem: &GuestMemory, addr: GuestAddress, status: Status) {
+    // The parser checked the address; a guest that removed the memory since only loses its
+    // own status byte.
+    let _ = mem.write_obj(status as u8, addr);
+}
+
+#[cfg(test)]
+mod tests;

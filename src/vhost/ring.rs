@@ -1,0 +1,331 @@
+//! One virtqueue's ring servicing: pops available chains, hands them to the queue's
+//! [`Executor`], publishes finished requests on the used ring and notifies the guest; plus
+//! busy-polling and draining.
+//!
+//! Each queue has its own worker and its own thread, so queues never contend: the only shared
+//! state on the path is the read-only device and whatever short, per-node locks a format driver
+//! takes while mapping.
+
+use std::num::Wrapping;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::device::BlkDevice;
+use super::executor::Executor;
+use crate::ratelimit::RateLimitedLog;
+use crate::virtio_blk::request::GuestMemory;
+
+/// The vring type the daemon uses.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
+type State = VringState<GuestMemoryAtomic<GuestMemory>>;
+
+/// Requests popped per wake-up before the worker yields to its other events. A guest that keeps
+/// its queue full cannot keep the thread from completing requests or serving a shutdown.
+const MAX_REQUESTS_PER_WAKEUP: usize = 256;
+
+/// A pass over at least this many available requests hands the first half back as soon as it
+/// is done (see [`QueueWorker::publish_done`]).
+const SPLIT_BATCHES_FROM: usize = 4;
+
+/// Longest a busy-polling worker keeps its queue before going back to its event loop, so that
+/// a guest that never lets the queue go idle cannot keep the control path (which stops queues
+/// and drains them) waiting.
+const MAX_POLL_SESSION: Duration = Duration::from_millis(1);
+
+/// The worker of one virtqueue.
+pub struct QueueWorker {
+    index: usize,
+    device: Arc<BlkDevice>,
+    mem: GuestMemoryAtomic<GuestMemory>,
+    exec: Executor,
+    /// Signalled by the engine on completions, by the worker to resume later, and by the
+    /// write gate when it reopens.
+    wake: Arc<EventFd>,
+    /// The vring, kept from the first event so that [`QueueWorker::drain`] can complete requests.
+    vring: Option<Vring>,
+    /// Work is left on the available ring (budget used up or no free slot).
+    resume: bool,
+    /// Busy-polling: the guest's notifications stay suppressed while the ring is empty.
+    polling: bool,
+    used_added: bool,
+    log: RateLimitedLog,
+}
+
+impl QueueWorker {
+    pub fn new(
+        index: usize,
+        device: Arc<BlkDevice>,
+        mem: GuestMemoryAtomic<GuestMemory>,
+        writeback: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        device.export().bitmaps().gate().register_waker(&wake);
+        let exec = Executor::new(index, device.clone(), writeback, wake.as_raw_fd())?;
+        Ok(QueueWorker {
+            index,
+            device,
+            mem,
+            exec,
+            wake,
+            vring: None,
+            resume: false,
+            polling: false,
+            used_added: false,
+            log: RateLimitedLog::new(),
+        })
+    }
+
+    /// The eventfd the queue thread's epoll loop must watch.
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.exec.in_flight()
+    }
+
+    /// Whether new requests must wait: a bitmap operation is draining writes, or writes it
+    /// held back have not started yet.
+    fn held_back(&self) -> bool {
+        self.device.export().bitmaps().gate().is_closed() || self.exec.has_deferred()
+    }
+
+    /// Handle a wake-up: the guest kicked the queue (`kick`), or completions or leftover work
+    /// are ready.
+    pub fn handle_event(&mut self, vring: &Vring, kick: bool) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        if !kick {
+            // Clear the wake-up being handled (a level-triggered epoll reports it until then);
+            // a kick leaves it alone, saving a system call per request.
+            let _ = self.wake.read();
+        }
+        let mut state = vring.get_mut();
+        self.exec.run_deferred();
+        if kick || std::mem::take(&mut self.resume) {
+            self.process_avail(&mut state);
+        }
+        self.run_completions(&mut state);
+        self.notify_guest(&mut state);
+        if let Some(window) = self.device.export().poll_window() {
+            self.poll(&mut state, window);
+        }
+    }
+
+    /// Busy-poll the available ring and the engine until nothing has happened for `window`
+    /// (or the session limit is reached), handling work as it shows up. Waking a sleeping
+    /// thread costs microseconds that a request at queue depth 1 feels in full; a spinning
+    /// thread sees the next request, or its completion, at once.
+    fn poll(&mut self, state: &mut State, window: Duration) {
+        let started = Instant::now();
+        let mut last_work = started;
+        self.polling = true;
+        loop {
+            // A bitmap operation waits for writes to drain: leave the thread to it.
+            if self.held_back() {
+                break;
+            }
+            let popped = self.process_avail(state);
+            let reaped = self.run_completions(state);
+            let now = Instant::now();
+            if popped > 0 || reaped {
+                self.notify_guest(state);
+                last_work = now;
+            } else if now.duration_since(last_work) >= window {
+                break;
+            }
+            if now.duration_since(started) >= MAX_POLL_SESSION {
+                // Still busy: come back through the event loop.
+                self.resume = true;
+                let _ = self.wake.write(1);
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.polling = false;
+        // Ask for notifications again, handling what was made available meanwhile the way a
+        // wake-up would (this also re-arms, and gives up on a ring whose index is invalid).
+        if !self.resume {
+            self.process_avail(state);
+            self.run_completions(state);
+            self.notify_guest(state);
+        }
+    }
+
+    /// Wait for every request in flight to complete and put it on the used ring.
+    pub fn drain(&mut self) {
+        let Some(vring) = self.vring.clone() else {
+            // No event was ever handled, so no request was ever started.
+            return;
+        };
+        loop {
+            {
+                let mut state = vring.get_mut();
+                // Held-back writes start once the gate reopens; completions keep being reaped
+                // meanwhile, which is what lets a bitmap operation's drain finish.
+                self.exec.run_deferred();
+                self.exec.submit();
+                self.run_completions(&mut state);
+                self.notify_guest(&mut state);
+            }
+            let in_flight = self.exec.ops_in_flight();
+            if !self.exec.has_deferred() && in_flight == 0 {
+                break;
+            }
+            if in_flight > 0 {
+                if let Err(e) = self.exec.wait() {
+                    log::error!("queue {}: waiting for I/O: {e}", self.index);
+                    break;
+                }
+            } else {
+                // Only writes held back by a bitmap operation remain; it ends shortly.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.resume = false;
+    }
+
+    /// Pop and start requests until the ring is empty, the budget is spent or slots run out.
+    /// Returns how many were popped.
+    fn process_avail(&mut self, state: &mut State) -> usize {
+        if self.held_back() {
+            // Requests wait on the ring while writes are held back; the gate wakes us.
+            self.resume = true;
+            return 0;
+        }
+        let mut total = 0;
+        let mut mem = self.mem.memory().into_inner();
+        let mut budget = MAX_REQUESTS_PER_WAKEUP;
+        let mut empty_passes = 0;
+        loop {
+            // Errors here mean the guest put the ring outside its memory; popping fails too.
+            let _ = state.get_queue_mut().disable_notification(&*mem);
+            let publish_at = self.publish_point(state, &mem);
+            let mut popped = 0;
+            while budget > 0 && self.exec.has_free_slot() {
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                // The frontend may have added memory (and then made this request available)
+                // after we took our view of it: a request must be read with the memory as it
+                // was when its ring entry became visible. Take the entry back and retry.
+                let current = self.mem.memory().into_inner();
+                if !Arc::ptr_eq(&current, &mem) {
+                    state.get_queue_mut().go_to_previous_position();
+                    mem = current;
+                    continue;
+                }
+                budget -= 1;
+                popped += 1;
+                total += 1;
+                self.exec.start(chain, &mem);
+                if popped == publish_at && self.exec.done_inline_bytes() > 0 {
+                    self.publish_done(state);
+                }
+            }
+            if popped == 0 {
+                empty_passes += 1;
+                if empty_passes > 1 {
+                    // The ring claims entries that cannot be popped: its avail index is
+                    // beyond what the queue can hold. Wait for the next kick rather than spin.
+                    self.log.warn(
+                        self.index,
+                        format_args!("available ring index is invalid; ignoring the queue"),
+                    );
+                    break;
+                }
+            }
+            if budget == 0 || !self.exec.has_free_slot() {
+                // Come back after other events; a full slot table resumes on completions.
+                self.resume = true;
+                if budget == 0 {
+                    let _ = self.wake.write(1);
+                }
+                break;
+            }
+            if self.polling {
+                // The poller comes back at once; notifications stay off meanwhile.
+                break;
+            }
+            match state.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        self.exec.submit();
+        total
+    }
+
+    /// Reap completions until none are left, submitting follow-up operations as they arise.
+    /// Returns whether anything completed.
+    fn run_completions(&mut self, state: &mut State) -> bool {
+        let mut any = false;
+        loop {
+            if !self.exec.complete_ready() {
+                return any;
+            }
+            any = true;
+            if self.resume && self.exec.has_free_slot() {
+                self.resume = false;
+                self.process_avail(state);
+            } else {
+                self.exec.submit();
+            }
+        }
+    }
+
+    /// After how many requests of this pass to hand the finished ones back early: half of
+    /// what the driver has made available, when that is a batch worth splitting. (Measured
+    /// against no split, quarters and eighths: halves gave the most IOPS at 4k depth 32 and
+    /// 64k depth 8; more notifications cost more than the overlap gains.)
+    fn publish_point(&self, state: &State, mem: &GuestMemory) -> usize {
+        let queue = state.get_queue();
+        let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) else {
+            return usize::MAX;
+        };
+        let available = usize::from((avail - Wrapping(queue.next_avail())).0);
+        if available >= SPLIT_BATCHES_FROM {
+            available / 2
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// Put the requests finished so far on the used ring and notify the driver, in the middle
+    /// of a pass over the available ring. A pass of inline copies can take a while (eight
+    /// 64 KiB requests are ~100 µs of copying); handing back finished requests early lets the
+    /// driver refill the ring while the rest is copied, so the queue does not run dry and
+    /// sleep between batches. Transfers in flight in io_uring are not waited for.
+    fn publish_done(&mut self, state: &mut State) {
+        self.exec.complete_ready();
+        self.notify_guest(state);
+    }
+
+    /// Put finished requests on the used ring and signal the guest if it wants to know.
+    fn notify_guest(&mut self, state: &mut State) {
+        for (head, len) in self.exec.take_done() {
+            match state.add_used(head, len) {
+                Ok(()) => self.used_added = true,
+                // A head index the ring does not have cannot be returned.
+                Err(e) => self.log.warn(
+                    self.index,
+                    format_args!("cannot return descriptor {head} to the guest: {e}"),
+                ),
+            }
+        }
+        if std::mem::take(&mut self.used_added) && state.needs_notification().unwrap_or(true) {
+            if let Err(e) = state.signal_used_queue() {
+                log::error!("queue {}: notifying the guest: {e}", self.index);
+            }
+        }
+    }
+}
