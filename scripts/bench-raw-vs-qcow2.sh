@@ -7,7 +7,7 @@
 # Both serve the same 1 GiB data file in /dev/shm: once as raw, once through qcow2 metadata
 # made by `vubd create`.
 #
-# usage: scripts/bench-raw-vs-qcow2.sh [RUNTIME_S] [REPS]
+# usage: scripts/bench-raw-vs-qcow2.sh [RUNTIME_S] [REPS]   (REPS=0: instructions per I/O only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime=${1:-5}
@@ -38,6 +38,7 @@ serve() { # kind [wrapper...]
 
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; }
 
+if [ "$reps" -gt 0 ]; then
 echo "== loadgen, median of $reps x ${runtime}s runs, alternating =="
 results=$dir/results
 : >"$results"
@@ -63,6 +64,7 @@ for rw, qd in sorted({(k[0], k[1]) for k in d}):
     p50 = [statistics.median(x["lat_us"]["p50"] for x in d[(rw, qd, k)]) for k in ("raw", "qcow2")]
     print(f"{rw + ' qd' + str(qd):16} {iops[0]:10.0f} {iops[1]:11.0f} {iops[1] / iops[0]:6.3f} {p50[0]:8.1f}us {p50[1]:9.1f}us")
 EOF
+fi
 
 if command -v valgrind >/dev/null; then
     echo "== instructions per I/O in vubd (callgrind), 4k iodepth 32 =="

@@ -23,10 +23,12 @@ pub trait Span: Copy {
 }
 
 impl Span for libc::iovec {
+    #[inline]
     fn len(&self) -> u64 {
         self.iov_len as u64
     }
 
+    #[inline]
     fn cut(&self, at: u64, len: u64) -> Self {
         libc::iovec {
             // In bounds of the same buffer (`at <= iov_len`); wrapping_add keeps this safe code,
@@ -46,10 +48,12 @@ pub struct GuestRange {
 }
 
 impl Span for GuestRange {
+    #[inline]
     fn len(&self) -> u64 {
         self.len
     }
 
+    #[inline]
     fn cut(&self, at: u64, len: u64) -> Self {
         GuestRange {
             addr: GuestAddress(self.addr.0.wrapping_add(at)),
@@ -74,6 +78,7 @@ pub struct Cursor<'a, S> {
 }
 
 impl<'a, S: Span> Cursor<'a, S> {
+    #[inline]
     pub fn new(spans: &'a [S]) -> Self {
         Cursor {
             spans,
@@ -83,6 +88,7 @@ impl<'a, S: Span> Cursor<'a, S> {
     }
 
     /// The next run of at most `max` bytes, within one span; `None` at the end.
+    #[inline]
     pub fn next_piece(&mut self, max: u64) -> Option<S> {
         while let Some(span) = self.spans.get(self.index) {
             let left = span.len() - self.offset;
@@ -107,12 +113,26 @@ impl<'a, S: Span> Cursor<'a, S> {
     }
 
     /// Step over the next `len` bytes; returns how many there were.
+    #[inline]
     pub fn skip(&mut self, len: u64) -> u64 {
-        self.take(len, |_| {})
+        let mut done = 0;
+        while let Some(span) = self.spans.get(self.index) {
+            let left = span.len() - self.offset;
+            if done + left > len {
+                self.offset += len - done;
+                return len;
+            }
+            // Whole spans are stepped over without being cut.
+            done += left;
+            self.index += 1;
+            self.offset = 0;
+        }
+        done
     }
 
     /// Call `f` on the runs covering the next `len` bytes, in order; returns how many bytes
     /// they cover (less than `len` if the spans end first).
+    #[inline]
     pub fn take(&mut self, len: u64, mut f: impl FnMut(S)) -> u64 {
         let mut done = 0;
         while done < len {
@@ -126,6 +146,7 @@ impl<'a, S: Span> Cursor<'a, S> {
     }
 
     /// Like [`Cursor::take`], stopping at the first error `f` returns.
+    #[inline]
     pub fn try_take<E>(
         &mut self,
         len: u64,

@@ -312,8 +312,11 @@ impl QueueWorker {
 
     /// Put finished requests on the used ring and signal the guest if it wants to know.
     fn notify_guest(&mut self, state: &mut State) {
+        // One look at the memory map for the whole batch (`VringState::add_used` would take
+        // one per request).
+        let mem = self.mem.memory();
         for (head, len) in self.exec.take_done() {
-            match state.add_used(head, len) {
+            match state.get_queue_mut().add_used(&*mem, head, len) {
                 Ok(()) => self.used_added = true,
                 // A head index the ring does not have cannot be returned.
                 Err(e) => self.log.warn(

@@ -397,7 +397,15 @@ fn read_bytes(
 }
 
 /// Gather the 16-byte header from the start of the readable ranges, wherever it is cut.
+#[inline]
 fn read_header(mem: &GuestMemory, readable: &[GuestRange]) -> Result<RequestHeader, Invalid> {
+    // Drivers put the header in a descriptor of its own: one read, no cursor.
+    if let Some(first) = readable.first().filter(|r| r.len >= HEADER_SIZE as u64) {
+        let mut header = RequestHeader::default();
+        mem.read_slice(header.as_mut_slice(), first.addr)
+            .map_err(|_| Invalid::HeaderOutsideMemory)?;
+        return Ok(header);
+    }
     let mut header = RequestHeader::default();
     read_bytes(
         mem,
@@ -449,7 +457,12 @@ fn map_buffers(
 ) -> Result<(), Invalid> {
     let mut cursor = Cursor::new(ranges);
     cursor.skip(skip);
-    cursor.try_take(len, |range| {
+    let mut left = len;
+    while left > 0 {
+        let Some(range) = cursor.next_piece(left) else {
+            break;
+        };
+        left -= range.len;
         for slice in GuestMemoryBackend::get_slices(mem, range.addr, range.len as usize) {
             let slice = slice.map_err(|_| Invalid::BufferOutsideMemory)?;
             if out.0.len() >= DeviceLimits::MAX_IOVECS {
@@ -460,8 +473,7 @@ fn map_buffers(
                 iov_len: slice.len(),
             });
         }
-        Ok(())
-    })?;
+    }
     Ok(())
 }
 
