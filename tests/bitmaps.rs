@@ -10,9 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::blkio_client::BlkioClient;
+use common::cli::{run_vubd, vubd_ok};
 use common::qemu::{assert_check_clean, qemu_img, try_run_in};
 use common::qmp::Qmp;
-use common::{create_image, pattern, run_vubd, vubd_bin, TempDir, Vubd};
+use common::{pattern, raw_with_metadata, vubd_bin, TempDir, Vubd};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -119,25 +120,12 @@ fn nbd_dirty_granules(dir: &Path, image: &str, name: &str, granularity: u64) -> 
     dirty
 }
 
-/// A raw disk with qcow2 metadata beside it, made by `vubd create`.
-fn raw_with_metadata(dir: &TempDir, size: usize) {
-    create_image(&dir.join("disk.raw"), size, 1);
-    let (code, out, err) = run_vubd(&[
-        "create",
-        dir.join("meta.qcow2").to_str().unwrap(),
-        "--data-file",
-        dir.join("disk.raw").to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
-}
-
+/// `vubd bitmap meta.qcow2 ARGS...` in `dir`, expecting success; returns stdout.
 fn vubd_bitmap(dir: &TempDir, args: &[&str]) -> String {
     let image = dir.join("meta.qcow2");
     let mut full = vec!["bitmap", image.to_str().unwrap()];
     full.extend_from_slice(args);
-    let (code, out, err) = run_vubd(&full);
-    assert_eq!(code, 0, "vubd bitmap {args:?}: {out}{err}");
-    out
+    vubd_ok(&full)
 }
 
 fn serve(dir: &TempDir, extra: &[&str]) -> Vubd {
@@ -150,7 +138,7 @@ fn serve(dir: &TempDir, extra: &[&str]) -> Vubd {
 #[test]
 fn bitmaps_hold_exactly_the_granules_written() {
     let dir = TempDir::new("bm-exact");
-    raw_with_metadata(&dir, 64 << 20);
+    raw_with_metadata(&dir, 64 << 20, 1);
     vubd_bitmap(&dir, &["add", "coarse"]);
     vubd_bitmap(&dir, &["add", "fine", "--granularity", "4K"]);
     vubd_bitmap(&dir, &["add", "off", "--disabled"]);
@@ -184,7 +172,7 @@ fn bitmaps_hold_exactly_the_granules_written() {
 #[test]
 fn a_bitmap_added_at_runtime_records_only_later_writes() {
     let dir = TempDir::new("bm-runtime");
-    raw_with_metadata(&dir, 32 << 20);
+    raw_with_metadata(&dir, 32 << 20, 1);
     let control = dir.join("qmp.sock");
     let mut vubd = serve(&dir, &["--control", control.to_str().unwrap()]);
     let mut qmp = Qmp::connect(&control);
@@ -360,14 +348,14 @@ fn management_behaves_like_qemu_storage_daemon() {
     // The same image, the same workload, the same QMP commands: once on qemu-storage-daemon,
     // once on vubd started with the very same command line.
     let qsd_dir = TempDir::new("bm-qsd");
-    raw_with_metadata(&qsd_dir, 16 << 20);
+    raw_with_metadata(&qsd_dir, 16 << 20, 1);
     let (child, mut qmp, sock) = start_qsd(&qsd_dir);
     let expected = management_sequence(&mut qmp, &sock);
     drop(qmp);
     stop_child(child);
 
     let dir = TempDir::new("bm-vubd");
-    raw_with_metadata(&dir, 16 << 20);
+    raw_with_metadata(&dir, 16 << 20, 1);
     let sock = dir.join("qsd.sock");
     let mon = dir.join("qsd-qmp.sock");
     let child = Command::new(vubd_bin())
@@ -403,7 +391,7 @@ fn management_behaves_like_qemu_storage_daemon() {
 #[test]
 fn a_bitmap_left_in_use_by_a_killed_qemu_is_inconsistent() {
     let dir = TempDir::new("bm-killed");
-    raw_with_metadata(&dir, 16 << 20);
+    raw_with_metadata(&dir, 16 << 20, 1);
     qemu_img(dir.path(), &["bitmap", "--add", "meta.qcow2", "b0"]);
     let (mut child, qmp, _) = start_qsd(&dir);
     drop(qmp);
@@ -450,7 +438,7 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_is_inconsistent() {
 #[test]
 fn bitmaps_made_by_qemu_img_are_loaded_with_their_state() {
     let dir = TempDir::new("bm-qemu-img");
-    raw_with_metadata(&dir, 16 << 20);
+    raw_with_metadata(&dir, 16 << 20, 1);
     qemu_img(
         dir.path(),
         &["bitmap", "--add", "-g", "32768", "meta.qcow2", "on"],
@@ -486,7 +474,7 @@ fn bitmaps_made_by_qemu_img_are_loaded_with_their_state() {
 #[test]
 fn offline_bitmap_commands() {
     let dir = TempDir::new("bm-offline");
-    raw_with_metadata(&dir, 16 << 20);
+    raw_with_metadata(&dir, 16 << 20, 1);
     vubd_bitmap(&dir, &["add", "a"]);
     vubd_bitmap(&dir, &["add", "b", "--disabled"]);
     let ops = workload(20, 16 * MIB, 12);
@@ -560,7 +548,7 @@ fn offline_bitmap_commands() {
 #[test]
 fn qmp_protocol_shapes() {
     let dir = TempDir::new("bm-qmp");
-    raw_with_metadata(&dir, 8 << 20);
+    raw_with_metadata(&dir, 8 << 20, 1);
     let control = dir.join("qmp.sock");
     let mut vubd = serve(
         &dir,
@@ -645,7 +633,7 @@ fn checkpoints_under_load(extra: &[&str]) {
     use std::mem::MaybeUninit;
 
     let dir = TempDir::new("bm-stress");
-    raw_with_metadata(&dir, 64 << 20);
+    raw_with_metadata(&dir, 64 << 20, 1);
     vubd_bitmap(&dir, &["add", "cp0"]);
     let control = dir.join("qmp.sock");
     let mut args = vec!["--control", control.to_str().unwrap(), "--num-queues", "2"];

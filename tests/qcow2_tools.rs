@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::blkio_client::BlkioClient;
+use common::cli::{run_vubd, serve_qcow2_fails, vubd_ok};
 use common::qemu::{assert_check_clean, info_json, qemu_img, qemu_io, qemu_view, try_run_in};
-use common::{create_image, pattern, run_vubd, vubd_bin, TempDir, Vubd};
+use common::{create_image, pattern, raw_with_metadata, vubd_bin, TempDir, Vubd};
 
 const MIB: usize = 1 << 20;
 
@@ -21,12 +22,6 @@ fn sha256(path: &Path) -> String {
         .output()
         .expect("sha256sum");
     String::from_utf8_lossy(&out.stdout)[..64].to_string()
-}
-
-fn vubd_ok(args: &[&str]) -> String {
-    let (code, out, err) = run_vubd(args);
-    assert_eq!(code, 0, "vubd {args:?}: {out}{err}");
-    out
 }
 
 #[test]
@@ -275,22 +270,6 @@ fn patch(path: &Path, offset: u64, bytes: &[u8]) {
     f.write_all_at(bytes, offset).unwrap();
 }
 
-fn serve_fails(dir: &TempDir, image: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "serve",
-        "--socket",
-        dir.join("fail.sock").to_str().unwrap().to_string().leak(),
-        "--image",
-        image.to_str().unwrap(),
-        "--format",
-        "qcow2",
-    ];
-    args.extend_from_slice(extra);
-    let (code, _, err) = run_vubd(&args);
-    assert_ne!(code, 0, "serving {} should fail", image.display());
-    err
-}
-
 #[test]
 fn header_feature_bits_are_honoured() {
     let dir = TempDir::new("features");
@@ -305,7 +284,7 @@ fn header_feature_bits_are_honoured() {
 
     // An unknown incompatible bit: refused.
     patch(&img, 72, &(1u64 << 10).to_be_bytes());
-    let err = serve_fails(&dir, &img, &["--readonly"]);
+    let err = serve_qcow2_fails(&dir, &img, &["--readonly"]);
     assert!(err.contains("incompatible"), "{err}");
     patch(&img, 72, &0u64.to_be_bytes());
 
@@ -322,12 +301,12 @@ fn header_feature_bits_are_honoured() {
             "4M",
         ],
     );
-    let err = serve_fails(&dir, &dir.join("x.qcow2"), &["--readonly"]);
+    let err = serve_qcow2_fails(&dir, &dir.join("x.qcow2"), &["--readonly"]);
     assert!(err.contains("extended L2"), "{err}");
 
     // The corrupt bit: read-only only.
     patch(&img, 72, &2u64.to_be_bytes());
-    let err = serve_fails(&dir, &img, &[]);
+    let err = serve_qcow2_fails(&dir, &img, &[]);
     assert!(
         err.contains("corrupt") && err.contains("--readonly"),
         "{err}"
@@ -361,7 +340,7 @@ fn header_feature_bits_are_honoured() {
             "4M",
         ],
     );
-    let err = serve_fails(
+    let err = serve_qcow2_fails(
         &dir,
         &dir.join("r.qcow2"),
         &[
@@ -558,14 +537,7 @@ fn qsd_args(meta: &str, data: Option<&str>, socket: &Path, writable: bool) -> Ve
 fn images_go_back_and_forth_with_qemu_storage_daemon() {
     let dir = TempDir::new("interop");
     let disk = dir.join("disk.raw");
-    let mut model = create_image(&disk, 16 * MIB, 12);
-    let meta = dir.join("meta.qcow2");
-    vubd_ok(&[
-        "create",
-        meta.to_str().unwrap(),
-        "--data-file",
-        disk.to_str().unwrap(),
-    ]);
+    let mut model = raw_with_metadata(&dir, 16 * MIB, 12);
     qemu_img(dir.path(), &["create", "-f", "qcow2", "plain.qcow2", "16M"]);
     let mut plain_model = vec![0u8; 16 * MIB];
 
@@ -674,11 +646,9 @@ fn images_go_back_and_forth_with_qemu_storage_daemon() {
 #[test]
 fn images_are_locked_against_qemu_and_other_vubd_processes() {
     let dir = TempDir::new("locking");
-    let disk = dir.join("disk.raw");
-    create_image(&disk, 16 * MIB, 13);
-    let meta = dir.join("meta.qcow2");
+    raw_with_metadata(&dir, 16 * MIB, 13);
+    let (meta, disk) = (dir.join("meta.qcow2"), dir.join("disk.raw"));
     let (meta_s, disk_s) = (meta.to_str().unwrap(), disk.to_str().unwrap());
-    vubd_ok(&["create", meta_s, "--data-file", disk_s]);
     let in_use = |out: &str| out.contains("in use by another process");
 
     // vubd writes: QEMU's tools and other vubd processes keep off both files.
@@ -697,7 +667,7 @@ fn images_are_locked_against_qemu_and_other_vubd_processes() {
         code != 0 && out.contains("lock"),
         "qemu-io on the data file: {out}"
     );
-    let out = serve_fails(&dir, &meta, &[]);
+    let out = serve_qcow2_fails(&dir, &meta, &[]);
     assert!(in_use(&out), "a second vubd: {out}");
     let (code, _, out) = run_vubd(&["bitmap", meta_s, "add", "b"]);
     assert!(code != 0 && in_use(&out), "bitmap add: {out}");
@@ -722,7 +692,7 @@ fn images_are_locked_against_qemu_and_other_vubd_processes() {
     let mut first = Vubd::start(&dir.join("r1.sock"), &ro);
     let mut second = Vubd::start(&dir.join("r2.sock"), &ro);
     qemu_img(dir.path(), &["info", "meta.qcow2"]);
-    let out = serve_fails(&dir, &meta, &[]);
+    let out = serve_qcow2_fails(&dir, &meta, &[]);
     assert!(in_use(&out), "a writer next to readers: {out}");
     first.stop();
     second.stop();
@@ -734,7 +704,7 @@ fn images_are_locked_against_qemu_and_other_vubd_processes() {
         &sock,
         &qsd_args(meta_s, Some(disk_s), &sock, true),
     );
-    let out = serve_fails(&dir, &meta, &[]);
+    let out = serve_qcow2_fails(&dir, &meta, &[]);
     assert!(in_use(&out), "vubd next to qemu-storage-daemon: {out}");
     let mut unlocked = Vubd::start(
         &dir.join("u.sock"),

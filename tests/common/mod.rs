@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod blkio_client;
+pub mod cli;
 pub mod qemu;
 pub mod qmp;
 pub mod raw_frontend;
@@ -67,6 +68,20 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub fn create_image(path: &Path, len: usize, seed: u64) -> Vec<u8> {
     let data = pattern(len, seed);
     fs::write(path, &data).expect("write image");
+    data
+}
+
+/// The layout vubd is built for: `disk.raw` in `dir` (`len` bytes of `pattern(len, seed)`) with
+/// qcow2 metadata `meta.qcow2` beside it, made by `vubd create`. Returns the disk's content.
+pub fn raw_with_metadata(dir: &TempDir, len: usize, seed: u64) -> Vec<u8> {
+    let disk = dir.join("disk.raw");
+    let data = create_image(&disk, len, seed);
+    cli::vubd_ok(&[
+        "create",
+        dir.join("meta.qcow2").to_str().expect("utf-8 path"),
+        "--data-file",
+        disk.to_str().expect("utf-8 path"),
+    ]);
     data
 }
 
@@ -172,17 +187,4 @@ impl Drop for Vubd {
             let _ = child.wait();
         }
     }
-}
-
-/// Run `vubd ARGS...` to completion; returns (exit code, stdout, stderr).
-pub fn run_vubd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(vubd_bin())
-        .args(args)
-        .output()
-        .expect("run vubd");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
