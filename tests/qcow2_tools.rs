@@ -11,25 +11,18 @@ use std::time::{Duration, Instant};
 
 use common::blkio_client::BlkioClient;
 use common::cli::{run_vubd, serve_qcow2_fails, vubd_ok};
+use common::data::{assert_same, sha256_file};
 use common::qemu::{assert_check_clean, info_json, qemu_img, qemu_io, qemu_view, try_run_in};
 use common::{create_image, pattern, raw_with_metadata, vubd_bin, TempDir, Vubd};
 
 const MIB: usize = 1 << 20;
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)[..64].to_string()
-}
 
 #[test]
 fn create_adopts_an_existing_raw_file_without_touching_it() {
     let dir = TempDir::new("create-adopt");
     let disk = dir.join("disk.raw");
     let data = create_image(&disk, 24 * MIB + 4096, 7);
-    let before = sha256(&disk);
+    let before = sha256_file(&disk);
     let meta = dir.join("meta.qcow2");
     let out = vubd_ok(&[
         "create",
@@ -38,7 +31,7 @@ fn create_adopts_an_existing_raw_file_without_touching_it() {
         disk.to_str().unwrap(),
     ]);
     assert!(out.contains("stored as 'disk.raw'"), "{out}");
-    assert_eq!(sha256(&disk), before, "the raw file is unchanged");
+    assert_eq!(sha256_file(&disk), before, "the raw file is unchanged");
     assert_eq!(fs::metadata(&disk).unwrap().len(), data.len() as u64);
 
     assert_check_clean(dir.path(), "meta.qcow2");
@@ -83,7 +76,7 @@ fn create_refuses_to_overwrite_or_resize() {
     let dir = TempDir::new("create-refuse");
     let disk = dir.join("disk.raw");
     create_image(&disk, 2 * MIB, 9);
-    let before = sha256(&disk);
+    let before = sha256_file(&disk);
     let meta = dir.join("meta.qcow2");
     let (code, _, err) = run_vubd(&[
         "create",
@@ -105,7 +98,7 @@ fn create_refuses_to_overwrite_or_resize() {
     let (code, _, err) = run_vubd(&["create", meta.to_str().unwrap(), "--size", "1M"]);
     assert_ne!(code, 0);
     assert!(err.contains("already exists"), "{err}");
-    assert_eq!(sha256(&disk), before);
+    assert_eq!(sha256_file(&disk), before);
 }
 
 #[test]
@@ -599,13 +592,11 @@ fn images_go_back_and_forth_with_qemu_storage_daemon() {
             ),
         );
         let mut client = BlkioClient::connect(&qsock, 1).unwrap();
-        for (i, window) in m.chunks(4 * MIB).enumerate() {
-            let got = client.read(0, (i * 4 * MIB) as u64, window.len()).unwrap();
-            assert!(
-                got == window,
-                "{image}: qemu-storage-daemon reads what vubd wrote (window {i})"
-            );
-        }
+        assert_same(
+            &client.read_all(0, m.len()).unwrap(),
+            m,
+            &format!("{image}: qemu-storage-daemon reads what vubd wrote"),
+        );
         let data = pattern(3 * 65536, 77);
         client.write(0, 5 * MIB as u64 + 4096, &data).unwrap();
         m[5 * MIB + 4096..5 * MIB + 4096 + data.len()].copy_from_slice(&data);
@@ -627,13 +618,11 @@ fn images_go_back_and_forth_with_qemu_storage_daemon() {
             ],
         );
         let mut client = BlkioClient::connect_with(&vubd.socket, 1, true).unwrap();
-        for (i, window) in m.chunks(4 * MIB).enumerate() {
-            let got = client.read(0, (i * 4 * MIB) as u64, window.len()).unwrap();
-            assert!(
-                got == window,
-                "{image}: vubd reads what qemu-storage-daemon wrote (window {i})"
-            );
-        }
+        assert_same(
+            &client.read_all(0, m.len()).unwrap(),
+            m,
+            &format!("{image}: vubd reads what qemu-storage-daemon wrote"),
+        );
         drop(client);
         vubd.stop();
     }

@@ -6,6 +6,7 @@
 
 pub mod blkio_client;
 pub mod cli;
+pub mod data;
 pub mod qemu;
 pub mod qmp;
 pub mod raw_frontend;
