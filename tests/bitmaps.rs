@@ -6,14 +6,15 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::blkio_client::BlkioClient;
 use common::cli::{run_vubd, vubd_ok};
 use common::qemu::{assert_check_clean, qemu_img, try_run_in};
 use common::qmp::Qmp;
-use common::{pattern, raw_with_metadata, vubd_bin, TempDir, Vubd};
+use common::qsd::{Daemon, Export};
+use common::{pattern, raw_with_metadata, TempDir, Vubd};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -218,53 +219,15 @@ fn a_bitmap_added_at_runtime_records_only_later_writes() {
     assert_eq!(names, vec!["b1"]);
 }
 
-/// Start qemu-storage-daemon on `meta.qcow2` over `disk.raw` with a QMP monitor.
-fn start_qsd(dir: &TempDir) -> (Child, Qmp, std::path::PathBuf) {
-    let sock = dir.join("qsd.sock");
-    let mon = dir.join("qsd-qmp.sock");
-    let child = Command::new("qemu-storage-daemon")
-        .current_dir(dir.path())
-        .args(qsd_like_args(dir, &sock, &mon))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon");
-    let qmp = Qmp::connect(&mon);
-    (child, qmp, sock)
-}
-
 /// The qemu-storage-daemon command line for the test image, which vubd also runs unchanged.
-fn qsd_like_args(dir: &TempDir, sock: &Path, mon: &Path) -> Vec<String> {
-    vec![
-        "--chardev".into(),
-        format!("socket,id=mon,path={},server=on,wait=off", mon.display()),
-        "--monitor".into(),
-        "chardev=mon".into(),
-        "--blockdev".into(),
-        format!(
-            "driver=file,node-name=data,filename={}",
-            dir.join("disk.raw").display()
-        ),
-        "--blockdev".into(),
-        format!(
-            "driver=file,node-name=meta,filename={}",
-            dir.join("meta.qcow2").display()
-        ),
-        "--blockdev".into(),
-        "driver=qcow2,node-name=fmt,file=meta,data-file=data,discard=unmap".into(),
-        "--export".into(),
-        format!(
-            "type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ),
-    ]
-}
-
-fn stop_child(mut child: Child) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert!(status.success() || status.code().is_none(), "{status}");
+fn qsd_export(dir: &TempDir) -> Export {
+    Export::new(
+        &dir.join("meta.qcow2"),
+        Some(&dir.join("disk.raw")),
+        &dir.join("qsd.sock"),
+    )
+    .monitor(&dir.join("qsd-qmp.sock"))
+    .discard_unmap()
 }
 
 /// Run the same management sequence against a server; returns the query results after each
@@ -349,31 +312,27 @@ fn management_behaves_like_qemu_storage_daemon() {
     // once on vubd started with the very same command line.
     let qsd_dir = TempDir::new("bm-qsd");
     raw_with_metadata(&qsd_dir, 16 << 20, 1);
-    let (child, mut qmp, sock) = start_qsd(&qsd_dir);
-    let expected = management_sequence(&mut qmp, &sock);
+    let qsd = Daemon::qsd(qsd_dir.path(), &qsd_export(&qsd_dir));
+    let mut qmp = qsd.qmp();
+    let expected = management_sequence(&mut qmp, qsd.socket());
     drop(qmp);
-    stop_child(child);
+    let (status, stderr) = qsd.stop();
+    assert!(
+        status.success() || status.code().is_none(),
+        "{status}: {stderr}"
+    );
 
     let dir = TempDir::new("bm-vubd");
     raw_with_metadata(&dir, 16 << 20, 1);
-    let sock = dir.join("qsd.sock");
-    let mon = dir.join("qsd-qmp.sock");
-    let child = Command::new(vubd_bin())
-        .args(qsd_like_args(&dir, &sock, &mon))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut qmp = Qmp::connect(&mon);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(50));
-    let got = management_sequence(&mut qmp, &sock);
+    let vubd = Daemon::vubd(dir.path(), &qsd_export(&dir));
+    let mut qmp = vubd.qmp();
+    let got = management_sequence(&mut qmp, vubd.socket());
     drop(qmp);
-    stop_child(child);
+    let (status, stderr) = vubd.stop();
+    assert!(
+        status.success() || status.code().is_none(),
+        "{status}: {stderr}"
+    );
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
         assert_eq!(g, e, "step {i}: vubd vs qemu-storage-daemon");
     }
@@ -393,11 +352,9 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_is_inconsistent() {
     let dir = TempDir::new("bm-killed");
     raw_with_metadata(&dir, 16 << 20, 1);
     qemu_img(dir.path(), &["bitmap", "--add", "meta.qcow2", "b0"]);
-    let (mut child, qmp, _) = start_qsd(&dir);
-    drop(qmp);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    let _ = child.wait();
+    let qsd = Daemon::qsd(dir.path(), &qsd_export(&dir));
+    drop(qsd.qmp());
+    qsd.kill();
     let list = vubd_bitmap(&dir, &["list", "--json"]);
     let list: Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list[0]["name"], "b0");

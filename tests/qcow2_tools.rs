@@ -6,13 +6,13 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::blkio_client::BlkioClient;
 use common::cli::{run_vubd, serve_qcow2_fails, vubd_ok};
 use common::data::{assert_same, sha256_file};
 use common::qemu::{assert_check_clean, info_json, qemu_img, qemu_io, qemu_view, try_run_in};
+use common::qsd::{Daemon, Export};
 use common::{create_image, pattern, raw_with_metadata, vubd_bin, TempDir, Vubd};
 
 const MIB: usize = 1 << 20;
@@ -469,61 +469,10 @@ fn vubd_check_finds_and_repairs_leaks_like_qemu_img() {
     assert_check_clean(dir.path(), "c.qcow2");
 }
 
-/// A running qemu-storage-daemon.
-struct Qsd(Child, std::path::PathBuf);
-
-impl Qsd {
-    fn start(dir: &Path, socket: &Path, args: &[String]) -> Qsd {
-        let child = Command::new("qemu-storage-daemon")
-            .current_dir(dir)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start qemu-storage-daemon");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Qsd(child, socket.to_path_buf())
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-        let _ = fs::remove_file(&self.1);
-    }
-}
-
-fn qsd_args(meta: &str, data: Option<&str>, socket: &Path, writable: bool) -> Vec<String> {
-    let mut args = vec![
-        "--blockdev".to_string(),
-        format!("driver=file,node-name=meta,filename={meta}"),
-    ];
-    let mut fmt = "driver=qcow2,node-name=fmt,file=meta".to_string();
-    if let Some(d) = data {
-        args.push("--blockdev".into());
-        args.push(format!("driver=file,node-name=data,filename={d}"));
-        fmt.push_str(",data-file=data");
-    }
-    args.push("--blockdev".into());
-    args.push(fmt);
-    args.push("--object".into());
-    args.push("iothread,id=io0".into());
-    args.push("--export".into());
-    args.push(format!(
-        "type=vhost-user-blk,id=exp,node-name=fmt,addr.type=unix,addr.path={},writable={},num-queues=1,iothread=io0",
-        socket.display(),
-        if writable { "on" } else { "off" }
-    ));
-    args
+/// The qemu-storage-daemon command line exporting `image` (over `data` when given) in `dir`.
+fn qsd_export(dir: &TempDir, image: &str, data: Option<&str>, socket: &Path) -> Export {
+    let data = data.map(|d| dir.join(d));
+    Export::new(&dir.join(image), data.as_deref(), socket).iothread()
 }
 
 #[test]
@@ -540,25 +489,7 @@ fn images_go_back_and_forth_with_qemu_storage_daemon() {
         ("meta.qcow2", Some("disk.raw"), &mut model),
         ("plain.qcow2", None, &mut plain_model),
     ] {
-        let meta_path = dir.join(image);
-        let data_path = data.map(|d| dir.join(d));
-        let args = qsd_args(
-            meta_path.to_str().unwrap(),
-            data_path.as_ref().map(|p| p.to_str().unwrap()),
-            &sock,
-            true,
-        );
-        let mut child = Command::new(vubd_bin())
-            .args(&args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "vubd (qsd syntax) did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        let vubd = Daemon::vubd(dir.path(), &qsd_export(&dir, image, data, &sock));
         let mut client = BlkioClient::connect(&sock, 1).unwrap();
         for i in 0..20u64 {
             let data = pattern(4096 * (1 + i as usize % 16), 100 + i);
@@ -567,9 +498,8 @@ fn images_go_back_and_forth_with_qemu_storage_daemon() {
             m[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
         }
         drop(client);
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        assert!(child.wait().unwrap().success());
+        let (status, stderr) = vubd.stop();
+        assert!(status.success(), "{status}: {stderr}");
         assert_check_clean(dir.path(), image);
     }
 
@@ -579,18 +509,7 @@ fn images_go_back_and_forth_with_qemu_storage_daemon() {
         ("meta.qcow2", Some("disk.raw"), &mut model),
         ("plain.qcow2", None, &mut plain_model),
     ] {
-        let meta_path = dir.join(image);
-        let data_path = data.map(|d| dir.join(d));
-        let qsd = Qsd::start(
-            dir.path(),
-            &qsock,
-            &qsd_args(
-                meta_path.to_str().unwrap(),
-                data_path.as_ref().map(|p| p.to_str().unwrap()),
-                &qsock,
-                true,
-            ),
-        );
+        let qsd = Daemon::qsd(dir.path(), &qsd_export(&dir, image, data, &qsock));
         let mut client = BlkioClient::connect(&qsock, 1).unwrap();
         assert_same(
             &client.read_all(0, m.len()).unwrap(),
@@ -636,8 +555,8 @@ fn images_go_back_and_forth_with_qemu_storage_daemon() {
 fn images_are_locked_against_qemu_and_other_vubd_processes() {
     let dir = TempDir::new("locking");
     raw_with_metadata(&dir, 16 * MIB, 13);
-    let (meta, disk) = (dir.join("meta.qcow2"), dir.join("disk.raw"));
-    let (meta_s, disk_s) = (meta.to_str().unwrap(), disk.to_str().unwrap());
+    let meta = dir.join("meta.qcow2");
+    let meta_s = meta.to_str().unwrap();
     let in_use = |out: &str| out.contains("in use by another process");
 
     // vubd writes: QEMU's tools and other vubd processes keep off both files.
@@ -688,10 +607,9 @@ fn images_are_locked_against_qemu_and_other_vubd_processes() {
 
     // qemu-storage-daemon writes: vubd refuses, unless told not to lock.
     let sock = dir.join("qsd.sock");
-    let qsd = Qsd::start(
+    let qsd = Daemon::qsd(
         dir.path(),
-        &sock,
-        &qsd_args(meta_s, Some(disk_s), &sock, true),
+        &qsd_export(&dir, "meta.qcow2", Some("disk.raw"), &sock),
     );
     let out = serve_qcow2_fails(&dir, &meta, &[]);
     assert!(in_use(&out), "vubd next to qemu-storage-daemon: {out}");

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod data;
 pub mod qemu;
 pub mod qmp;
+pub mod qsd;
 pub mod raw_frontend;
 
 use std::fs;
