@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod bitmaps;
 pub mod blkio_client;
 pub mod cli;
 pub mod data;
