@@ -146,24 +146,8 @@ impl Vubd {
 
     /// Send `signal` and wait for the process to exit; returns its status and stderr.
     pub fn stop_with(&mut self, signal: i32) -> (ExitStatus, String) {
-        let mut child = self.child.take().expect("vubd already stopped");
-        // SAFETY: kill(2) on a child we own.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait vubd") {
-                let mut err = String::new();
-                if let Some(mut s) = child.stderr.take() {
-                    let _ = s.read_to_string(&mut err);
-                }
-                return (status, err);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("vubd did not exit after signal {signal}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = self.child.take().expect("vubd already stopped");
+        signal_and_wait(child, signal, "vubd")
     }
 
     /// SIGTERM, and check that vubd exits 0 and removes its socket.
@@ -175,11 +159,7 @@ impl Vubd {
     }
 
     fn take_stderr(&mut self) -> String {
-        let mut err = String::new();
-        if let Some(mut s) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-            let _ = s.read_to_string(&mut err);
-        }
-        err
+        self.child.as_mut().map(read_stderr).unwrap_or_default()
     }
 }
 
@@ -190,4 +170,36 @@ impl Drop for Vubd {
             let _ = child.wait();
         }
     }
+}
+
+/// Send `signal` to `child` and wait up to 30 s for it to exit; returns its status and what it
+/// wrote to its piped stderr. `name` says who did not exit, if it does not.
+fn signal_and_wait(mut child: Child, signal: i32, name: &str) -> (ExitStatus, String) {
+    // SAFETY: kill(2) on a child we own and have not reaped.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait {name}: {e}"))
+        {
+            return (status, read_stderr(&mut child));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} did not exit after signal {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What `child` wrote to its piped stderr: all of it once the child has exited, and taken, so
+/// a second call returns nothing.
+fn read_stderr(child: &mut Child) -> String {
+    let mut err = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    err
 }

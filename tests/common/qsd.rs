@@ -4,13 +4,12 @@
 //! arguments by building them once here.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::qmp::Qmp;
-use super::vubd_bin;
+use super::{read_stderr, signal_and_wait, vubd_bin};
 
 /// A writable vhost-user-blk export of qcow2 node `fmt` over file node `meta`, with file node
 /// `data` as its external data file when there is one.
@@ -185,27 +184,10 @@ impl Daemon {
     }
 
     fn finish(&mut self, signal: i32) -> (ExitStatus, String) {
-        let mut child = self.child.take().expect("daemon already stopped");
-        // SAFETY: kill(2) on a child we own and have not reaped.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait daemon") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{} did not exit after signal {signal}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut stderr = String::new();
-        if let Some(mut s) = child.stderr.take() {
-            let _ = s.read_to_string(&mut stderr);
-        }
+        let child = self.child.take().expect("daemon already stopped");
+        let stopped = signal_and_wait(child, signal, self.name);
         let _ = fs::remove_file(&self.socket);
-        (status, stderr)
+        stopped
     }
 
     fn child_mut(&mut self) -> &mut Child {
@@ -213,11 +195,7 @@ impl Daemon {
     }
 
     fn take_stderr(&mut self) -> String {
-        let mut err = String::new();
-        if let Some(mut s) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-            let _ = s.read_to_string(&mut err);
-        }
-        err
+        self.child.as_mut().map(read_stderr).unwrap_or_default()
     }
 }
 
