@@ -1,6 +1,16 @@
 //! Test support: running the real `vubd` binary, and two independent vhost-user-blk frontends
 //! to drive it — libblkio (`blkio` crate) for ordinary I/O, and a raw split-ring frontend that
 //! can send any descriptor chain, well-formed or not.
+//!
+//! Each test file is its own crate and uses a subset, hence `dead_code` is allowed. A helper
+//! two test files need lives here, once:
+//!
+//! * this module: scratch directories, test data, `vubd serve` as [`Vubd`];
+//! * [`cli`]: other `vubd` subcommands and how they exit;
+//! * [`data`]: comparing disk contents, SHA-256 digests;
+//! * [`blkio_client`], [`raw_frontend`]: the two frontends;
+//! * [`qemu`], [`qsd`], [`qmp`]: QEMU's tools, qemu-storage-daemon, and QMP as oracles;
+//! * [`bitmaps`]: dirty bitmap workloads and reading stored bitmaps back.
 
 #![allow(dead_code)]
 
