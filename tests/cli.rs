@@ -7,22 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 
 use common::blkio_client::BlkioClient;
-use common::{create_image, run_vubd, TempDir, Vubd};
-
-/// Run `vubd serve` expecting failure; returns stderr, checked to be one line.
-fn serve_fails(args: &[&str]) -> String {
-    let mut full = vec!["serve"];
-    full.extend_from_slice(args);
-    let (code, _, stderr) = run_vubd(&full);
-    assert_ne!(code, 0, "vubd {full:?} should fail; stderr: {stderr}");
-    stderr
-}
-
-fn one_line_error(stderr: &str) -> &str {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    lines[0]
-}
+use common::cli::{one_line_error, serve_fails};
+use common::{create_image, TempDir, Vubd};
 
 #[test]
 fn missing_image_is_named() {

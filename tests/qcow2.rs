@@ -7,33 +7,11 @@ use std::fs;
 use std::path::Path;
 
 use common::blkio_client::BlkioClient;
+use common::data::assert_same;
 use common::qemu::{assert_check_clean, info_json, qemu_img, qemu_io, qemu_view, try_run_in};
 use common::{pattern, TempDir, Vubd};
 
 const MIB: usize = 1 << 20;
-
-/// Read the whole disk through vubd.
-fn read_all(client: &mut BlkioClient, size: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size);
-    let chunk = BlkioClient::BUF;
-    let mut at = 0;
-    while at < size {
-        let n = chunk.min(size - at);
-        out.extend_from_slice(&client.read(0, at as u64, n).expect("read through vubd"));
-        at += n;
-    }
-    out
-}
-
-fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: first difference at byte {i} (got {:#04x}, expected {:#04x})",
-            actual[i], expected[i]
-        );
-    }
-}
 
 /// A raw source disk: pattern data with zero stretches, so that conversion leaves holes.
 fn source_disk(dir: &Path, name: &str, size: usize, seed: u64) -> Vec<u8> {
@@ -61,7 +39,9 @@ fn assert_vubd_reads_like_qemu(dir: &TempDir, image: &str, extra: &[&str]) {
     let mut vubd = Vubd::start(&dir.join(&format!("{image}.sock")), &args);
     let mut client = BlkioClient::connect_with(&vubd.socket, 1, true).unwrap();
     assert_eq!(client.capacity() as usize, expected.len(), "{image}: size");
-    let got = read_all(&mut client, expected.len());
+    let got = client
+        .read_all(0, expected.len())
+        .expect("read through vubd");
     assert_same(&got, &expected, image);
     drop(client);
     vubd.stop();
@@ -265,7 +245,7 @@ fn workload_then_qemu_agrees(dir: &TempDir, image: &str, seed: u64, extra: &[&st
     let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
     run_workload(&mut client, &mut model, seed, 400);
     assert_same(
-        &read_all(&mut client, model.len()),
+        &client.read_all(0, model.len()).expect("read through vubd"),
         &model,
         "read back through vubd",
     );

@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 
 use blkio::{Completion, ReqFlags};
 use common::blkio_client::BlkioClient;
+use common::data::assert_same;
 use common::{create_image, pattern, TempDir, Vubd};
 
 const MIB: usize = 1 << 20;
@@ -14,16 +15,6 @@ const MIB: usize = 1 << 20;
 /// Apply a write to the model of the disk.
 fn apply(model: &mut [u8], offset: u64, data: &[u8]) {
     model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-}
-
-fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: first difference at byte {i} (got {:#04x}, expected {:#04x})",
-            actual[i], expected[i]
-        );
-    }
 }
 
 fn round_trip(engine: &str) {
@@ -255,10 +246,8 @@ fn concurrent_random_writes(extra: &[&str]) {
     }
     client.flush(1).unwrap();
     for q in 0..2 {
-        for (i, window) in model.chunks(4 * MIB).enumerate() {
-            let got = client.read(q, (i * 4 * MIB) as u64, window.len()).unwrap();
-            assert_same(&got, window, "read back through each queue");
-        }
+        let got = client.read_all(q, model.len()).unwrap();
+        assert_same(&got, &model, "read back through each queue");
     }
     drop(client);
     vubd.stop();

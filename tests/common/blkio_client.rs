@@ -109,6 +109,17 @@ impl BlkioClient {
         Ok(self.buf(q)[..len].to_vec())
     }
 
+    /// The first `len` bytes of the disk, read on queue `q` one buffer-sized request at a
+    /// time: how tests compare a whole disk with its model.
+    pub fn read_all(&mut self, q: usize, len: usize) -> Result<Vec<u8>, Errno> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let n = self.per_queue.min(len - out.len());
+            out.extend_from_slice(&self.read(q, out.len() as u64, n)?);
+        }
+        Ok(out)
+    }
+
     pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> Result<(), Errno> {
         assert!(data.len() <= self.per_queue);
         self.buf(q)[..data.len()].copy_from_slice(data);

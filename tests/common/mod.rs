@@ -1,12 +1,26 @@
 //! Test support: running the real `vubd` binary, and two independent vhost-user-blk frontends
 //! to drive it — libblkio (`blkio` crate) for ordinary I/O, and a raw split-ring frontend that
 //! can send any descriptor chain, well-formed or not.
+//!
+//! Each test file is its own crate and uses a subset, hence `dead_code` is allowed. A helper
+//! two test files need lives here, once:
+//!
+//! * this module: scratch directories, test data, `vubd serve` as [`Vubd`];
+//! * [`cli`]: other `vubd` subcommands and how they exit;
+//! * [`data`]: comparing disk contents, SHA-256 digests;
+//! * [`blkio_client`], [`raw_frontend`]: the two frontends;
+//! * [`qemu`], [`qsd`], [`qmp`]: QEMU's tools, qemu-storage-daemon, and QMP as oracles;
+//! * [`bitmaps`]: dirty bitmap workloads and reading stored bitmaps back.
 
 #![allow(dead_code)]
 
+pub mod bitmaps;
 pub mod blkio_client;
+pub mod cli;
+pub mod data;
 pub mod qemu;
 pub mod qmp;
+pub mod qsd;
 pub mod raw_frontend;
 
 use std::fs;
@@ -70,6 +84,20 @@ pub fn create_image(path: &Path, len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// The layout vubd is built for: `disk.raw` in `dir` (`len` bytes of `pattern(len, seed)`) with
+/// qcow2 metadata `meta.qcow2` beside it, made by `vubd create`. Returns the disk's content.
+pub fn raw_with_metadata(dir: &TempDir, len: usize, seed: u64) -> Vec<u8> {
+    let disk = dir.join("disk.raw");
+    let data = create_image(&disk, len, seed);
+    cli::vubd_ok(&[
+        "create",
+        dir.join("meta.qcow2").to_str().expect("utf-8 path"),
+        "--data-file",
+        disk.to_str().expect("utf-8 path"),
+    ]);
+    data
+}
+
 pub fn vubd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vubd")
 }
@@ -128,24 +156,8 @@ impl Vubd {
 
     /// Send `signal` and wait for the process to exit; returns its status and stderr.
     pub fn stop_with(&mut self, signal: i32) -> (ExitStatus, String) {
-        let mut child = self.child.take().expect("vubd already stopped");
-        // SAFETY: kill(2) on a child we own.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait vubd") {
-                let mut err = String::new();
-                if let Some(mut s) = child.stderr.take() {
-                    let _ = s.read_to_string(&mut err);
-                }
-                return (status, err);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("vubd did not exit after signal {signal}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = self.child.take().expect("vubd already stopped");
+        signal_and_wait(child, signal, "vubd")
     }
 
     /// SIGTERM, and check that vubd exits 0 and removes its socket.
@@ -157,11 +169,7 @@ impl Vubd {
     }
 
     fn take_stderr(&mut self) -> String {
-        let mut err = String::new();
-        if let Some(mut s) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-            let _ = s.read_to_string(&mut err);
-        }
-        err
+        self.child.as_mut().map(read_stderr).unwrap_or_default()
     }
 }
 
@@ -174,15 +182,34 @@ impl Drop for Vubd {
     }
 }
 
-/// Run `vubd ARGS...` to completion; returns (exit code, stdout, stderr).
-pub fn run_vubd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(vubd_bin())
-        .args(args)
-        .output()
-        .expect("run vubd");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// Send `signal` to `child` and wait up to 30 s for it to exit; returns its status and what it
+/// wrote to its piped stderr. `name` says who did not exit, if it does not.
+fn signal_and_wait(mut child: Child, signal: i32, name: &str) -> (ExitStatus, String) {
+    // SAFETY: kill(2) on a child we own and have not reaped.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait {name}: {e}"))
+        {
+            return (status, read_stderr(&mut child));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} did not exit after signal {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What `child` wrote to its piped stderr: all of it once the child has exited, and taken, so
+/// a second call returns nothing.
+fn read_stderr(child: &mut Child) -> String {
+    let mut err = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    err
 }

@@ -1,0 +1,169 @@
+//! `make bench`: vubd and qemu-storage-daemon side by side on the mission's configuration — a
+//! qcow2 metadata image over a raw data file (`data_file_raw`) with one enabled persistent
+//! dirty bitmap — driven by the same independent frontend (the libblkio-based `loadgen`),
+//! backends alternating run by run, each figure the median of several runs. The limit is fio
+//! with io_uring straight on the raw data file. Writes `docs/benchmarks.md` and a chart.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--runtime 5] [--reps 3] [--dir /dev/shm]
+//!     [--cache none] [--size-mib 1024] [--vubd-args "..."] [--out docs/benchmarks.md]
+//! ```
+
+mod chart;
+mod host;
+mod report;
+mod runner;
+mod workloads;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use host::which;
+use report::{median_sample, report, Results};
+use runner::{prepare, run_fio, run_loadgen, start_backend, Sample};
+use workloads::{Backend, WORKLOADS};
+
+/// The command line.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub runtime: u32,
+    pub reps: u32,
+    pub dir: PathBuf,
+    pub direct: bool,
+    pub size_mib: u64,
+    pub vubd_args: Vec<String>,
+    pub out: PathBuf,
+}
+
+fn usage() -> String {
+    "usage: bench [--runtime S] [--reps N] [--dir DIR] [--cache none|writeback] [--size-mib N] \
+     [--vubd-args ARGS] [--out FILE.md]"
+        .into()
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut o = Options {
+        runtime: 5,
+        reps: 3,
+        dir: PathBuf::from("/dev/shm"),
+        direct: false,
+        size_mib: 1024,
+        vubd_args: Vec::new(),
+        out: PathBuf::from("docs/benchmarks.md"),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v = args
+            .next()
+            .ok_or_else(|| format!("{a} needs a value\n{}", usage()))?;
+        match a.as_str() {
+            "--runtime" => o.runtime = v.parse().map_err(|_| "bad --runtime")?,
+            "--reps" => o.reps = v.parse::<u32>().map_err(|_| "bad --reps")?.max(1),
+            "--dir" => o.dir = PathBuf::from(v),
+            "--cache" => o.direct = v == "none",
+            "--size-mib" => o.size_mib = v.parse().map_err(|_| "bad --size-mib")?,
+            "--vubd-args" => o.vubd_args = v.split_whitespace().map(String::from).collect(),
+            "--out" => o.out = PathBuf::from(v),
+            _ => return Err(format!("unknown option {a}\n{}", usage())),
+        }
+    }
+    Ok(o)
+}
+
+fn run(o: Options) -> Result<(), String> {
+    let started = Instant::now();
+    let have_qsd = which("qemu-storage-daemon");
+    let have_fio = which("fio");
+    if !have_qsd {
+        eprintln!("bench: qemu-storage-daemon is not installed (Debian: qemu-utils); measuring vubd alone");
+    }
+    if !have_fio {
+        eprintln!("bench: fio is not installed; the limit column is skipped");
+    }
+    let work = o.dir.join(format!("vubd-bench-{}", std::process::id()));
+    let cleanup = Cleanup(work.clone());
+    prepare(&o, &work)?;
+    let mut samples: BTreeMap<(usize, Backend), Vec<Sample>> = BTreeMap::new();
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        for rep in 0..o.reps {
+            let mut order = vec![Backend::Vubd];
+            if have_qsd {
+                order.push(Backend::Qsd);
+            }
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            for b in order {
+                let running = start_backend(b, &o, &work, w)?;
+                let s = run_loadgen(&o, &work, w, &running)?;
+                drop(running);
+                eprintln!(
+                    "bench: {:<20} {:<20} run {}: {:>9.0} IOPS  p50 {:>7.1} us  CPU {:>6.2} us/IO",
+                    w.label,
+                    b.name(),
+                    rep + 1,
+                    s.iops,
+                    s.p50,
+                    s.cpu_us
+                );
+                samples.entry((i, b)).or_default().push(s);
+            }
+            // The limit does not depend on vubd's options: measured once per I/O pattern.
+            if have_fio && w.vubd_args.is_empty() {
+                for f in [Backend::FioUring, Backend::FioSync] {
+                    samples
+                        .entry((i, f))
+                        .or_default()
+                        .push(run_fio(&o, &work, w, f)?);
+                }
+            }
+        }
+    }
+    drop(cleanup);
+    let mut results: Results = samples
+        .iter()
+        .map(|(k, v)| (*k, median_sample(v)))
+        .collect();
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let same_io = WORKLOADS.iter().position(|b| {
+            b.vubd_args.is_empty()
+                && (b.rw, b.bs, b.iodepth, b.queues) == (w.rw, w.bs, w.iodepth, w.queues)
+        });
+        for f in [Backend::FioUring, Backend::FioSync] {
+            if let Some(limit) = same_io.and_then(|b| results.get(&(b, f))).copied() {
+                results.entry((i, f)).or_insert(limit);
+            }
+        }
+    }
+    let md = report(&o, &results, have_qsd, have_fio, started.elapsed());
+    print!("{md}");
+    fs::write(&o.out, &md).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    let png = o.out.with_extension("png");
+    if have_fio {
+        chart::chart(&png, &results, have_qsd)?;
+        eprintln!("bench: wrote {} and {}", o.out.display(), png.display());
+    }
+    Ok(())
+}
+
+/// Removes the scratch directory when dropped.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn main() -> ExitCode {
+    match parse_args().and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Running the measurements: preparing the image, starting a backend, and one run of the load
+//! generator or of fio, each giving one [`Sample`].
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::host::{cpu_ticks, pinned, ticks_per_second};
+use crate::workloads::{Backend, Workload};
+use crate::Options;
+
+/// One run's figures.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    pub iops: f64,
+    pub bw: f64,
+    pub p50: f64,
+    pub p99: f64,
+    /// Backend CPU time (user + system) per I/O, in microseconds.
+    pub cpu_us: f64,
+}
+
+/// A running backend.
+pub struct Running {
+    child: Child,
+    pid: u32,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `backend` serving the prepared image for workload `w`, and wait until its socket is up.
+pub fn start_backend(
+    backend: Backend,
+    o: &Options,
+    work: &Path,
+    w: &Workload,
+) -> Result<Running, String> {
+    let queues = w.queues;
+    let sock = work.join("bench.sock");
+    let _ = fs::remove_file(&sock);
+    let mut cmd = match backend {
+        Backend::Vubd => {
+            let mut c = pinned(1, "target/release/vubd");
+            c.args(["serve", "--socket"])
+                .arg(&sock)
+                .arg("--image")
+                .arg(work.join("meta.qcow2"))
+                .args(["--format", "qcow2", "--num-queues", &queues.to_string()])
+                .args(["--cache", if o.direct { "none" } else { "writeback" }])
+                .args(&o.vubd_args)
+                .args(w.vubd_args);
+            c
+        }
+        Backend::Qsd => {
+            let direct = if o.direct { "on" } else { "off" };
+            let mut c = pinned(1, "qemu-storage-daemon");
+            c.arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=data,filename={},aio=io_uring,cache.direct={direct}",
+                    work.join("disk.raw").display()
+                ))
+                .arg("--blockdev")
+                .arg(format!("driver=file,node-name=meta,filename={}", work.join("meta.qcow2").display()))
+                .args(["--blockdev", "driver=qcow2,node-name=fmt,file=meta,data-file=data"])
+                .args(["--object", "iothread,id=io0"])
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path={},writable=on,num-queues={queues},iothread=io0",
+                    sock.display()
+                ));
+            c
+        }
+        Backend::FioUring | Backend::FioSync => return Err("fio is not a backend".into()),
+    };
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", backend.name()))?;
+    let pid = child.id();
+    let running = Running { child, pid };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} did not start", backend.name()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(running)
+}
+
+/// One run of workload `w` against a running backend, with the backend's CPU time per I/O.
+pub fn run_loadgen(
+    o: &Options,
+    work: &Path,
+    w: &Workload,
+    backend: &Running,
+) -> Result<Sample, String> {
+    let before = cpu_ticks(backend.pid);
+    let out = pinned(0, "target/release/examples/loadgen")
+        .arg("--socket")
+        .arg(work.join("bench.sock"))
+        .args(["--rw", w.rw, "--bs", w.bs])
+        .args([
+            "--iodepth",
+            &w.iodepth.to_string(),
+            "--queues",
+            &w.queues.to_string(),
+        ])
+        .args(["--runtime", &o.runtime.to_string(), "--json"])
+        .output()
+        .map_err(|e| format!("loadgen: {e}"))?;
+    let after = cpu_ticks(backend.pid);
+    if !out.status.success() {
+        return Err(format!("loadgen: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("loadgen JSON: {e}"))?;
+    let ios = v["ios"].as_f64().unwrap_or(1.0).max(1.0);
+    Ok(Sample {
+        iops: v["iops"].as_f64().unwrap_or(0.0),
+        bw: v["bw_bytes"].as_f64().unwrap_or(0.0),
+        p50: v["lat_us"]["p50"].as_f64().unwrap_or(0.0),
+        p99: v["lat_us"]["p99"].as_f64().unwrap_or(0.0),
+        cpu_us: (after - before) as f64 / ticks_per_second() * 1e6 / ios,
+    })
+}
+
+/// One run of workload `w` with fio straight on the data file: the limit.
+pub fn run_fio(o: &Options, work: &Path, w: &Workload, engine: Backend) -> Result<Sample, String> {
+    let engine = if engine == Backend::FioSync {
+        "psync"
+    } else {
+        "io_uring"
+    };
+    let out = pinned(0, "fio")
+        .args(["--name=limit", "--time_based"])
+        .arg(format!("--ioengine={engine}"))
+        .args(["--group_reporting"])
+        .arg(format!("--filename={}", work.join("disk.raw").display()))
+        .arg(format!("--rw={}", w.rw))
+        .arg(format!("--bs={}", w.bs))
+        // A synchronous engine has one I/O in flight per job whatever the depth (fio says so on
+        // stdout, ahead of the JSON, if asked for more).
+        .arg(format!(
+            "--iodepth={}",
+            if engine == "psync" { 1 } else { w.iodepth }
+        ))
+        .arg(format!("--numjobs={}", w.queues))
+        .arg(format!("--runtime={}", o.runtime))
+        .arg(format!("--direct={}", u8::from(o.direct)))
+        .arg("--output-format=json")
+        .output()
+        .map_err(|e| format!("fio: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("fio: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    // fio may print notes before the JSON document.
+    let json = out
+        .stdout
+        .iter()
+        .position(|&b| b == b'{')
+        .map_or(&[][..], |at| &out.stdout[at..]);
+    let v: Value = serde_json::from_slice(json).map_err(|e| format!("fio JSON: {e}"))?;
+    let job = &v["jobs"][0];
+    let side = if w.rw.contains("write") {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(Sample {
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+        bw: side["bw_bytes"].as_f64().unwrap_or(0.0),
+        p50: pct("50.000000"),
+        p99: pct("99.000000"),
+        cpu_us: 0.0,
+    })
+}
+
+/// Create the data file (filled, not holes), the metadata and the bitmap.
+pub fn prepare(o: &Options, work: &Path) -> Result<(), String> {
+    fs::create_dir_all(work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let disk = work.join("disk.raw");
+    let status = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "status=none"])
+        .arg(format!("of={}", disk.display()))
+        .arg(format!("count={}", o.size_mib))
+        .status()
+        .map_err(|e| format!("dd: {e}"))?;
+    if !status.success() {
+        return Err("dd failed".into());
+    }
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("target/release/vubd")
+            .args(args)
+            .output()
+            .map_err(|e| format!("vubd: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let meta = work.join("meta.qcow2");
+    let meta = meta.to_str().ok_or("non-UTF-8 path")?;
+    run(&[
+        "create",
+        meta,
+        "--data-file",
+        disk.to_str().ok_or("non-UTF-8 path")?,
+    ])?;
+    run(&["bitmap", meta, "add", "backup"])
+}

@@ -1,0 +1,105 @@
+//! What the bench measures: the workloads with the targets the issue sets for each, and the
+//! backends that run them.
+
+/// One I/O pattern, in fio's terms (`rw`, `bs`, `iodepth`, one job per queue).
+#[derive(Clone, Copy, Debug)]
+pub struct Workload {
+    pub label: &'static str,
+    pub rw: &'static str,
+    pub bs: &'static str,
+    pub iodepth: u32,
+    pub queues: u32,
+    /// Options vubd runs this workload with, beyond the bench's own.
+    pub vubd_args: &'static [&'static str],
+    /// What vubd must reach against qemu-storage-daemon on this workload.
+    pub targets: &'static [Target],
+}
+
+/// A target of the issue, as a ratio of vubd's figure to qemu-storage-daemon's.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    IopsAtLeast(f64),
+    P50AtMost(f64),
+    CpuAtMost(f64),
+    MbsAtLeast(f64),
+}
+
+const fn workload(
+    label: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    iodepth: u32,
+    targets: &'static [Target],
+) -> Workload {
+    Workload {
+        label,
+        rw,
+        bs,
+        iodepth,
+        queues: 1,
+        vubd_args: &[],
+        targets,
+    }
+}
+
+/// A workload again, with vubd's optional busy-polling.
+const fn polled(w: Workload, label: &'static str) -> Workload {
+    Workload {
+        label,
+        vubd_args: &["--poll-us", "50"],
+        ..w
+    }
+}
+
+const DEPTH_1: &[Target] = &[Target::P50AtMost(0.7)];
+const DEPTH_32: &[Target] = &[Target::IopsAtLeast(2.5), Target::CpuAtMost(0.5)];
+const SEQUENTIAL: &[Target] = &[Target::MbsAtLeast(1.5)];
+
+const RANDREAD_QD1: Workload = workload("4k randread qd1", "randread", "4k", 1, DEPTH_1);
+const RANDWRITE_QD1: Workload = workload("4k randwrite qd1", "randwrite", "4k", 1, DEPTH_1);
+const RANDWRITE_QD32: Workload = workload("4k randwrite qd32", "randwrite", "4k", 32, DEPTH_32);
+const READ_64K: Workload = workload("64k read qd8", "read", "64k", 8, SEQUENTIAL);
+const WRITE_64K: Workload = workload("64k write qd8", "write", "64k", 8, SEQUENTIAL);
+
+/// The issue's workloads, then those whose targets are close again with vubd's optional
+/// busy-polling (qemu-storage-daemon's iothread polls adaptively by default, up to 32 µs).
+pub const WORKLOADS: [Workload; 12] = [
+    RANDREAD_QD1,
+    workload("4k randread qd32", "randread", "4k", 32, DEPTH_32),
+    RANDWRITE_QD1,
+    RANDWRITE_QD32,
+    READ_64K,
+    WRITE_64K,
+    Workload {
+        queues: 2,
+        ..workload("4k randread qd32 2q", "randread", "4k", 32, &[])
+    },
+    polled(RANDREAD_QD1, "4k randread qd1, vubd --poll-us 50"),
+    polled(RANDWRITE_QD1, "4k randwrite qd1, vubd --poll-us 50"),
+    polled(RANDWRITE_QD32, "4k randwrite qd32, vubd --poll-us 50"),
+    polled(READ_64K, "64k read qd8, vubd --poll-us 50"),
+    polled(WRITE_64K, "64k write qd8, vubd --poll-us 50"),
+];
+
+/// What serves the disk in a run, or for fio, what the virtio path is measured against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Backend {
+    Vubd,
+    Qsd,
+    /// fio with io_uring straight on the data file: the limit the issue names.
+    FioUring,
+    /// fio with synchronous preadv/pwritev: on tmpfs, io_uring hands most transfers to kernel
+    /// worker threads, and plain system calls are the faster way to the same memory.
+    FioSync,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Vubd => "vubd",
+            Backend::Qsd => "qemu-storage-daemon",
+            Backend::FioUring => "fio io_uring",
+            Backend::FioSync => "fio psync",
+        }
+    }
+}
