@@ -7,6 +7,7 @@ pub mod bitmap;
 pub mod block;
 pub mod cli;
 pub mod control;
+pub mod error;
 pub mod export;
 pub mod iov;
 pub mod ratelimit;

@@ -14,7 +14,7 @@ pub enum SocketError {
     InUse { path: PathBuf, option: &'static str },
     #[error("socket {}: exists and is not a socket; remove it or choose another {option}", path.display())]
     NotASocket { path: PathBuf, option: &'static str },
-    #[error("socket {}: {source}", path.display())]
+    #[error("socket {}", path.display())]
     Io { path: PathBuf, source: io::Error },
 }
 

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
 
+use super::error::{BlockError, ErrorKind};
 use super::io::InlinePolicy;
 use super::lock::{self, LockError, LockRequest};
 
@@ -27,24 +28,36 @@ pub struct FileOptions {
     pub lock: Option<LockRequest>,
 }
 
-/// Errors opening a file node. Each names the file.
+/// Why a file node cannot be opened. The path is the [`BlockError`]'s context.
 #[derive(Debug, Error)]
 pub enum FileError {
-    #[error("{}: {source}", path.display())]
-    Open { path: PathBuf, source: io::Error },
-    #[error("{}: not a regular file or block device", path.display())]
-    NotAFile { path: PathBuf },
+    #[error(transparent)]
+    Open(io::Error),
+    #[error("not a regular file or block device")]
+    NotAFile,
+    #[error("the file system does not support direct I/O (O_DIRECT); use --cache writeback")]
+    NoDirectIo,
     #[error(
-        "{}: the file system does not support direct I/O (O_DIRECT); use --cache writeback",
-        path.display()
+        "in use by another process ({what}); stop it first, or override with \
+         'vubd serve --locking off' or a read-only '-U' (--force-share)"
     )]
-    NoDirectIo { path: PathBuf },
-    #[error(
-        "{}: in use by another process ({what}); stop it first, or override with \
-         'vubd serve --locking off' or a read-only '-U' (--force-share)",
-        path.display()
-    )]
-    Locked { path: PathBuf, what: String },
+    Locked { what: String },
+}
+
+impl FileError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FileError::Open(_) => ErrorKind::Io,
+            FileError::NotAFile => ErrorKind::Refused,
+            FileError::NoDirectIo => ErrorKind::Unsupported,
+            FileError::Locked { .. } => ErrorKind::Locked,
+        }
+    }
+
+    /// The error of opening `path`.
+    pub fn at(self, path: &Path) -> BlockError {
+        BlockError::new(self.kind(), self).with_path(path)
+    }
 }
 
 /// An open host file.
@@ -66,11 +79,8 @@ pub struct FileNode {
 
 impl FileNode {
     /// Open `path`.
-    pub fn open(path: &Path, options: FileOptions) -> Result<FileNode, FileError> {
-        let err = |source| FileError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
+    pub fn open(path: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
+        let err = |e| FileError::Open(e).at(path);
         let mut open = OpenOptions::new();
         open.read(true).write(!options.read_only);
         if options.direct {
@@ -79,18 +89,13 @@ impl FileNode {
         let file = match open.open(path) {
             Ok(file) => file,
             Err(e) if options.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                return Err(FileError::NoDirectIo {
-                    path: path.to_path_buf(),
-                })
+                return Err(FileError::NoDirectIo.at(path))
             }
             Err(e) => return Err(err(e)),
         };
         if let Some(request) = options.lock {
             lock::acquire(&file, path, request).map_err(|e| match e {
-                LockError::Conflict { what } => FileError::Locked {
-                    path: path.to_path_buf(),
-                    what,
-                },
+                LockError::Conflict { what } => FileError::Locked { what }.at(path),
                 LockError::Io(e) => err(e),
             })?;
         }
@@ -100,9 +105,7 @@ impl FileNode {
         } else if meta.is_file() {
             meta.len()
         } else {
-            return Err(FileError::NotAFile {
-                path: path.to_path_buf(),
-            });
+            return Err(FileError::NotAFile.at(path));
         };
         let inline = if options.direct || meta.file_type().is_block_device() {
             InlinePolicy::Never
@@ -374,6 +377,8 @@ mod tests {
             ..FileOptions::default()
         };
         let err = FileNode::open(Path::new("/"), options).unwrap_err();
-        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Refused);
+        let text = crate::error::Chain(&err).to_string();
+        assert_eq!(text, "/: not a regular file or block device");
     }
 }

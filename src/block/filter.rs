@@ -188,7 +188,9 @@ mod tests {
         ) -> Result<(), BlockError> {
             self.writes.fetch_add(1, Ordering::Relaxed);
             if self.refuse_writes {
-                return Err(BlockError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+                return Err(BlockError::from(std::io::Error::from_raw_os_error(
+                    libc::EIO,
+                )));
             }
             // Reading the old data through the child works at this point.
             let mut old = vec![0u8; len as usize];

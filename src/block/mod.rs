@@ -7,6 +7,7 @@
 //! That split keeps the fast path free of locks: mapping is a short, in-memory step and the
 //! data transfer runs without holding anything.
 
+pub mod error;
 pub mod file;
 pub mod filter;
 pub mod io;
@@ -18,10 +19,9 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
 
-use thiserror::Error;
-
 use crate::iov::Cursor;
-use file::{FileError, FileNode, FileOptions};
+pub use error::{BlockError, ErrorKind};
+use file::{FileNode, FileOptions};
 
 /// Index of a protocol node in [`BlockDriver::files`].
 pub type FileId = usize;
@@ -148,22 +148,6 @@ pub struct HostZeroOp {
     pub op: ZeroOp,
 }
 
-/// Errors of the block layer.
-#[derive(Debug, Error)]
-pub enum BlockError {
-    #[error(transparent)]
-    File(#[from] FileError),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("{path}: {reason}")]
-    Invalid { path: String, reason: String },
-    #[error("{path}: {source}")]
-    Qcow2 {
-        path: String,
-        source: qcow2::Qcow2Error,
-    },
-}
-
 /// A format node: what the guest sees as its disk.
 pub trait BlockDriver: Send + Sync + Debug {
     /// The format's name as QEMU spells it (`raw`, `qcow2`).
@@ -246,8 +230,11 @@ pub trait BlockDriver: Send + Sync + Debug {
             let piece = &mut buf[at..at + extent.len as usize];
             match extent.mapping {
                 Mapping::Data { file, offset } => {
-                    if let Err(e) = self.files()[file].read_exact_at(piece, offset) {
-                        result = Err(e.into());
+                    let node = &self.files()[file];
+                    if let Err(e) = node.read_exact_at(piece, offset) {
+                        result = Err(BlockError::from(e)
+                            .with_path(node.path())
+                            .with_offset(offset));
                         break;
                     }
                 }

@@ -68,28 +68,24 @@ enum Op {
 pub fn run(args: BitmapArgs) -> Result<i32, Failure> {
     let read_only = matches!(args.op, Op::List { .. } | Op::Dump { .. });
     if args.force_share && !read_only {
-        return Err(
+        return Err(Failure::msg(
             "--force-share (-U) only goes with list and dump: changing the bitmaps of \
-                    an image another process is writing would corrupt it"
-                .into(),
-        );
+             an image another process is writing would corrupt it",
+        ));
     }
-    let node = Arc::new(
-        Qcow2Node::open(
-            &args.image,
-            &OpenOptions {
-                read_only,
-                data_file: args.data_file.clone(),
-                locking: if args.force_share {
-                    Locking::Off
-                } else {
-                    Locking::On
-                },
-                ..OpenOptions::default()
+    let node = Arc::new(Qcow2Node::open(
+        &args.image,
+        &OpenOptions {
+            read_only,
+            data_file: args.data_file.clone(),
+            locking: if args.force_share {
+                Locking::Off
+            } else {
+                Locking::On
             },
-        )
-        .map_err(|e| e.to_string())?,
-    );
+            ..OpenOptions::default()
+        },
+    )?);
     let store = node.clone().bitmap_store();
     let manager = BitmapManager::open(
         "disk",
@@ -98,7 +94,7 @@ pub fn run(args: BitmapArgs) -> Result<i32, Failure> {
         read_only,
         Arc::new(WriteGate::new(0)),
     )
-    .map_err(|e| format!("{}: {e}", args.image.display()))?;
+    .map_err(|e| Failure::at(&args.image, &e))?;
     let action = match args.op {
         Op::List { json } => {
             list(&manager, json)?;
@@ -130,9 +126,9 @@ pub fn run(args: BitmapArgs) -> Result<i32, Failure> {
     let applied = manager.apply(action);
     // Store the bitmaps (and clear `in_use`) whether or not the action succeeded.
     let closed = manager.close();
-    applied.map_err(|e| format!("{}: {e}", args.image.display()))?;
-    closed.map_err(|e| format!("{}: {e}", args.image.display()))?;
-    node.flush_metadata().map_err(|e| e.to_string())?;
+    applied.map_err(|e| Failure::at(&args.image, &e))?;
+    closed.map_err(|e| Failure::at(&args.image, &e))?;
+    node.flush_metadata()?;
     Ok(0)
 }
 

@@ -12,6 +12,7 @@ use crate::block::qcow2::create::{self, CreateOptions};
 use crate::block::qcow2::header::{self, compatible, extension, incompatible, Header};
 use crate::block::qcow2::Qcow2Node;
 use crate::block::{Locking, OpenOptions};
+use crate::error::Chain;
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -95,17 +96,17 @@ pub fn create(args: CreateArgs) -> Result<i32, Failure> {
 }
 
 fn read_qcow2_header(path: &Path) -> Result<Option<Header>, Failure> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = std::fs::File::open(path).map_err(|e| Failure::at(path, &e))?;
     let len = file.metadata()?.len().min(1 << header::MAX_CLUSTER_BITS) as usize;
     let mut buf = vec![0u8; len];
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| Failure::at(path, &e))?;
     if buf.len() < 4 || buf[..4] != header::MAGIC.to_be_bytes() {
         return Ok(None);
     }
     Header::parse(&buf)
         .map(Some)
-        .map_err(|e| format!("{}: {e}", path.display()).into())
+        .map_err(|e| Failure::at(path, &e))
 }
 
 fn human_size(bytes: u64) -> String {
@@ -127,7 +128,7 @@ fn human_size(bytes: u64) -> String {
 
 pub fn info(args: InfoArgs) -> Result<i32, Failure> {
     let path = &args.image;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|e| Failure::at(path, &e))?;
     let actual = meta.blocks() * 512;
     // Display only: the format shown is read from the file, but nothing is opened on its
     // say-so (serving always takes the format from the command line).
@@ -221,11 +222,10 @@ pub fn info(args: InfoArgs) -> Result<i32, Failure> {
 
 pub fn check(args: CheckArgs) -> Result<i32, Failure> {
     if read_qcow2_header(&args.image)?.is_none() {
-        return Err(format!(
+        return Err(Failure::msg(format!(
             "{}: not a qcow2 image (a raw image has no metadata to check)",
             args.image.display()
-        )
-        .into());
+        )));
     }
     let options = OpenOptions {
         read_only: !args.repair,
@@ -238,17 +238,17 @@ pub fn check(args: CheckArgs) -> Result<i32, Failure> {
         },
         ..OpenOptions::default()
     };
-    let node = Qcow2Node::open(&args.image, &options).map_err(|e| Failure {
-        message: e.to_string(),
-        code: 1,
-    })?;
-    let report = check::check(&node, args.repair).map_err(|e| Failure {
-        message: format!("{}: check failed: {e}", args.image.display()),
-        code: 1,
+    let node = Qcow2Node::open(&args.image, &options)?;
+    let report = check::check(&node, args.repair).map_err(|e| {
+        Failure::msg(format!(
+            "{}: check failed: {}",
+            args.image.display(),
+            Chain(&e)
+        ))
     })?;
     if args.repair && report.corruptions_fixed == report.corruptions && report.corruptions > 0 {
         node.clear_corrupt_flag()
-            .map_err(|e| format!("{}: {e}", args.image.display()))?;
+            .map_err(|e| Failure::at(&args.image, &e))?;
     }
     if args.json {
         print_check_json(&args.image, &report)?;

@@ -8,6 +8,8 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 
+use crate::error::Chain;
+
 /// vhost-user-blk backend daemon: serves a disk image to a VMM over a UNIX socket.
 #[derive(Debug, Parser)]
 #[command(name = "vubd", version, about, propagate_version = true)]
@@ -31,17 +33,31 @@ enum Command {
 }
 
 /// An error the command line reports, with the exit code to use.
+#[derive(Debug)]
 pub struct Failure {
     pub message: String,
     pub code: i32,
 }
 
-impl<E: std::fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
+impl Failure {
+    /// A failure worded here.
+    pub fn msg(message: impl Into<String>) -> Self {
         Failure {
-            message: e.to_string(),
+            message: message.into(),
             code: 1,
         }
+    }
+
+    /// An error about `path`, with its causes.
+    pub fn at(path: &std::path::Path, e: &dyn std::error::Error) -> Self {
+        Failure::msg(format!("{}: {}", path.display(), Chain(e)))
+    }
+}
+
+/// Any error, with its causes, on one line.
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::msg(Chain(&e).to_string())
     }
 }
 

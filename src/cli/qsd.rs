@@ -25,10 +25,7 @@ use crate::vhost::daemon::SocketOptions;
 type Opts = BTreeMap<String, String>;
 
 fn fail(msg: impl Into<String>) -> Failure {
-    Failure {
-        message: msg.into(),
-        code: 1,
-    }
+    Failure::msg(msg)
 }
 
 /// Split `key=value,key=value` (QEMU's keyval syntax, `,,` escaping a comma) or flatten a JSON

@@ -182,21 +182,27 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
             || args.data_file.is_some()
             || args.backing.is_some()
         {
-            return Err("use either --image/--socket or --blockdev/--export, not both".into());
+            return Err(Failure::msg(
+                "use either --image/--socket or --blockdev/--export, not both",
+            ));
         }
         let mut spec = qsd::parse(&args.blockdev, &args.export, &args.object, args.socket_mode)?;
         spec.control = qsd::monitor_socket(&args.chardev, &args.monitor)?.or(args.control.clone());
         spec
     } else {
         let (Some(image), Some(socket)) = (args.image.clone(), args.socket.clone()) else {
-            return Err("--socket and --image are required (or --blockdev and --export)".into());
+            return Err(Failure::msg(
+                "--socket and --image are required (or --blockdev and --export)",
+            ));
         };
         let backing = match (&args.backing, args.backing_format) {
             (Some(path), Some(format)) => BackingChoice::Use(path.clone(), format.into()),
             _ => BackingChoice::FromImage,
         };
         if args.format == FormatArg::Raw && (args.data_file.is_some() || args.backing.is_some()) {
-            return Err("--data-file and --backing need --format qcow2".into());
+            return Err(Failure::msg(
+                "--data-file and --backing need --format qcow2",
+            ));
         }
         ServeSpec {
             image,

@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::backend::BlkBackend;
 use super::device::BlkDevice;
 use crate::control::ControlServer;
+use crate::error::Chain;
 use crate::export::ExportError;
 use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
 use crate::virtio_blk::request::GuestMemory;
@@ -38,8 +39,11 @@ pub enum DaemonError {
     Accept(io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
+    #[error("setting up a frontend connection")]
+    Connection(#[source] io::Error),
+    // vhost-user-backend's error implements Display but not std's Error: shown, not chained.
     #[error("vhost-user: {0}")]
-    VhostUser(String),
+    VhostUser(vhost_user_backend::Error),
 }
 
 /// Where and how to listen.
@@ -80,7 +84,7 @@ pub fn serve(
         }
         serve_connection(&device, &listener, &shutdown)?;
         if let Err(e) = device.export().flush() {
-            log::error!("flush after disconnect: {e}");
+            log::error!("flush after disconnect: {}", Chain(&e));
         }
     }
     log::info!("shutting down");
@@ -95,12 +99,11 @@ fn serve_connection(
     listener: &UnixListener,
     shutdown: &Shutdown,
 ) -> Result<(), DaemonError> {
-    let vhost_err = |e: &dyn std::fmt::Display| DaemonError::VhostUser(e.to_string());
     let mem = GuestMemoryAtomic::new(GuestMemory::new());
     let backend =
-        Arc::new(BlkBackend::new(device.clone(), mem.clone()).map_err(|e| vhost_err(&e))?);
+        Arc::new(BlkBackend::new(device.clone(), mem.clone()).map_err(DaemonError::Connection)?);
     let mut daemon = VhostUserDaemon::new("vubd".to_string(), backend.clone(), mem)
-        .map_err(|e| vhost_err(&e))?;
+        .map_err(DaemonError::VhostUser)?;
     for (index, handler) in daemon.get_epoll_handlers().iter().enumerate() {
         let worker = backend.worker(index);
         handler
@@ -109,7 +112,7 @@ fn serve_connection(
                 EventSet::IN,
                 backend.wake_event_id(),
             )
-            .map_err(|e| vhost_err(&e))?;
+            .map_err(DaemonError::Connection)?;
     }
 
     let clone = listener.try_clone().map_err(DaemonError::Accept)?;

@@ -20,6 +20,7 @@ use crate::block::io::transfer::Transfer;
 use crate::block::io::transfer::{bounce_transfer, fill_zero, finish_short_transfer, is_aligned};
 use crate::block::io::{Engine, InlinePolicy, Op};
 use crate::block::{BlockError, Extent, GuestIo, HostZeroOp, IoTicket, Mapping, ZeroOp};
+use crate::error::Chain;
 use crate::iov::Cursor;
 use crate::ratelimit::RateLimitedLog;
 use crate::virtio_blk::request::{self, GuestMemory, Request, RequestBuffers, RequestKind};
@@ -346,8 +347,10 @@ impl Executor {
             }
         };
         if let Err(e) = result {
-            self.log
-                .warn(self.index, format_args!("{:?} failed: {e}", req.kind));
+            self.log.warn(
+                self.index,
+                format_args!("{:?} failed: {}", req.kind, Chain(&e)),
+            );
             self.slots[slot_index as usize].io.failed = true;
         }
     }

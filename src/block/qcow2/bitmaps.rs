@@ -12,8 +12,11 @@ use crate::bitmap::{
     MAX_GRANULARITY_BITS, MAX_NAME_BYTES, MIN_GRANULARITY_BITS,
 };
 
+use thiserror::Error;
+
 use super::entry::OFFSET_MASK;
 use super::header::{autoclear, extension};
+use super::units::{be16, be32, be64, be64_entries, HostOffset};
 use super::{Meta, Qcow2Error, Qcow2Node};
 
 /// Directory entry flags.
@@ -73,16 +76,49 @@ impl DirEntry {
     }
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or_default())
+/// What is wrong with a bitmap directory (qcow2 corruption; bitmap names are quoted).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DirectoryError {
+    #[error("extension too short")]
+    ExtensionTooShort,
+    #[error("invalid bitmap count {0}")]
+    BadCount(u32),
+    #[error("invalid directory size or offset")]
+    BadDirectory,
+    #[error("truncated entry")]
+    TruncatedEntry,
+    #[error("invalid entry name or extra data size")]
+    BadNameOrExtra,
+    #[error("bitmap name is not UTF-8")]
+    NameNotUtf8,
+    #[error("invalid entry for bitmap '{0}'")]
+    BadEntry(String),
+    #[error("wrong table size for bitmap '{0}'")]
+    WrongTableSize(String),
+    #[error("table too large for bitmap '{0}'")]
+    TableTooLarge(String),
+    #[error("duplicate bitmap name '{0}'")]
+    DuplicateName(String),
+    #[error("bitmap '{0}' is too large")]
+    BitmapTooLarge(String),
+    #[error("invalid table entry {raw:#x} of bitmap '{name}'")]
+    BadTableEntry { raw: u64, name: String },
+    #[error("bitmap '{0}' has no stored data to keep")]
+    NothingToKeep(String),
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or_default())
-}
-
-fn corrupt(msg: impl Into<String>) -> Qcow2Error {
-    Qcow2Error::corrupt(format!("bitmap directory: {}", msg.into()))
+/// A directory entry's fixed fields, read from `dir` at `at` (the caller checked that
+/// `ENTRY_HEADER` bytes are there).
+fn entry_fields(dir: &[u8], at: usize) -> Option<(u64, u32, u32, u8, u8, u16, u32)> {
+    Some((
+        be64(dir, at)?,
+        be32(dir, at + 8)?,
+        be32(dir, at + 12)?,
+        *dir.get(at + 16)?,
+        *dir.get(at + 17)?,
+        be16(dir, at + 18)?,
+        be32(dir, at + 20)?,
+    ))
 }
 
 impl Qcow2Node {
@@ -99,55 +135,62 @@ impl Qcow2Node {
         let Some(ext) = meta.header.extension(extension::BITMAPS) else {
             return Ok((Vec::new(), true));
         };
-        if ext.len() < 24 {
-            return Err(corrupt("extension too short"));
-        }
-        let nb = be32(ext, 0) as usize;
-        let dir_size = be64(ext, 8);
-        let dir_offset = be64(ext, 16);
-        if nb == 0 || nb > MAX_BITMAPS || be32(ext, 4) != 0 {
-            return Err(corrupt(format!("invalid bitmap count {nb}")));
+        let (Some(nb), Some(reserved), Some(dir_size), Some(dir_offset)) =
+            (be32(ext, 0), be32(ext, 4), be64(ext, 8), be64(ext, 16))
+        else {
+            return Err(DirectoryError::ExtensionTooShort.into());
+        };
+        if nb == 0 || nb as usize > MAX_BITMAPS || reserved != 0 {
+            return Err(DirectoryError::BadCount(nb).into());
         }
         if dir_size > MAX_DIRECTORY_BYTES || !dir_offset.is_multiple_of(self.cluster_size()) {
-            return Err(corrupt("invalid directory size or offset"));
+            return Err(DirectoryError::BadDirectory.into());
         }
         let mut dir = vec![0u8; dir_size as usize];
         self.meta_file.read_exact_at(&mut dir, dir_offset)?;
-        let mut entries = Vec::with_capacity(nb);
+        let mut entries: Vec<DirEntry> = Vec::with_capacity(nb as usize);
         let mut at = 0usize;
         for _ in 0..nb {
-            if at + ENTRY_HEADER > dir.len() {
-                return Err(corrupt("truncated entry"));
-            }
-            let name_size = usize::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
-            let extra_size = be32(&dir, at + 20) as usize;
+            let Some((
+                table_offset,
+                table_size,
+                flags,
+                kind,
+                granularity_bits,
+                name_size,
+                extra_size,
+            )) = entry_fields(&dir, at)
+            else {
+                return Err(DirectoryError::TruncatedEntry.into());
+            };
+            let (name_size, extra_size) = (usize::from(name_size), extra_size as usize);
             let end = at + ENTRY_HEADER + extra_size + name_size;
             if name_size == 0 || name_size > MAX_NAME_BYTES || end > dir.len() {
-                return Err(corrupt("invalid entry name or extra data size"));
+                return Err(DirectoryError::BadNameOrExtra.into());
             }
             let e = DirEntry {
-                table_offset: be64(&dir, at),
-                table_size: be32(&dir, at + 8),
-                flags: be32(&dir, at + 12),
-                kind: dir[at + 16],
-                granularity_bits: dir[at + 17],
+                table_offset,
+                table_size,
+                flags,
+                kind,
+                granularity_bits,
                 extra: dir[at + ENTRY_HEADER..at + ENTRY_HEADER + extra_size].to_vec(),
                 name: String::from_utf8(dir[at + ENTRY_HEADER + extra_size..end].to_vec())
-                    .map_err(|_| corrupt("bitmap name is not UTF-8"))?,
+                    .map_err(|_| DirectoryError::NameNotUtf8)?,
             };
             if !e.table_offset.is_multiple_of(self.cluster_size()) || e.flags & !FLAGS_KNOWN != 0 {
-                return Err(corrupt(format!("invalid entry for bitmap '{}'", e.name)));
+                return Err(DirectoryError::BadEntry(e.name).into());
             }
             if e.usable()
                 && u64::from(e.table_size) != self.bitmap_table_size(u32::from(e.granularity_bits))
             {
-                return Err(corrupt(format!("wrong table size for bitmap '{}'", e.name)));
+                return Err(DirectoryError::WrongTableSize(e.name).into());
             }
             if u64::from(e.table_size) > MAX_TABLE_ENTRIES {
-                return Err(corrupt(format!("table too large for bitmap '{}'", e.name)));
+                return Err(DirectoryError::TableTooLarge(e.name).into());
             }
-            if entries.iter().any(|o: &DirEntry| o.name == e.name) {
-                return Err(corrupt(format!("duplicate bitmap name '{}'", e.name)));
+            if entries.iter().any(|o| o.name == e.name) {
+                return Err(DirectoryError::DuplicateName(e.name).into());
             }
             at = (end).next_multiple_of(8);
             entries.push(e);
@@ -159,14 +202,14 @@ impl Qcow2Node {
     fn read_table(&self, e: &DirEntry) -> Result<Vec<u64>, Qcow2Error> {
         let mut raw = vec![0u8; e.table_size as usize * 8];
         self.meta_file.read_exact_at(&mut raw, e.table_offset)?;
-        Ok(raw.chunks_exact(8).map(|b| be64(b, 0)).collect())
+        Ok(be64_entries(&raw).collect())
     }
 
     /// The data of a usable, consistent bitmap.
     fn read_bitmap_data(&self, e: &DirEntry) -> Result<Vec<u8>, Qcow2Error> {
         let bytes = self.size.div_ceil(1 << e.granularity_bits).div_ceil(8);
         if bytes > MAX_BITMAP_BYTES {
-            return Err(corrupt(format!("bitmap '{}' is too large", e.name)));
+            return Err(DirectoryError::BitmapTooLarge(e.name.clone()).into());
         }
         let cs = self.cluster_size() as usize;
         let mut data = vec![0u8; bytes as usize];
@@ -176,10 +219,11 @@ impl Qcow2Node {
             if raw & !OFFSET_MASK & !TABLE_ALL_ONES != 0
                 || (offset != 0 && raw & TABLE_ALL_ONES != 0)
             {
-                return Err(corrupt(format!(
-                    "invalid table entry {raw:#x} of bitmap '{}'",
-                    e.name
-                )));
+                return Err(DirectoryError::BadTableEntry {
+                    raw,
+                    name: e.name.clone(),
+                }
+                .into());
             }
             if offset != 0 {
                 self.meta_file.read_exact_at(chunk, offset)?;
@@ -209,29 +253,29 @@ impl Qcow2Node {
             let offset = meta.refcounts.allocate(&self.meta_file, 1)?;
             let mut cluster = vec![0u8; cs];
             cluster[..chunk.len()].copy_from_slice(chunk);
-            self.meta_file.write_all_at(&cluster, offset)?;
-            table[i * 8..i * 8 + 8].copy_from_slice(&offset.to_be_bytes());
+            self.meta_file.write_all_at(&cluster, offset.0)?;
+            table[i * 8..i * 8 + 8].copy_from_slice(&offset.0.to_be_bytes());
         }
         let table_clusters = (table.len() as u64).div_ceil(cs as u64).max(1);
         let table_offset = meta.refcounts.allocate(&self.meta_file, table_clusters)?;
         table.resize((table_clusters as usize) * cs, 0);
-        self.meta_file.write_all_at(&table, table_offset)?;
-        Ok((table_offset, entries as u32))
+        self.meta_file.write_all_at(&table, table_offset.0)?;
+        Ok((table_offset.0, entries as u32))
     }
 
     /// Free a bitmap's table and data clusters.
     fn free_bitmap(&self, meta: &mut Meta, e: &DirEntry) -> Result<(), Qcow2Error> {
-        let cs = self.cluster_size();
+        let bits = self.cluster_bits;
         for raw in self.read_table(e)? {
-            let offset = raw & OFFSET_MASK;
-            if offset != 0 {
-                meta.refcounts.adjust(&self.meta_file, offset / cs, -1)?;
+            let offset = HostOffset(raw & OFFSET_MASK);
+            if !offset.is_zero() {
+                meta.refcounts
+                    .adjust(&self.meta_file, offset.cluster(bits), -1)?;
             }
         }
-        let table_clusters = (u64::from(e.table_size) * 8).div_ceil(cs).max(1);
-        for c in 0..table_clusters {
-            meta.refcounts
-                .adjust(&self.meta_file, e.table_offset / cs + c, -1)?;
+        let table_bytes = (u64::from(e.table_size) * 8).max(1);
+        for c in HostOffset(e.table_offset).clusters(table_bytes, bits) {
+            meta.refcounts.adjust(&self.meta_file, c, -1)?;
         }
         Ok(())
     }
@@ -254,10 +298,7 @@ impl Qcow2Node {
                     )
                 }
                 (StoreData::Keep, None) => {
-                    return Err(corrupt(format!(
-                        "bitmap '{}' has no stored data to keep",
-                        s.name
-                    )))
+                    return Err(DirectoryError::NothingToKeep(s.name.to_string()).into())
                 }
                 (StoreData::Data(d), p) => {
                     let (off, size) = self.write_bitmap_data(&mut meta, d, s.granularity_bits)?;
@@ -292,7 +333,7 @@ impl Qcow2Node {
         let old_dir = meta
             .header
             .extension(extension::BITMAPS)
-            .map(|ext| (be64(ext, 16), be64(ext, 8)));
+            .and_then(|ext| Some((be64(ext, 16)?, be64(ext, 8)?)));
         if new.is_empty() {
             meta.header.set_extension(extension::BITMAPS, None);
             meta.header.autoclear_features &= !autoclear::BITMAPS;
@@ -306,12 +347,12 @@ impl Qcow2Node {
             let dir_offset = meta.refcounts.allocate(&self.meta_file, clusters)?;
             let mut padded = dir.clone();
             padded.resize((clusters * cs) as usize, 0);
-            self.meta_file.write_all_at(&padded, dir_offset)?;
+            self.meta_file.write_all_at(&padded, dir_offset.0)?;
             let mut ext = Vec::with_capacity(24);
             ext.extend_from_slice(&(new.len() as u32).to_be_bytes());
             ext.extend_from_slice(&0u32.to_be_bytes());
             ext.extend_from_slice(&(dir.len() as u64).to_be_bytes());
-            ext.extend_from_slice(&dir_offset.to_be_bytes());
+            ext.extend_from_slice(&dir_offset.0.to_be_bytes());
             meta.header.set_extension(extension::BITMAPS, Some(ext));
             meta.header.autoclear_features |= autoclear::BITMAPS;
         }
@@ -320,11 +361,9 @@ impl Qcow2Node {
         self.meta_file.sync_data()?;
         self.write_header(&mut meta)?;
         // Only now are the old structures unreferenced.
-        if let Some((offset, size)) = old_dir {
-            let cs = self.cluster_size();
-            for c in 0..size.div_ceil(cs) {
-                meta.refcounts
-                    .adjust(&self.meta_file, offset / cs + c, -1)?;
+        if let Some((offset, size)) = old_dir.filter(|(_, size)| *size > 0) {
+            for c in HostOffset(offset).clusters(size, self.cluster_bits) {
+                meta.refcounts.adjust(&self.meta_file, c, -1)?;
             }
         }
         for o in old
@@ -340,7 +379,7 @@ impl Qcow2Node {
 }
 
 fn to_bitmap_error(e: Qcow2Error) -> BitmapError {
-    BitmapError::Io(e.to_string())
+    BitmapError::Io(crate::error::Chain(&e).to_string())
 }
 
 impl BitmapStore for Qcow2Node {

@@ -8,13 +8,14 @@ use std::collections::HashMap;
 
 use crate::block::file::FileNode;
 
+use super::units::HostOffset;
 use super::Qcow2Error;
 
 /// Writes back a dirty table being evicted (offset, bytes), after whatever it depends on.
-pub type EvictFn<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Qcow2Error> + 'a;
+pub type EvictFn<'a> = dyn FnMut(HostOffset, &[u8]) -> Result<(), Qcow2Error> + 'a;
 
 struct Slot {
-    offset: u64,
+    offset: HostOffset,
     data: Vec<u8>,
     dirty: bool,
     last_use: u64,
@@ -25,7 +26,7 @@ pub struct TableCache {
     table_size: usize,
     capacity: usize,
     slots: Vec<Slot>,
-    index: HashMap<u64, usize>,
+    index: HashMap<HostOffset, usize>,
     clock: u64,
 }
 
@@ -48,7 +49,7 @@ impl TableCache {
     pub fn load(
         &mut self,
         file: &FileNode,
-        offset: u64,
+        offset: HostOffset,
         fresh: bool,
         evict: &mut EvictFn,
     ) -> Result<usize, Qcow2Error> {
@@ -63,7 +64,7 @@ impl TableCache {
         }
         let mut data = vec![0u8; self.table_size];
         if !fresh {
-            file.read_exact_at(&mut data, offset)?;
+            file.read_exact_at(&mut data, offset.0)?;
         }
         let slot = Slot {
             offset,
@@ -94,9 +95,9 @@ impl TableCache {
         Ok(i)
     }
 
+    /// Entry `index` of the table in `slot` (callers keep `index` below table_size / 8).
     pub fn get_u64(&self, slot: usize, index: usize) -> u64 {
-        let b = &self.slots[slot].data[index * 8..index * 8 + 8];
-        u64::from_be_bytes(b.try_into().unwrap_or_default())
+        u64::from_be_bytes(self.slots[slot].data.as_chunks::<8>().0[index])
     }
 
     pub fn set_u64(&mut self, slot: usize, index: usize, value: u64) {
@@ -122,14 +123,14 @@ impl TableCache {
     /// Write every dirty table to `file` and mark it clean.
     pub fn write_back(&mut self, file: &FileNode) -> Result<(), Qcow2Error> {
         for s in self.slots.iter_mut().filter(|s| s.dirty) {
-            file.write_all_at(&s.data, s.offset)?;
+            file.write_all_at(&s.data, s.offset.0)?;
             s.dirty = false;
         }
         Ok(())
     }
 
     /// Forget the table at `offset` (its cluster was freed), dropping unsaved changes.
-    pub fn discard(&mut self, offset: u64) {
+    pub fn discard(&mut self, offset: HostOffset) {
         if let Some(i) = self.index.remove(&offset) {
             self.slots.swap_remove(i);
             if i < self.slots.len() {
@@ -154,22 +155,28 @@ mod tests {
         let file = FileNode::open(&path, FileOptions::default()).unwrap();
         let mut cache = TableCache::new(4096, 2);
         let evicted = std::cell::RefCell::new(Vec::new());
-        let mut evict = |off: u64, _: &[u8]| {
+        let mut evict = |off: HostOffset, _: &[u8]| {
             evicted.borrow_mut().push(off);
             Ok(())
         };
-        let a = cache.load(&file, 0, false, &mut evict).unwrap();
+        let a = cache.load(&file, HostOffset(0), false, &mut evict).unwrap();
         cache.set_u64(a, 3, 0xdead_beef);
-        let _b = cache.load(&file, 4096, false, &mut evict).unwrap();
+        let _b = cache
+            .load(&file, HostOffset(4096), false, &mut evict)
+            .unwrap();
         // Touch a again so that b is the least recently used.
-        let a = cache.load(&file, 0, false, &mut evict).unwrap();
+        let a = cache.load(&file, HostOffset(0), false, &mut evict).unwrap();
         assert_eq!(cache.get_u64(a, 3), 0xdead_beef);
-        let _c = cache.load(&file, 8192, true, &mut evict).unwrap();
+        let _c = cache
+            .load(&file, HostOffset(8192), true, &mut evict)
+            .unwrap();
         assert!(evicted.borrow().is_empty(), "b was clean");
-        let _d = cache.load(&file, 12288, false, &mut evict).unwrap();
+        let _d = cache
+            .load(&file, HostOffset(12288), false, &mut evict)
+            .unwrap();
         assert_eq!(
             *evicted.borrow(),
-            vec![0],
+            vec![HostOffset(0)],
             "a was dirty and least recently used"
         );
         cache.write_back(&file).unwrap();

@@ -8,6 +8,7 @@
 
 use super::entry::{decode_l1, L2Entry, COPIED, OFFSET_MASK};
 use super::header::extension;
+use super::units::{be16, be32, be64, be64_entries, HostCluster, HostOffset};
 use super::{Meta, Qcow2Error, Qcow2Node};
 
 /// What a check found.
@@ -118,14 +119,14 @@ fn count_and_compare(
     counts.add(0, cluster_size, &mut report, "header");
     let (rt_offset, rt_clusters) = meta.refcounts.table_location();
     counts.add(
-        rt_offset,
+        rt_offset.0,
         rt_clusters * cluster_size,
         &mut report,
         "refcount table",
     );
-    let blocks: Vec<u64> = meta.refcounts.block_offsets().collect();
+    let blocks: Vec<HostOffset> = meta.refcounts.block_offsets().collect();
     for block in blocks {
-        counts.add(block, cluster_size, &mut report, "refcount block");
+        counts.add(block.0, cluster_size, &mut report, "refcount block");
     }
 
     let l1_offset = meta.header.l1_table_offset;
@@ -155,7 +156,7 @@ fn count_and_compare(
     let mut fixes = Vec::new();
     for c in clusters {
         let expected = u64::from(counts.refs.get(c as usize).copied().unwrap_or(0));
-        let stored = meta.refcounts.get(&node.meta_file, c)?;
+        let stored = meta.refcounts.get(&node.meta_file, HostCluster(c))?;
         if stored > 0 || expected > 0 {
             end = c + 1;
         }
@@ -182,7 +183,7 @@ fn count_and_compare(
         let refcount = u64::from(
             counts
                 .refs
-                .get((host >> bits) as usize)
+                .get(host.cluster(bits).0 as usize)
                 .copied()
                 .unwrap_or(0),
         );
@@ -204,7 +205,8 @@ fn count_and_compare(
     }
     if repair {
         for (c, expected) in fixes {
-            meta.refcounts.set(&node.meta_file, c, expected)?;
+            meta.refcounts
+                .set(&node.meta_file, HostCluster(c), expected)?;
         }
     }
     Ok(report)
@@ -225,7 +227,7 @@ fn set_entry(
             node.meta_file.write_all_at(&raw.to_be_bytes(), at)?;
         }
         Some(i) => {
-            let table = meta.l1[l1_index] & OFFSET_MASK;
+            let table = HostOffset(meta.l1[l1_index] & OFFSET_MASK);
             let slot = node.load_l2(meta, table, false)?;
             meta.l2.set_u64(slot, i, raw);
         }
@@ -235,7 +237,7 @@ fn set_entry(
 
 /// COPIED checks to make after counting: (L1 index, L2 index or None for the L1 entry, raw
 /// entry, host cluster offset).
-type CopiedChecks = Vec<(usize, Option<usize>, u64, u64)>;
+type CopiedChecks = Vec<(usize, Option<usize>, u64, HostOffset)>;
 
 /// Count what an L1 table references. For the active table, collect COPIED checks and
 /// allocation statistics.
@@ -249,10 +251,10 @@ fn count_l1(
 ) -> Result<(), Qcow2Error> {
     let cluster_size = node.cluster_size();
     let entries = node.l2_entries() as usize;
-    let mut last_host: Option<u64> = None;
+    let mut last_host: Option<HostOffset> = None;
     for (l1_index, &raw_l1) in l1.iter().enumerate() {
-        let (table, _) = match decode_l1(raw_l1, node.cluster_bits) {
-            Ok(v) => v,
+        let table = match decode_l1(raw_l1, node.cluster_bits) {
+            Ok(entry) => entry.table,
             Err(_) => {
                 report.corruptions += 1;
                 report
@@ -261,14 +263,14 @@ fn count_l1(
                 continue;
             }
         };
-        if table == 0 {
+        let Some(table) = table else {
             continue;
-        }
-        counts.add(table, cluster_size, report, "L2 table");
+        };
+        counts.add(table.0, cluster_size, report, "L2 table");
         if let Some(checks) = active.as_deref_mut() {
             checks.push((l1_index, None, raw_l1, table));
         }
-        if (table >> node.cluster_bits) as usize >= counts.refs.len() {
+        if table.cluster(node.cluster_bits).0 >= counts.refs.len() as u64 {
             continue;
         }
         let slot = node.load_l2(meta, table, false)?;
@@ -296,13 +298,13 @@ fn count_l1(
                 } => {
                     if is_active {
                         report.allocated_clusters += 1;
-                        if last_host.is_some_and(|h| h + cluster_size != host) {
+                        if last_host.is_some_and(|h| h.add(cluster_size) != host) {
                             report.fragmented_clusters += 1;
                         }
                         last_host = Some(host);
                     }
                     if !node.format.external_data {
-                        counts.add(host, cluster_size, report, "data cluster");
+                        counts.add(host.0, cluster_size, report, "data cluster");
                         if let Some(checks) = active.as_deref_mut() {
                             checks.push((l1_index, Some(l2_index), raw, host));
                         }
@@ -314,7 +316,8 @@ fn count_l1(
                         report.compressed_clusters += 1;
                     }
                     for host in node.referenced_clusters(entry) {
-                        counts.add(host, cluster_size, report, "compressed cluster");
+                        let offset = host.offset(node.cluster_bits).0;
+                        counts.add(offset, cluster_size, report, "compressed cluster");
                     }
                 }
                 L2Entry::Zero { host: None, .. } | L2Entry::Unallocated => {}
@@ -322,18 +325,6 @@ fn count_l1(
         }
     }
     Ok(())
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map(|s| u32::from_be_bytes(s.try_into().unwrap_or_default()))
-        .unwrap_or(0)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .map(|s| u64::from_be_bytes(s.try_into().unwrap_or_default()))
-        .unwrap_or(0)
 }
 
 /// Count the snapshot table and what each snapshot's L1 table references.
@@ -353,11 +344,17 @@ fn count_snapshots(
     for _ in 0..n {
         let mut fixed = [0u8; 40];
         node.meta_file.read_exact_at(&mut fixed, at)?;
-        let l1_offset = be64(&fixed, 0);
-        let l1_size = be32(&fixed, 8);
-        let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
-        let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-        let extra = u64::from(be32(&fixed, 36));
+        // The fixed part of a snapshot table entry holds every one of these fields.
+        let (Some(l1_offset), Some(l1_size), Some(id_len), Some(name_len), Some(extra)) = (
+            be64(&fixed, 0),
+            be32(&fixed, 8),
+            be16(&fixed, 12),
+            be16(&fixed, 14),
+            be32(&fixed, 36),
+        ) else {
+            unreachable!("a 40-byte snapshot entry header holds its fields");
+        };
+        let (id_len, name_len, extra) = (u64::from(id_len), u64::from(name_len), u64::from(extra));
         l1_tables.push((l1_offset, l1_size));
         at += (40 + extra + id_len + name_len).next_multiple_of(8);
     }
@@ -378,7 +375,7 @@ fn count_snapshots(
         }
         let mut raw = vec![0u8; l1_size as usize * 8];
         node.meta_file.read_exact_at(&mut raw, l1_offset)?;
-        let l1: Vec<u64> = raw.chunks_exact(8).map(|b| be64(b, 0)).collect();
+        let l1: Vec<u64> = be64_entries(&raw).collect();
         count_l1(node, meta, &l1, counts, report, None)?;
     }
     Ok(())
@@ -398,9 +395,15 @@ fn count_bitmaps(
     else {
         return Ok(());
     };
-    let nb = be32(&ext, 0);
-    let dir_size = be64(&ext, 8);
-    let dir_offset = be64(&ext, 16);
+    let (Some(nb), Some(dir_size), Some(dir_offset)) =
+        (be32(&ext, 0), be64(&ext, 8), be64(&ext, 16))
+    else {
+        report.corruptions += 1;
+        report
+            .messages
+            .push("ERROR bitmaps extension too short".into());
+        return Ok(());
+    };
     if dir_size > 64 << 20 {
         report.corruptions += 1;
         report
@@ -413,17 +416,19 @@ fn count_bitmaps(
     node.meta_file.read_exact_at(&mut dir, dir_offset)?;
     let mut at = 0usize;
     for _ in 0..nb {
-        if at + 24 > dir.len() {
+        let (Some(table_offset), Some(table_size), Some(name_size), Some(extra)) = (
+            be64(&dir, at),
+            be32(&dir, at + 8),
+            be16(&dir, at + 18),
+            be32(&dir, at + 20),
+        ) else {
             report.corruptions += 1;
             report
                 .messages
                 .push("ERROR bitmap directory truncated".into());
             break;
-        }
-        let table_offset = be64(&dir, at);
-        let table_size = be32(&dir, at + 8);
-        let name_size = usize::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
-        let extra = be32(&dir, at + 20) as usize;
+        };
+        let (name_size, extra) = (usize::from(name_size), extra as usize);
         counts.add(
             table_offset,
             u64::from(table_size) * 8,
@@ -432,7 +437,7 @@ fn count_bitmaps(
         );
         let mut table = vec![0u8; table_size as usize * 8];
         node.meta_file.read_exact_at(&mut table, table_offset)?;
-        for raw in table.chunks_exact(8).map(|b| be64(b, 0)) {
+        for raw in be64_entries(&table) {
             let cluster = raw & OFFSET_MASK;
             if cluster != 0 {
                 counts.add(cluster, node.cluster_size(), report, "bitmap data");

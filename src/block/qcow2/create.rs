@@ -15,6 +15,7 @@ use thiserror::Error;
 use super::entry::{encode_normal, COPIED};
 use super::header::{self, autoclear, extension, incompatible, Header};
 use super::refcount::write_entry;
+use super::units::HostOffset;
 
 /// What to create.
 #[derive(Clone, Debug)]
@@ -43,7 +44,7 @@ pub struct Created {
 pub enum CreateError {
     #[error("{0}: already exists; vubd create never overwrites an image (remove it first)")]
     Exists(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("--cluster-size {0}: must be a power of two from 512 to 2M")]
     ClusterSize(u64),
@@ -273,7 +274,7 @@ fn write_image(file: &File, size: u64, cs: u64, data_file: Option<&str>) -> Resu
             if guest_cluster >= guest_clusters {
                 break;
             }
-            let entry = encode_normal(guest_cluster * cs, true);
+            let entry = encode_normal(HostOffset(guest_cluster * cs), true);
             l2[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&entry.to_be_bytes());
         }
         file.write_all_at(&l2, l2_offset + t * cs)?;

@@ -1,5 +1,7 @@
 //! L1 and L2 table entries (docs/interop/qcow2.txt, "Cluster mapping").
 
+use super::units::HostOffset;
+
 /// Bit 63 of L1 and standard L2 entries: the refcount is exactly one ("COPIED").
 pub const COPIED: u64 = 1 << 63;
 /// Bit 62 of L2 entries: compressed cluster.
@@ -20,11 +22,37 @@ pub enum L2Entry {
     Unallocated,
     /// Reads as zeroes; `host` is a preallocated cluster (with `copied` telling whether it may
     /// be written in place), if any.
-    Zero { host: Option<u64>, copied: bool },
+    Zero {
+        host: Option<HostOffset>,
+        copied: bool,
+    },
     /// Data at `host` (a cluster-aligned offset, in the data file if there is one).
-    Normal { host: u64, copied: bool },
+    Normal { host: HostOffset, copied: bool },
     /// Compressed data: `len` bytes at `host` (not aligned).
-    Compressed { host: u64, len: u64 },
+    Compressed { host: HostOffset, len: u64 },
+}
+
+impl L2Entry {
+    /// The allocated (or preallocated) cluster this entry points at, for standard and zero
+    /// entries.
+    pub fn allocated_host(self) -> Option<HostOffset> {
+        match self {
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } => Some(host),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded L1 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L1Entry {
+    /// The L2 table, if one is allocated.
+    pub table: Option<HostOffset>,
+    /// The table's refcount is exactly one: it may be written in place.
+    pub copied: bool,
 }
 
 /// Decoding parameters that depend on the image.
@@ -57,7 +85,10 @@ impl EntryFormat {
             let host = raw & ((1u64 << shift) - 1);
             let sectors = ((raw >> shift) & ((1u64 << (self.cluster_bits - 8)) - 1)) + 1;
             let len = sectors * 512 - (host & 511);
-            return Ok(L2Entry::Compressed { host, len });
+            return Ok(L2Entry::Compressed {
+                host: HostOffset(host),
+                len,
+            });
         }
         if raw & L2_RESERVED != 0 {
             return Err(InvalidEntry(raw));
@@ -74,7 +105,7 @@ impl EntryFormat {
                 return Err(InvalidEntry(raw));
             }
             return Ok(L2Entry::Zero {
-                host: allocated.then_some(offset),
+                host: allocated.then_some(HostOffset(offset)),
                 copied,
             });
         }
@@ -86,29 +117,32 @@ impl EntryFormat {
             };
         }
         Ok(L2Entry::Normal {
-            host: offset,
+            host: HostOffset(offset),
             copied,
         })
     }
 }
 
 /// Encode a standard entry pointing at `host`.
-pub fn encode_normal(host: u64, copied: bool) -> u64 {
-    host | if copied { COPIED } else { 0 }
+pub fn encode_normal(host: HostOffset, copied: bool) -> u64 {
+    host.0 | if copied { COPIED } else { 0 }
 }
 
 /// Encode a zero entry, keeping `host` preallocated if given.
-pub fn encode_zero(host: Option<u64>, copied: bool) -> u64 {
-    host.unwrap_or(0) | ZERO | if copied { COPIED } else { 0 }
+pub fn encode_zero(host: Option<HostOffset>, copied: bool) -> u64 {
+    host.map_or(0, |h| h.0) | ZERO | if copied { COPIED } else { 0 }
 }
 
-/// Decode a raw L1 entry: the L2 table's offset (0 if none) and whether it is COPIED.
-pub fn decode_l1(raw: u64, cluster_bits: u32) -> Result<(u64, bool), InvalidEntry> {
+/// Decode a raw L1 entry.
+pub fn decode_l1(raw: u64, cluster_bits: u32) -> Result<L1Entry, InvalidEntry> {
     let offset = raw & OFFSET_MASK;
     if raw & L1_RESERVED != 0 || offset & ((1u64 << cluster_bits) - 1) != 0 {
         return Err(InvalidEntry(raw));
     }
-    Ok((offset, raw & COPIED != 0))
+    Ok(L1Entry {
+        table: (offset != 0).then_some(HostOffset(offset)),
+        copied: raw & COPIED != 0,
+    })
 }
 
 #[cfg(test)]
@@ -127,7 +161,7 @@ mod tests {
         assert_eq!(
             FMT.decode_l2(COPIED | 0x50000),
             Ok(L2Entry::Normal {
-                host: 0x50000,
+                host: HostOffset(0x50000),
                 copied: true
             })
         );
@@ -141,7 +175,7 @@ mod tests {
         assert_eq!(
             FMT.decode_l2(ZERO | COPIED | 0x70000),
             Ok(L2Entry::Zero {
-                host: Some(0x70000),
+                host: Some(HostOffset(0x70000)),
                 copied: true
             })
         );
@@ -163,7 +197,7 @@ mod tests {
         assert_eq!(
             ext.decode_l2(COPIED),
             Ok(L2Entry::Normal {
-                host: 0,
+                host: HostOffset(0),
                 copied: true
             })
         );
@@ -177,7 +211,7 @@ mod tests {
         assert_eq!(
             FMT.decode_l2(raw),
             Ok(L2Entry::Compressed {
-                host: 0x12345,
+                host: HostOffset(0x12345),
                 len: 3 * 512 - 0x145
             })
         );
@@ -186,9 +220,9 @@ mod tests {
     #[test]
     fn encode_round_trips() {
         assert_eq!(
-            FMT.decode_l2(encode_normal(0x30000, true)),
+            FMT.decode_l2(encode_normal(HostOffset(0x30000), true)),
             Ok(L2Entry::Normal {
-                host: 0x30000,
+                host: HostOffset(0x30000),
                 copied: true
             })
         );
@@ -200,9 +234,9 @@ mod tests {
             })
         );
         assert_eq!(
-            FMT.decode_l2(encode_zero(Some(0x40000), true)),
+            FMT.decode_l2(encode_zero(Some(HostOffset(0x40000)), true)),
             Ok(L2Entry::Zero {
-                host: Some(0x40000),
+                host: Some(HostOffset(0x40000)),
                 copied: true
             })
         );
@@ -210,8 +244,20 @@ mod tests {
 
     #[test]
     fn l1_entries() {
-        assert_eq!(decode_l1(COPIED | 0x40000, 16), Ok((0x40000, true)));
-        assert_eq!(decode_l1(0, 16), Ok((0, false)));
+        assert_eq!(
+            decode_l1(COPIED | 0x40000, 16),
+            Ok(L1Entry {
+                table: Some(HostOffset(0x40000)),
+                copied: true
+            })
+        );
+        assert_eq!(
+            decode_l1(0, 16),
+            Ok(L1Entry {
+                table: None,
+                copied: false
+            })
+        );
         assert!(decode_l1(0x40000 | 1, 16).is_err());
         assert!(decode_l1(0x48000, 16).is_err());
     }

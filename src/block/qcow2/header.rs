@@ -7,6 +7,8 @@
 
 use thiserror::Error;
 
+use super::units::{be32, be64};
+
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
 /// Length of a version 2 header.
@@ -145,14 +147,6 @@ pub struct Header {
     pub backing_file: Option<String>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or_default())
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or_default())
-}
-
 impl Header {
     /// Parse the header from the start of cluster 0 (`buf` holds at least the first cluster, or
     /// the whole file if it is shorter).
@@ -160,31 +154,33 @@ impl Header {
         if buf.len() < V2_HEADER_LENGTH as usize {
             return Err(HeaderError::Truncated);
         }
-        if be32(buf, 0) != MAGIC {
+        let u32_at = |at| be32(buf, at).ok_or(HeaderError::Truncated);
+        let u64_at = |at| be64(buf, at).ok_or(HeaderError::Truncated);
+        if u32_at(0)? != MAGIC {
             return Err(HeaderError::BadMagic);
         }
-        let version = be32(buf, 4);
+        let version = u32_at(4)?;
         if version != 2 && version != 3 {
             return Err(HeaderError::Version(version));
         }
-        let cluster_bits = be32(buf, 20);
+        let cluster_bits = u32_at(20)?;
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(HeaderError::ClusterBits(cluster_bits));
         }
         let cluster_size = 1usize << cluster_bits;
         let mut h = Header {
             version,
-            backing_file_offset: be64(buf, 8),
-            backing_file_size: be32(buf, 16),
+            backing_file_offset: u64_at(8)?,
+            backing_file_size: u32_at(16)?,
             cluster_bits,
-            size: be64(buf, 24),
-            crypt_method: be32(buf, 32),
-            l1_size: be32(buf, 36),
-            l1_table_offset: be64(buf, 40),
-            refcount_table_offset: be64(buf, 48),
-            refcount_table_clusters: be32(buf, 56),
-            nb_snapshots: be32(buf, 60),
-            snapshots_offset: be64(buf, 64),
+            size: u64_at(24)?,
+            crypt_method: u32_at(32)?,
+            l1_size: u32_at(36)?,
+            l1_table_offset: u64_at(40)?,
+            refcount_table_offset: u64_at(48)?,
+            refcount_table_clusters: u32_at(56)?,
+            nb_snapshots: u32_at(60)?,
+            snapshots_offset: u64_at(64)?,
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -199,11 +195,11 @@ impl Header {
             if buf.len() < V3_HEADER_LENGTH as usize {
                 return Err(HeaderError::Truncated);
             }
-            h.incompatible_features = be64(buf, 72);
-            h.compatible_features = be64(buf, 80);
-            h.autoclear_features = be64(buf, 88);
-            h.refcount_order = be32(buf, 96);
-            h.header_length = be32(buf, 100);
+            h.incompatible_features = u64_at(72)?;
+            h.compatible_features = u64_at(80)?;
+            h.autoclear_features = u64_at(88)?;
+            h.refcount_order = u32_at(96)?;
+            h.header_length = u32_at(100)?;
             if h.header_length < V3_HEADER_LENGTH || !h.header_length.is_multiple_of(8) {
                 return Err(HeaderError::Invalid("header_length"));
             }
@@ -408,8 +404,10 @@ fn parse_extensions(
             // An image may end its extension area at the cluster end without an end marker.
             return Ok(out);
         }
-        let kind = be32(buf, at);
-        let len = be32(buf, at + 4) as usize;
+        let (Some(kind), Some(len)) = (be32(buf, at), be32(buf, at + 4)) else {
+            return Ok(out);
+        };
+        let len = len as usize;
         if kind == extension::END {
             return Ok(out);
         }

@@ -13,45 +13,45 @@ use crate::block::file::FileNode;
 
 use super::cache::TableCache;
 use super::entry::OFFSET_MASK;
+use super::units::{be64_entries, HostCluster, HostOffset};
 use super::Qcow2Error;
 
 /// Header bytes holding `refcount_table_offset` (8) and `refcount_table_clusters` (4).
 const HEADER_REFTABLE_FIELDS: u64 = 48;
 
+/// The refcounts of an image's host clusters.
 pub struct Refcounts {
     cluster_bits: u32,
     order: u32,
-    /// Refcount block offsets, indexed by block number (0: no block yet).
-    table: Vec<u64>,
-    table_offset: u64,
+    /// Refcount block offsets, by block index (`None`: no block, every count is zero).
+    table: Vec<Option<HostOffset>>,
+    table_offset: HostOffset,
     table_clusters: u64,
     cache: TableCache,
-    /// No cluster below this index is free (a search starts here).
-    free_hint: u64,
+    /// No cluster below this one is free.
+    free_hint: HostCluster,
 }
 
 impl Refcounts {
-    /// Load the refcount table described by the header fields.
+    /// Load the refcount table of `table_clusters` clusters at `table_offset`.
     pub fn load(
         file: &FileNode,
         cluster_bits: u32,
         order: u32,
-        table_offset: u64,
+        table_offset: HostOffset,
         table_clusters: u64,
         cache_tables: usize,
     ) -> Result<Refcounts, Qcow2Error> {
         let cluster_size = 1u64 << cluster_bits;
         let mut raw = vec![0u8; (table_clusters * cluster_size) as usize];
-        file.read_exact_at(&mut raw, table_offset)?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
-            .map(|e| e & OFFSET_MASK)
-            .collect::<Vec<_>>();
-        if table.iter().any(|off| off % cluster_size != 0) {
-            return Err(Qcow2Error::corrupt(
-                "refcount block offset not cluster aligned",
-            ));
+        file.read_exact_at(&mut raw, table_offset.0)?;
+        let mut table = Vec::with_capacity(raw.len() / 8);
+        for entry in be64_entries(&raw) {
+            let offset = entry & OFFSET_MASK;
+            if !offset.is_multiple_of(cluster_size) {
+                return Err(Qcow2Error::MisalignedRefcountBlock(offset));
+            }
+            table.push((offset != 0).then_some(HostOffset(offset)));
         }
         Ok(Refcounts {
             cluster_bits,
@@ -60,7 +60,7 @@ impl Refcounts {
             table_offset,
             table_clusters,
             cache: TableCache::new(cluster_size as usize, cache_tables),
-            free_hint: 0,
+            free_hint: HostCluster(0),
         })
     }
 
@@ -81,67 +81,67 @@ impl Refcounts {
         }
     }
 
-    pub fn table_location(&self) -> (u64, u64) {
+    /// Where the refcount table is, and how many clusters it takes.
+    pub fn table_location(&self) -> (HostOffset, u64) {
         (self.table_offset, self.table_clusters)
     }
 
-    /// Offsets of every refcount block (for consistency checks).
-    pub fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
-        self.table.iter().copied().filter(|o| *o != 0)
+    /// The offsets of the refcount blocks.
+    pub fn block_offsets(&self) -> impl Iterator<Item = HostOffset> + '_ {
+        self.table.iter().flatten().copied()
     }
 
-    /// The cluster ranges that existing refcount blocks describe.
+    /// The host cluster indices the existing refcount blocks describe.
     pub fn described_ranges(&self) -> Vec<std::ops::Range<u64>> {
         let entries = self.block_entries();
         self.table
             .iter()
             .enumerate()
-            .filter(|(_, off)| **off != 0)
+            .filter(|(_, off)| off.is_some())
             .map(|(i, _)| i as u64 * entries..(i as u64 + 1) * entries)
             .collect()
     }
 
-    /// Number of clusters the table can describe.
+    /// How many host clusters the table (with all its blocks) can describe.
     pub fn covered_clusters(&self) -> u64 {
         self.table.len() as u64 * self.block_entries()
     }
 
-    /// The refcount of cluster `cluster` (an index, not an offset).
-    pub fn get(&mut self, file: &FileNode, cluster: u64) -> Result<u64, Qcow2Error> {
+    /// The refcount of `cluster` (zero where no block describes it).
+    pub fn get(&mut self, file: &FileNode, cluster: HostCluster) -> Result<u64, Qcow2Error> {
         let entries = self.block_entries();
-        let block = (cluster / entries) as usize;
-        let Some(&offset) = self.table.get(block) else {
+        let Some(&Some(offset)) = self.table.get((cluster.0 / entries) as usize) else {
             return Ok(0);
         };
-        if offset == 0 {
-            return Ok(0);
-        }
         let slot = self.cache.load(file, offset, false, &mut |off, data| {
-            file.write_all_at(data, off).map_err(Qcow2Error::from)
+            file.write_all_at(data, off.0).map_err(Qcow2Error::from)
         })?;
         Ok(read_entry(
             self.cache.bytes(slot),
             self.order,
-            cluster % entries,
+            cluster.0 % entries,
         ))
     }
 
-    /// Set the refcount of cluster `cluster` to `value`, creating refcount blocks (and growing
-    /// the table) as needed.
-    pub fn set(&mut self, file: &FileNode, cluster: u64, value: u64) -> Result<(), Qcow2Error> {
+    /// Set the refcount of `cluster`, creating its refcount block if needed.
+    pub fn set(
+        &mut self,
+        file: &FileNode,
+        cluster: HostCluster,
+        value: u64,
+    ) -> Result<(), Qcow2Error> {
         if value > self.max_refcount() {
-            return Err(Qcow2Error::corrupt("refcount overflow"));
+            return Err(Qcow2Error::RefcountOverflow(cluster));
         }
         let entries = self.block_entries();
-        let block = cluster / entries;
-        let offset = self.ensure_block(file, block)?;
+        let offset = self.ensure_block(file, cluster.0 / entries)?;
         let slot = self.cache.load(file, offset, false, &mut |off, data| {
-            file.write_all_at(data, off).map_err(Qcow2Error::from)
+            file.write_all_at(data, off.0).map_err(Qcow2Error::from)
         })?;
         write_entry(
             self.cache.bytes_mut(slot),
             self.order,
-            cluster % entries,
+            cluster.0 % entries,
             value,
         );
         if value == 0 && cluster < self.free_hint {
@@ -150,47 +150,52 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Change the refcount of `cluster` by `delta`.
-    pub fn adjust(&mut self, file: &FileNode, cluster: u64, delta: i64) -> Result<u64, Qcow2Error> {
+    /// Add `delta` to the refcount of `cluster`; returns the new count.
+    pub fn adjust(
+        &mut self,
+        file: &FileNode,
+        cluster: HostCluster,
+        delta: i64,
+    ) -> Result<u64, Qcow2Error> {
         let current = self.get(file, cluster)?;
         let new = current
             .checked_add_signed(delta)
-            .ok_or_else(|| Qcow2Error::corrupt("refcount underflow"))?;
+            .ok_or(Qcow2Error::RefcountUnderflow(cluster))?;
         self.set(file, cluster, new)?;
         Ok(new)
     }
 
-    /// Allocate `count` contiguous free clusters (refcount set to 1); returns the first offset.
-    pub fn allocate(&mut self, file: &FileNode, count: u64) -> Result<u64, Qcow2Error> {
+    /// Allocate `count` contiguous free clusters (refcount 1); returns the first one's offset.
+    pub fn allocate(&mut self, file: &FileNode, count: u64) -> Result<HostOffset, Qcow2Error> {
         loop {
             let start = self.find_free_run(file, count)?;
-            // Creating a missing block may use a cluster of the run: look again if it did.
             let entries = self.block_entries();
             let mut created = false;
             for block in start / entries..=(start + count - 1) / entries {
-                let exists = self.table.get(block as usize).is_some_and(|o| *o != 0);
-                if !exists {
+                if !matches!(self.table.get(block as usize), Some(Some(_))) {
                     self.ensure_block(file, block)?;
                     created = true;
                 }
             }
             if created {
+                // New blocks took clusters of their own range: look again.
                 continue;
             }
             for c in start..start + count {
-                self.set(file, c, 1)?;
+                self.set(file, HostCluster(c), 1)?;
             }
-            self.free_hint = start + count;
-            return Ok(start << self.cluster_bits);
+            self.free_hint = HostCluster(start + count);
+            return Ok(HostCluster(start).offset(self.cluster_bits));
         }
     }
 
+    /// The first cluster index of a run of `count` free clusters at or after the hint.
     fn find_free_run(&mut self, file: &FileNode, count: u64) -> Result<u64, Qcow2Error> {
-        let mut start = self.free_hint;
+        let mut start = self.free_hint.0;
         let mut len = 0;
         let mut c = start;
         while len < count {
-            if self.get(file, c)? == 0 {
+            if self.get(file, HostCluster(c))? == 0 {
                 len += 1;
             } else {
                 len = 0;
@@ -201,50 +206,43 @@ impl Refcounts {
         Ok(start)
     }
 
-    /// The offset of refcount block `block`, creating it (and growing the table) if needed.
-    fn ensure_block(&mut self, file: &FileNode, block: u64) -> Result<u64, Qcow2Error> {
+    /// The offset of refcount block `block`, creating it (self-describing) if missing.
+    fn ensure_block(&mut self, file: &FileNode, block: u64) -> Result<HostOffset, Qcow2Error> {
         if block >= self.table.len() as u64 {
             self.grow_table(file, block + 1)?;
         }
-        let existing = self.table[block as usize];
-        if existing != 0 {
+        if let Some(existing) = self.table[block as usize] {
             return Ok(existing);
         }
-        // No block means no cluster of this range is in use: the block takes the first one and
-        // counts itself. The table may have moved into the range when it grew, so skip the
-        // clusters it occupies.
         let entries = self.block_entries();
         let first = block * entries;
-        let table_first = self.table_offset >> self.cluster_bits;
+        let table_first = self.table_offset.cluster(self.cluster_bits).0;
         let table_range = table_first..table_first + self.table_clusters;
         let cluster = (first..first + entries)
             .find(|c| !table_range.contains(c))
-            .ok_or_else(|| Qcow2Error::corrupt("no room for a refcount block"))?;
-        let offset = cluster << self.cluster_bits;
+            .ok_or(Qcow2Error::NoRoomForRefcountBlock(block))?;
+        let offset = HostCluster(cluster).offset(self.cluster_bits);
         let slot = self.cache.load(file, offset, true, &mut |off, data| {
-            file.write_all_at(data, off).map_err(Qcow2Error::from)
+            file.write_all_at(data, off.0).map_err(Qcow2Error::from)
         })?;
         write_entry(self.cache.bytes_mut(slot), self.order, cluster - first, 1);
         for c in table_range.filter(|c| (first..first + entries).contains(c)) {
             write_entry(self.cache.bytes_mut(slot), self.order, c - first, 1);
         }
-        // The block must be on disk before the table points to it.
         self.cache.write_back(file)?;
         file.sync_data()?;
-        self.table[block as usize] = offset;
-        let entry_at = self.table_offset + block * 8;
-        file.write_all_at(&offset.to_be_bytes(), entry_at)?;
+        self.table[block as usize] = Some(offset);
+        let entry_at = self.table_offset.0 + block * 8;
+        file.write_all_at(&offset.0.to_be_bytes(), entry_at)?;
         Ok(offset)
     }
 
-    /// Move the table to a fresh area at the end of the file with room for `min_blocks`
-    /// blocks, together with new blocks covering that area.
+    /// Move the table to a fresh area at the end of the file, large enough for `min_blocks`
+    /// blocks, together with the blocks that describe the area itself.
     fn grow_table(&mut self, file: &FileNode, min_blocks: u64) -> Result<(), Qcow2Error> {
         let cluster_size = self.cluster_size();
         let entries = self.block_entries();
         let per_cluster = cluster_size / 8;
-        // The area starts on a block boundary past everything covered so far and past the end
-        // of the file, so that its own blocks cover nothing else.
         let file_end = file.current_size()?.div_ceil(cluster_size);
         let area = (self.covered_clusters().max(file_end)).div_ceil(entries) * entries;
         let first_area_block = area / entries;
@@ -260,33 +258,30 @@ impl Refcounts {
             }
             new_blocks = needed;
         };
-        // Layout: [new blocks][new table] starting at `area`.
         let mut table = self.table.clone();
-        table.resize(total_blocks as usize, 0);
+        table.resize(total_blocks as usize, None);
         for i in 0..new_blocks {
-            let block_offset = (area + i) << self.cluster_bits;
-            table[(first_area_block + i) as usize] = block_offset;
+            let block_offset = HostCluster(area + i).offset(self.cluster_bits);
+            table[(first_area_block + i) as usize] = Some(block_offset);
             let mut data = vec![0u8; cluster_size as usize];
-            // Count every cluster of the area that falls in this block's range.
             let range_first = (first_area_block + i) * entries;
             for c in area..area + new_blocks + table_clusters {
                 if (range_first..range_first + entries).contains(&c) {
                     write_entry(&mut data, self.order, c - range_first, 1);
                 }
             }
-            file.write_all_at(&data, block_offset)?;
+            file.write_all_at(&data, block_offset.0)?;
         }
-        let table_offset = (area + new_blocks) << self.cluster_bits;
+        let table_offset = HostCluster(area + new_blocks).offset(self.cluster_bits);
         let mut raw = Vec::with_capacity((table_clusters * cluster_size) as usize);
         for e in &table {
-            raw.extend_from_slice(&e.to_be_bytes());
+            raw.extend_from_slice(&e.map_or(0, |o| o.0).to_be_bytes());
         }
         raw.resize((table_clusters * cluster_size) as usize, 0);
-        file.write_all_at(&raw, table_offset)?;
+        file.write_all_at(&raw, table_offset.0)?;
         file.sync_data()?;
-        // Switch the header over, then free the old table.
         let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
+        fields[..8].copy_from_slice(&table_offset.0.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         file.write_all_at(&fields, HEADER_REFTABLE_FIELDS)?;
         file.sync_data()?;
@@ -294,8 +289,9 @@ impl Refcounts {
         self.table = table;
         self.table_offset = table_offset;
         self.table_clusters = table_clusters;
-        for c in 0..old_clusters {
-            self.adjust(file, (old_offset >> self.cluster_bits) + c, -1)?;
+        let old_first = old_offset.cluster(self.cluster_bits).0;
+        for c in old_first..old_first + old_clusters {
+            self.adjust(file, HostCluster(c), -1)?;
         }
         Ok(())
     }
@@ -304,7 +300,7 @@ impl Refcounts {
         self.cache.any_dirty()
     }
 
-    /// Write every modified refcount block to the file (not synced).
+    /// Write every changed refcount block to the file.
     pub fn write_back(&mut self, file: &FileNode) -> Result<(), Qcow2Error> {
         self.cache.write_back(file)
     }

@@ -273,7 +273,9 @@ impl Filter for FailWrites {
 
     fn before_write(&self, _: &dyn BlockDriver, _: u64, _: u64) -> Result<(), BlockError> {
         if self.fail {
-            return Err(BlockError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+            return Err(BlockError::from(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )));
         }
         Ok(())
     }
