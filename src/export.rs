@@ -2,7 +2,7 @@
 //! bitmaps, how its queues move data, and how it is made durable.
 //!
 //! The export is what the vhost-user side (queue workers) and the control socket (QMP) share.
-//! It knows nothing of virtio: the vhost-user-blk device built on it ([`crate::vhost::device`])
+//! It knows nothing of virtio: the vhost-user-blk device built on it (`vhost::device`)
 //! adds the guest-visible geometry.
 
 use std::path::{Path, PathBuf};

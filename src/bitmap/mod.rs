@@ -14,6 +14,8 @@
 
 mod dirty;
 mod gate;
+mod store;
+mod transaction;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,6 +25,8 @@ use thiserror::Error;
 
 pub use dirty::{DirtyBitmap, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS};
 pub use gate::WriteGate;
+pub use store::{BitmapStore, StoreData, StoreEntry, StoredBitmap};
+pub use transaction::Action;
 
 /// Longest bitmap name (QEMU's limit, from the qcow2 specification's note).
 pub const MAX_NAME_BYTES: usize = 1023;
@@ -50,51 +54,6 @@ pub enum BitmapError {
     Io(String),
 }
 
-/// A bitmap as an image stores it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredBitmap {
-    pub name: String,
-    pub granularity_bits: u32,
-    /// The qcow2 `auto` flag: recording.
-    pub recording: bool,
-    /// `in_use` on disk, or the extension is not marked consistent.
-    pub inconsistent: bool,
-    /// The data (spec layout), for consistent bitmaps.
-    pub data: Option<Vec<u8>>,
-}
-
-/// What to store for one bitmap.
-#[derive(Clone, Copy, Debug)]
-pub enum StoreData<'a> {
-    /// New data, in the spec layout.
-    Data(&'a [u8]),
-    /// Keep the stored data as it is (a flags-only update).
-    Keep,
-}
-
-/// One entry of the bitmap set to store.
-#[derive(Clone, Copy, Debug)]
-pub struct StoreEntry<'a> {
-    pub name: &'a str,
-    pub granularity_bits: u32,
-    pub recording: bool,
-    pub in_use: bool,
-    pub data: StoreData<'a>,
-}
-
-/// Persistent storage of a node's bitmaps (the qcow2 bitmaps extension).
-pub trait BitmapStore: Send + Sync {
-    /// The bitmaps stored in the image. Ones vubd cannot use (unknown type, incompatible extra
-    /// data) are not listed; the store keeps them untouched.
-    fn load_bitmaps(&self) -> Result<Vec<StoredBitmap>, BitmapError>;
-    /// Make the stored set exactly `entries` (plus the unusable ones), durably.
-    fn store_bitmaps(&self, entries: &[StoreEntry]) -> Result<(), BitmapError>;
-    /// Why persistent bitmaps cannot be stored, if they cannot.
-    fn cannot_store(&self) -> Option<String>;
-    /// The image's cluster size (the default granularity).
-    fn cluster_size(&self) -> u64;
-}
-
 /// What `query-named-block-nodes` reports of a bitmap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapInfo {
@@ -104,33 +63,6 @@ pub struct BitmapInfo {
     pub recording: bool,
     pub persistent: bool,
     pub inconsistent: bool,
-}
-
-/// One action of a `transaction`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    Add {
-        name: String,
-        granularity: Option<u64>,
-        persistent: bool,
-        disabled: bool,
-    },
-    Remove {
-        name: String,
-    },
-    Clear {
-        name: String,
-    },
-    Enable {
-        name: String,
-    },
-    Disable {
-        name: String,
-    },
-    Merge {
-        target: String,
-        sources: Vec<String>,
-    },
 }
 
 type BitmapList = Arc<Vec<Arc<DirtyBitmap>>>;
@@ -297,192 +229,6 @@ impl BitmapManager {
     /// Run one action.
     pub fn apply(&self, action: Action) -> Result<(), BitmapError> {
         self.transaction(&[action])
-    }
-
-    /// Run `actions` atomically: all of them or none, with no write in flight meanwhile.
-    pub fn transaction(&self, actions: &[Action]) -> Result<(), BitmapError> {
-        let _ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        let staged = self.stage(actions)?;
-        let _drained = self
-            .gate
-            .drain(DRAIN_TIMEOUT)
-            .map_err(|_| BitmapError::Io("timed out waiting for writes in flight".into()))?;
-        let persistent_changed = self.commit(actions, staged);
-        if persistent_changed {
-            self.persist(true, false)?;
-        }
-        Ok(())
-    }
-
-    /// Check every action against the state the previous ones leave; returns the new bitmaps
-    /// to create, by action index.
-    fn stage(&self, actions: &[Action]) -> Result<Vec<Option<Arc<DirtyBitmap>>>, BitmapError> {
-        // A lightweight model of the list: name -> (inconsistent, persistent).
-        let list = self.snapshot();
-        let mut model: Vec<(String, bool)> = list
-            .iter()
-            .map(|b| (b.name().to_string(), b.is_inconsistent()))
-            .collect();
-        let find =
-            |model: &Vec<(String, bool)>, name: &str| model.iter().position(|(n, _)| n == name);
-        let mut created = Vec::with_capacity(actions.len());
-        for action in actions {
-            let mut new = None;
-            let require_usable = |model: &Vec<(String, bool)>, name: &str| match find(model, name) {
-                None => Err(BitmapError::NotFound(name.to_string())),
-                Some(i) if model[i].1 => Err(BitmapError::Inconsistent(name.to_string())),
-                Some(_) => Ok(()),
-            };
-            match action {
-                Action::Add {
-                    name,
-                    granularity,
-                    persistent,
-                    disabled,
-                } => {
-                    if find(&model, name).is_some() {
-                        return Err(BitmapError::Exists(name.clone()));
-                    }
-                    let bitmap = self.new_bitmap(name, *granularity, *persistent, *disabled)?;
-                    model.push((name.clone(), false));
-                    new = Some(Arc::new(bitmap));
-                }
-                Action::Remove { name } => {
-                    let i =
-                        find(&model, name).ok_or_else(|| BitmapError::NotFound(name.clone()))?;
-                    if self.read_only && list.iter().any(|b| b.name() == name && b.is_persistent())
-                    {
-                        return Err(BitmapError::Invalid(format!(
-                            "Cannot remove persistent bitmap '{name}' from a read-only node"
-                        )));
-                    }
-                    model.remove(i);
-                }
-                Action::Clear { name } | Action::Enable { name } | Action::Disable { name } => {
-                    require_usable(&model, name)?;
-                }
-                Action::Merge { target, sources } => {
-                    require_usable(&model, target)?;
-                    for s in sources {
-                        require_usable(&model, s)?;
-                    }
-                }
-            }
-            created.push(new);
-        }
-        Ok(created)
-    }
-
-    fn new_bitmap(
-        &self,
-        name: &str,
-        granularity: Option<u64>,
-        persistent: bool,
-        disabled: bool,
-    ) -> Result<DirtyBitmap, BitmapError> {
-        if name.is_empty() || name.len() > MAX_NAME_BYTES {
-            return Err(BitmapError::Invalid(format!(
-                "Bitmap name must be 1 to {MAX_NAME_BYTES} bytes long"
-            )));
-        }
-        let granularity = granularity.unwrap_or_else(|| self.default_granularity());
-        let bits = granularity.trailing_zeros();
-        if !granularity.is_power_of_two()
-            || !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&bits)
-        {
-            return Err(BitmapError::Invalid(
-                "Granularity must be power of 2, and between 512 and 2147483648".into(),
-            ));
-        }
-        let data_bytes = self.disk_size.div_ceil(granularity).div_ceil(8);
-        if data_bytes > MAX_BITMAP_BYTES {
-            return Err(BitmapError::Invalid(format!(
-                "A bitmap of granularity {granularity} would need {data_bytes} bytes for this disk; use a larger granularity"
-            )));
-        }
-        if persistent {
-            if self.read_only {
-                return Err(BitmapError::CannotStore(
-                    self.node_name.clone(),
-                    "the node is read-only".into(),
-                ));
-            }
-            match &self.store {
-                None => {
-                    return Err(BitmapError::CannotStore(
-                        self.node_name.clone(),
-                        "only qcow2 images store bitmaps".into(),
-                    ))
-                }
-                Some(s) => {
-                    if let Some(why) = s.cannot_store() {
-                        return Err(BitmapError::CannotStore(self.node_name.clone(), why));
-                    }
-                }
-            }
-            if self.snapshot().len() >= MAX_BITMAPS {
-                return Err(BitmapError::Invalid("too many bitmaps".into()));
-            }
-        }
-        Ok(DirtyBitmap::new(
-            name,
-            bits,
-            self.disk_size,
-            !disabled,
-            persistent,
-        ))
-    }
-
-    /// Apply staged actions (they cannot fail now). Returns whether the set of persistent
-    /// bitmaps changed.
-    fn commit(&self, actions: &[Action], created: Vec<Option<Arc<DirtyBitmap>>>) -> bool {
-        let mut list: Vec<Arc<DirtyBitmap>> = self.snapshot().as_ref().clone();
-        let mut persistent_changed = false;
-        let get = |list: &Vec<Arc<DirtyBitmap>>, name: &str| {
-            list.iter().find(|b| b.name() == name).cloned()
-        };
-        for (action, new) in actions.iter().zip(created) {
-            match action {
-                Action::Add { .. } => {
-                    if let Some(b) = new {
-                        persistent_changed |= b.is_persistent();
-                        list.push(b);
-                    }
-                }
-                Action::Remove { name } => {
-                    if let Some(i) = list.iter().position(|b| b.name() == name) {
-                        persistent_changed |= list[i].is_persistent();
-                        list.remove(i);
-                    }
-                }
-                Action::Clear { name } => {
-                    if let Some(b) = get(&list, name) {
-                        b.clear();
-                    }
-                }
-                Action::Enable { name } => {
-                    if let Some(b) = get(&list, name) {
-                        b.set_recording(true);
-                    }
-                }
-                Action::Disable { name } => {
-                    if let Some(b) = get(&list, name) {
-                        b.set_recording(false);
-                    }
-                }
-                Action::Merge { target, sources } => {
-                    if let Some(t) = get(&list, target) {
-                        for s in sources.iter().filter_map(|s| get(&list, s)) {
-                            if !Arc::ptr_eq(&s, &t) {
-                                t.merge_from(&s);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        self.publish(list);
-        persistent_changed
     }
 
     /// Write the persistent bitmaps' directory. `in_use` while serving (data kept as stored,

@@ -3,8 +3,10 @@
 
 mod bitmap;
 mod image;
+mod keyval;
 mod qsd;
 mod serve;
+mod spec;
 
 use clap::{Parser, Subcommand};
 

@@ -17,160 +17,17 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::serve::ServeSpec;
+use super::keyval::{parse_options, Opts, Taker};
+use super::spec::ServeSpec;
 use super::Failure;
 use crate::block::{BackingChoice, Format, Locking, NodeNames, OpenOptions};
 use crate::vhost::daemon::SocketOptions;
-
-type Opts = BTreeMap<String, String>;
-
-fn fail(msg: impl Into<String>) -> Failure {
-    Failure::msg(msg)
-}
-
-/// Split `key=value,key=value` (QEMU's keyval syntax, `,,` escaping a comma) or flatten a JSON
-/// object into dotted keys. A first item without `=` is taken as the value of `implied`.
-fn parse_options(option: &str, text: &str, implied: Option<&str>) -> Result<Opts, Failure> {
-    let text = text.trim();
-    if text.starts_with('{') {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| fail(format!("{option}: invalid JSON: {e}")))?;
-        let mut out = Opts::new();
-        flatten_json("", &value, &mut out);
-        return Ok(out);
-    }
-    let mut out = Opts::new();
-    let mut items = Vec::new();
-    let mut current = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                current.push(',');
-            } else {
-                items.push(std::mem::take(&mut current));
-            }
-        } else {
-            current.push(c);
-        }
-    }
-    items.push(current);
-    for (i, item) in items.into_iter().enumerate() {
-        match item.split_once('=') {
-            Some((k, v)) => {
-                if out.insert(k.to_string(), v.to_string()).is_some() {
-                    return Err(fail(format!("{option}: option '{k}' given twice")));
-                }
-            }
-            None if i == 0 && implied.is_some() => {
-                out.insert(implied.unwrap_or_default().to_string(), item);
-            }
-            None => return Err(fail(format!("{option}: '{item}' is not key=value"))),
-        }
-    }
-    Ok(out)
-}
-
-fn flatten_json(prefix: &str, value: &serde_json::Value, out: &mut Opts) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten_json(&key, v, out);
-            }
-        }
-        serde_json::Value::String(s) => {
-            out.insert(prefix.to_string(), s.clone());
-        }
-        serde_json::Value::Bool(b) => {
-            out.insert(
-                prefix.to_string(),
-                if *b { "on" } else { "off" }.to_string(),
-            );
-        }
-        serde_json::Value::Null => {
-            out.insert(prefix.to_string(), "null".to_string());
-        }
-        other => {
-            out.insert(prefix.to_string(), other.to_string());
-        }
-    }
-}
-
-fn parse_bool(option: &str, key: &str, v: &str) -> Result<bool, Failure> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(fail(format!("{option}: {key}={v}: expected on or off"))),
-    }
-}
 
 /// A block node definition.
 #[derive(Clone, Debug)]
 struct Node {
     driver: String,
     opts: Opts,
-}
-
-/// A node's options with the ones vubd understands checked off; whatever is left is an error.
-struct Taker {
-    what: String,
-    opts: Opts,
-}
-
-impl Taker {
-    fn new(what: String, opts: Opts) -> Self {
-        Taker { what, opts }
-    }
-
-    fn take(&mut self, key: &str) -> Option<String> {
-        self.opts.remove(key)
-    }
-
-    fn take_bool(&mut self, key: &str) -> Result<Option<bool>, Failure> {
-        self.take(key)
-            .map(|v| parse_bool(&self.what, key, &v))
-            .transpose()
-    }
-
-    /// Options under `prefix.` (an inline child), removed.
-    fn take_prefixed(&mut self, prefix: &str) -> Opts {
-        let dotted = format!("{prefix}.");
-        let keys: Vec<String> = self
-            .opts
-            .keys()
-            .filter(|k| k.starts_with(&dotted))
-            .cloned()
-            .collect();
-        keys.into_iter()
-            .filter_map(|k| {
-                let v = self.opts.remove(&k)?;
-                Some((k[dotted.len()..].to_string(), v))
-            })
-            .collect()
-    }
-
-    /// Accept and ignore options that only tune QEMU's own machinery.
-    fn ignore(&mut self, keys: &[&str]) {
-        for k in keys {
-            self.opts.remove(*k);
-        }
-    }
-
-    fn finish(self) -> Result<(), Failure> {
-        match self.opts.keys().next() {
-            None => Ok(()),
-            Some(k) => Err(fail(format!(
-                "{}: option '{k}' is not supported by vubd",
-                self.what
-            ))),
-        }
-    }
 }
 
 /// What a `file` node contributes.
@@ -193,21 +50,18 @@ impl Graph {
     fn child(&self, parent: &mut Taker, key: &str) -> Result<Option<Node>, Failure> {
         let inline = parent.take_prefixed(key);
         match parent.take(key) {
-            Some(_) if !inline.is_empty() => Err(fail(format!(
+            Some(_) if !inline.is_empty() => Err(Failure::msg(format!(
                 "{}: '{key}' is given both as a node name and inline",
                 parent.what
             ))),
             Some(name) if name == "null" => Ok(None),
-            Some(name) => self
-                .nodes
-                .get(&name)
-                .cloned()
-                .map(Some)
-                .ok_or_else(|| fail(format!("{}: no block node named '{name}'", parent.what))),
+            Some(name) => self.nodes.get(&name).cloned().map(Some).ok_or_else(|| {
+                Failure::msg(format!("{}: no block node named '{name}'", parent.what))
+            }),
             None if inline.is_empty() => Ok(None),
             None => {
                 let driver = inline.get("driver").cloned().ok_or_else(|| {
-                    fail(format!(
+                    Failure::msg(format!(
                         "{}: inline '{key}' needs {key}.driver",
                         parent.what
                     ))
@@ -227,14 +81,14 @@ impl Graph {
         t.take("node-name");
         let filename = t
             .take("filename")
-            .ok_or_else(|| fail(format!("{what}: filename is required")))?;
+            .ok_or_else(|| Failure::msg(format!("{what}: filename is required")))?;
         let direct = t.take_bool("cache.direct")?.unwrap_or(false);
         let read_only = t.take_bool("read-only")?.unwrap_or(false);
         let no_locking = match t.take("locking").as_deref() {
             None | Some("on") | Some("auto") => false,
             Some("off") => true,
             Some(v) => {
-                return Err(fail(format!(
+                return Err(Failure::msg(format!(
                     "{what}: locking={v}: expected on, off or auto"
                 )))
             }
@@ -265,7 +119,7 @@ impl Graph {
         match self.child(parent, key)? {
             None => Ok(None),
             Some(n) if n.driver == "file" => self.file(&n).map(Some),
-            Some(n) => Err(fail(format!(
+            Some(n) => Err(Failure::msg(format!(
                 "{}: '{key}' must be a driver=file node (got driver={})",
                 parent.what, n.driver
             ))),
@@ -292,12 +146,12 @@ pub fn parse(
         match opts.get("qom-type").map(String::as_str) {
             Some("iothread") => {}
             Some(other) => {
-                return Err(fail(format!(
+                return Err(Failure::msg(format!(
                     "--object {other}: only iothread objects are supported"
                 )))
             }
             None => {
-                return Err(fail(
+                return Err(Failure::msg(
                     "--object: missing the object type (e.g. iothread,id=io0)",
                 ))
             }
@@ -311,13 +165,13 @@ pub fn parse(
         let driver = opts
             .get("driver")
             .cloned()
-            .ok_or_else(|| fail(format!("--blockdev {b}: driver is required")))?;
+            .ok_or_else(|| Failure::msg(format!("--blockdev {b}: driver is required")))?;
         let name = opts
             .get("node-name")
             .cloned()
-            .ok_or_else(|| fail(format!("--blockdev {b}: node-name is required")))?;
+            .ok_or_else(|| Failure::msg(format!("--blockdev {b}: node-name is required")))?;
         if !matches!(driver.as_str(), "file" | "raw" | "qcow2") {
-            return Err(fail(format!(
+            return Err(Failure::msg(format!(
                 "--blockdev driver={driver}: vubd supports the file, raw and qcow2 drivers"
             )));
         }
@@ -326,13 +180,13 @@ pub fn parse(
             .insert(name.clone(), Node { driver, opts })
             .is_some()
         {
-            return Err(fail(format!(
+            return Err(Failure::msg(format!(
                 "--blockdev: node-name '{name}' is used twice"
             )));
         }
     }
     let [export] = exports else {
-        return Err(fail(if exports.is_empty() {
+        return Err(Failure::msg(if exports.is_empty() {
             "--export type=vhost-user-blk,... is required with --blockdev".to_string()
         } else {
             "vubd serves one export per process; give one --export".to_string()
@@ -342,41 +196,41 @@ pub fn parse(
     match e.take("type").as_deref() {
         Some("vhost-user-blk") => {}
         Some(t) => {
-            return Err(fail(format!(
+            return Err(Failure::msg(format!(
                 "--export type={t}: vubd exports vhost-user-blk only"
             )))
         }
-        None => return Err(fail("--export: type=vhost-user-blk is required")),
+        None => return Err(Failure::msg("--export: type=vhost-user-blk is required")),
     }
     e.take("id");
     let node_name = e
         .take("node-name")
-        .ok_or_else(|| fail("--export: node-name is required"))?;
+        .ok_or_else(|| Failure::msg("--export: node-name is required"))?;
     match e.take("addr.type").as_deref() {
         Some("unix") | None => {}
         Some(t) => {
-            return Err(fail(format!(
+            return Err(Failure::msg(format!(
                 "--export addr.type={t}: only unix sockets are supported"
             )))
         }
     }
     let socket = e
         .take("addr.path")
-        .ok_or_else(|| fail("--export: addr.path is required"))?;
+        .ok_or_else(|| Failure::msg("--export: addr.path is required"))?;
     let writable = e.take_bool("writable")?.unwrap_or(false);
     let num_queues = match e.take("num-queues") {
         Some(v) => v
             .parse::<u16>()
             .ok()
             .filter(|n| (1..=64).contains(n))
-            .ok_or_else(|| fail(format!("--export num-queues={v}: expected 1 to 64")))?,
+            .ok_or_else(|| Failure::msg(format!("--export num-queues={v}: expected 1 to 64")))?,
         None => 1,
     };
     let logical_block_size = match e.take("logical-block-size").as_deref() {
         None | Some("512") => 512,
         Some("4096") => 4096,
         Some(v) => {
-            return Err(fail(format!(
+            return Err(Failure::msg(format!(
                 "--export logical-block-size={v}: expected 512 or 4096"
             )))
         }
@@ -388,7 +242,7 @@ pub fn parse(
         .nodes
         .get(&node_name)
         .cloned()
-        .ok_or_else(|| fail(format!("--export: no block node named '{node_name}'")))?;
+        .ok_or_else(|| Failure::msg(format!("--export: no block node named '{node_name}'")))?;
     let what = format!("--blockdev driver={} (node-name={node_name})", node.driver);
     let mut open = OpenOptions {
         read_only: !writable,
@@ -412,7 +266,7 @@ pub fn parse(
             open.read_only |= t.take_bool("read-only")?.unwrap_or(false);
             let file = graph
                 .format_child_file(&mut t, "file")?
-                .ok_or_else(|| fail(format!("{what}: file is required")))?;
+                .ok_or_else(|| Failure::msg(format!("{what}: file is required")))?;
             open.direct = file.direct;
             open.read_only |= file.read_only;
             if file.no_locking {
@@ -440,8 +294,9 @@ pub fn parse(
                     Some(b) => backing_choice(&graph, &b)?,
                 };
                 if let Some(v) = t.take("l2-cache-size").or_else(|| t.take("cache-size")) {
-                    open.l2_cache_bytes =
-                        Some(super::parse_size(&v).map_err(|e| fail(format!("{what}: {e}")))?);
+                    open.l2_cache_bytes = Some(
+                        super::parse_size(&v).map_err(|e| Failure::msg(format!("{what}: {e}")))?,
+                    );
                 }
                 Format::Qcow2
             } else {
@@ -459,7 +314,7 @@ pub fn parse(
             (file.filename, format)
         }
         other => {
-            return Err(fail(format!(
+            return Err(Failure::msg(format!(
                 "--export: cannot export a driver={other} node"
             )))
         }
@@ -494,7 +349,7 @@ pub fn monitor_socket(
         match t.take("backend").as_deref() {
             Some("socket") => {}
             other => {
-                return Err(fail(format!(
+                return Err(Failure::msg(format!(
                     "--chardev {}: only socket chardevs (for --monitor) are supported",
                     other.unwrap_or("?")
                 )))
@@ -502,12 +357,14 @@ pub fn monitor_socket(
         }
         let id = t
             .take("id")
-            .ok_or_else(|| fail("--chardev: id is required"))?;
+            .ok_or_else(|| Failure::msg("--chardev: id is required"))?;
         let path = t
             .take("path")
-            .ok_or_else(|| fail("--chardev: path= (a UNIX socket) is required"))?;
+            .ok_or_else(|| Failure::msg("--chardev: path= (a UNIX socket) is required"))?;
         if t.take_bool("server")? == Some(false) {
-            return Err(fail("--chardev: vubd's monitor listens (server=on)"));
+            return Err(Failure::msg(
+                "--chardev: vubd's monitor listens (server=on)",
+            ));
         }
         t.ignore(&["wait"]);
         t.finish()?;
@@ -521,11 +378,11 @@ pub fn monitor_socket(
         );
         let id = t
             .take("chardev")
-            .ok_or_else(|| fail("--monitor: chardev= is required"))?;
+            .ok_or_else(|| Failure::msg("--monitor: chardev= is required"))?;
         match t.take("mode").as_deref() {
             None | Some("control") => {}
             Some(other) => {
-                return Err(fail(format!(
+                return Err(Failure::msg(format!(
                     "--monitor mode={other}: only QMP (control) is supported"
                 )))
             }
@@ -535,9 +392,11 @@ pub fn monitor_socket(
         let path = sockets
             .get(&id)
             .cloned()
-            .ok_or_else(|| fail(format!("--monitor: no --chardev with id={id}")))?;
+            .ok_or_else(|| Failure::msg(format!("--monitor: no --chardev with id={id}")))?;
         if found.replace(path).is_some() {
-            return Err(fail("vubd has one control socket; give one --monitor"));
+            return Err(Failure::msg(
+                "vubd has one control socket; give one --monitor",
+            ));
         }
     }
     Ok(found)
@@ -554,7 +413,7 @@ fn backing_choice(graph: &Graph, node: &Node) -> Result<BackingChoice, Failure> 
             t.take("read-only");
             let file = graph
                 .format_child_file(&mut t, "file")?
-                .ok_or_else(|| fail("backing node: file is required"))?;
+                .ok_or_else(|| Failure::msg("backing node: file is required"))?;
             let format = if node.driver == "qcow2" {
                 Format::Qcow2
             } else {
@@ -564,7 +423,9 @@ fn backing_choice(graph: &Graph, node: &Node) -> Result<BackingChoice, Failure> 
             t.finish()?;
             Ok(BackingChoice::Use(file.filename, format))
         }
-        other => Err(fail(format!("backing: driver={other} is not supported"))),
+        other => Err(Failure::msg(format!(
+            "backing: driver={other} is not supported"
+        ))),
     }
 }
 

@@ -6,153 +6,57 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
+use super::spec::{NativeArgs, ServeSpec};
 use super::{qsd, Failure};
 use crate::block::io::EngineKind;
-use crate::block::{open_image, BackingChoice, Format, Locking, NodeNames, OpenOptions};
+use crate::block::open_image;
 use crate::export::{Export, ExportOptions};
-use crate::vhost::daemon::{self, SocketOptions};
+use crate::vhost::daemon;
 use crate::vhost::device::{BlkDevice, DeviceOptions};
 use crate::virtio_blk::ID_BYTES;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// UNIX socket the VMM connects to.
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-
-    /// Disk image to serve.
-    #[arg(long, value_name = "PATH")]
-    image: Option<PathBuf>,
-
-    /// Image format (never guessed from the file's content).
-    #[arg(long, value_enum, default_value_t = FormatArg::Raw)]
-    format: FormatArg,
-
-    /// qcow2: use this external data file instead of the one the image names.
-    #[arg(long, value_name = "PATH")]
-    data_file: Option<PathBuf>,
-
-    /// qcow2: use this backing file instead of the one the image names.
-    #[arg(long, value_name = "PATH", requires = "backing_format")]
-    backing: Option<PathBuf>,
-
-    /// qcow2: the format of --backing.
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    backing_format: Option<FormatArg>,
-
-    /// qcow2: bytes of L2 tables to cache (default: the whole disk's, up to 32M).
-    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
-    l2_cache_size: Option<u64>,
-
-    /// Serve the image read-only.
-    #[arg(long)]
-    readonly: bool,
-
-    /// Number of virtqueues, each served by its own thread.
-    #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(1..=64))]
-    num_queues: u16,
+    #[command(flatten)]
+    native: NativeArgs,
 
     /// Largest virtqueue size the VMM may use (a power of two).
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_queue_size)]
     queue_size: u16,
-
     /// Device serial returned to the guest (up to 20 ASCII characters; default derived from
     /// the image path).
     #[arg(long, value_name = "STR", value_parser = parse_serial)]
     serial: Option<String>,
-
-    /// Logical block size presented to the guest.
-    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
-    logical_block_size: u32,
-
-    /// Host page cache use: `none` opens the data file with O_DIRECT.
-    #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
-    cache: CacheMode,
-
-    /// Lock the image files as QEMU does, so that QEMU, qemu-img and other vubd processes
-    /// refuse to write them while served (`off`: no locks, no checks).
-    #[arg(long, value_enum, default_value_t = LockingArg::On)]
-    locking: LockingArg,
-
     /// Permission bits of the socket file, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
-
-    /// Name of the exported node (QMP `node` arguments); its file child is NAME-file.
-    #[arg(long, value_name = "NAME", default_value = "disk")]
-    node_name: String,
-
     /// QMP control socket (mode 0600) for managing dirty bitmaps at runtime.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
-
     /// I/O engine: io_uring, synchronous system calls, or io_uring when available.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     io_engine: EngineArg,
-
     /// Busy-poll each queue for up to this many microseconds after its last request or
     /// completion before sleeping: lower latency for a CPU core per busy queue (0: off).
     #[arg(long, value_name = "US", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
-
     /// qemu-storage-daemon form: a block node (driver=file|raw|qcow2,node-name=...,...).
     #[arg(long, value_name = "OPTIONS")]
     blockdev: Vec<String>,
-
     /// qemu-storage-daemon form: the export (type=vhost-user-blk,node-name=...,addr.path=...).
     #[arg(long, value_name = "OPTIONS")]
     export: Vec<String>,
-
     /// qemu-storage-daemon form: objects (iothreads are accepted: every vubd queue has its own
     /// thread).
     #[arg(long, value_name = "OPTIONS")]
     object: Vec<String>,
-
     /// qemu-storage-daemon form: a socket chardev for --monitor.
     #[arg(long, value_name = "OPTIONS")]
     chardev: Vec<String>,
-
     /// qemu-storage-daemon form: a QMP monitor on a chardev (the control socket).
     #[arg(long, value_name = "OPTIONS")]
     monitor: Vec<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum FormatArg {
-    Raw,
-    Qcow2,
-}
-
-impl From<FormatArg> for Format {
-    fn from(f: FormatArg) -> Format {
-        match f {
-            FormatArg::Raw => Format::Raw,
-            FormatArg::Qcow2 => Format::Qcow2,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum CacheMode {
-    None,
-    Writeback,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum LockingArg {
-    On,
-    Off,
-}
-
-impl From<LockingArg> for Locking {
-    fn from(l: LockingArg) -> Locking {
-        match l {
-            LockingArg::On => Locking::On,
-            LockingArg::Off => Locking::Off,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -162,70 +66,20 @@ enum EngineArg {
     Sync,
 }
 
-/// Everything needed to serve, however the command line spelled it.
-#[derive(Debug)]
-pub struct ServeSpec {
-    pub image: PathBuf,
-    pub format: Format,
-    pub open: OpenOptions,
-    pub socket: SocketOptions,
-    pub num_queues: u16,
-    pub logical_block_size: u32,
-    pub node_names: NodeNames,
-    pub control: Option<PathBuf>,
-}
-
 pub fn run(args: ServeArgs) -> Result<i32, Failure> {
-    let spec = if !args.blockdev.is_empty() || !args.export.is_empty() {
-        if args.image.is_some()
-            || args.socket.is_some()
-            || args.data_file.is_some()
-            || args.backing.is_some()
-        {
+    let mut spec = if !args.blockdev.is_empty() || !args.export.is_empty() {
+        if args.native.any_graph_option() {
             return Err(Failure::msg(
                 "use either --image/--socket or --blockdev/--export, not both",
             ));
         }
         let mut spec = qsd::parse(&args.blockdev, &args.export, &args.object, args.socket_mode)?;
-        spec.control = qsd::monitor_socket(&args.chardev, &args.monitor)?.or(args.control.clone());
+        spec.control = qsd::monitor_socket(&args.chardev, &args.monitor)?;
         spec
     } else {
-        let (Some(image), Some(socket)) = (args.image.clone(), args.socket.clone()) else {
-            return Err(Failure::msg(
-                "--socket and --image are required (or --blockdev and --export)",
-            ));
-        };
-        let backing = match (&args.backing, args.backing_format) {
-            (Some(path), Some(format)) => BackingChoice::Use(path.clone(), format.into()),
-            _ => BackingChoice::FromImage,
-        };
-        if args.format == FormatArg::Raw && (args.data_file.is_some() || args.backing.is_some()) {
-            return Err(Failure::msg(
-                "--data-file and --backing need --format qcow2",
-            ));
-        }
-        ServeSpec {
-            image,
-            format: args.format.into(),
-            open: OpenOptions {
-                read_only: args.readonly,
-                direct: args.cache == CacheMode::None,
-                data_file: args.data_file.clone(),
-                backing,
-                l2_cache_bytes: args.l2_cache_size,
-                repair: false,
-                locking: args.locking.into(),
-            },
-            socket: SocketOptions {
-                path: socket,
-                mode: args.socket_mode,
-            },
-            num_queues: args.num_queues,
-            logical_block_size: args.logical_block_size,
-            node_names: NodeNames::derived(&args.node_name),
-            control: args.control.clone(),
-        }
+        ServeSpec::from_flags(&args.native, args.socket_mode)?
     };
+    spec.control = spec.control.or(args.control.clone());
     crate::socket::check_free(&spec.socket.path, "--socket")?;
     let driver = open_image(&spec.image, spec.format, &spec.open)?;
     let serial = args
@@ -298,14 +152,6 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
     }
 }
 
-fn parse_block_size(s: &str) -> Result<u32, String> {
-    match s {
-        "512" => Ok(512),
-        "4096" => Ok(4096),
-        _ => Err("must be 512 or 4096".into()),
-    }
-}
-
 fn parse_serial(s: &str) -> Result<String, String> {
     if s.len() > ID_BYTES || !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         return Err(format!(
@@ -343,7 +189,6 @@ mod tests {
         assert!(parse_queue_size("100").is_err());
         assert!(parse_queue_size("1").is_err());
         assert!(parse_queue_size("65536").is_err());
-        assert!(parse_block_size("1024").is_err());
         assert!(parse_serial("012345678901234567890").is_err());
         assert!(parse_serial("bad\nserial").is_err());
         assert_eq!(parse_mode("0660"), Ok(0o660));

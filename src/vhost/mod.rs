@@ -6,3 +6,4 @@ pub mod daemon;
 pub mod device;
 mod executor;
 pub mod ring;
+mod slot;
