@@ -95,6 +95,11 @@ pub struct Request {
 pub enum Invalid {
     #[error("chain has no device-writable status byte")]
     NoStatus,
+    #[error(
+        "chain is cut short: a descriptor loops, points outside its table, nests an \
+         indirect table, or takes the chain past 4 GiB"
+    )]
+    Truncated,
     #[error("status byte outside guest memory")]
     StatusOutsideMemory,
     #[error("device-readable descriptor after a device-writable one")]
@@ -313,7 +318,12 @@ where
     let mut wraps = false;
     // The last non-empty descriptor, and whether it is device-writable.
     let mut last: Option<(GuestRange, bool)> = None;
+    // virtio-queue ends a chain it cannot follow (a loop cut at the table size, a next index
+    // or indirect table it refuses, 4 GiB exceeded) without saying so; what gives it away is a
+    // last descriptor that still says "next".
+    let mut cut = false;
     for desc in chain {
+        cut = desc.has_next();
         if desc.len() == 0 {
             continue;
         }
@@ -337,6 +347,10 @@ where
         code: Status::IoErr,
         reason,
     };
+    if cut {
+        // Where the status byte would be is unknown: touch nothing, return the head.
+        return Err(drop(Invalid::Truncated));
+    }
     let last = match last {
         Some((range, true)) => range,
         _ => return Err(drop(Invalid::NoStatus)),

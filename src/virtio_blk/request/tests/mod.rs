@@ -1,8 +1,9 @@
 //! Request parsing against malformed and well-formed chains built with `MockSplitQueue`.
 
-use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
@@ -545,4 +546,54 @@ fn descriptors_wrapping_past_the_address_space_are_refused() {
         Status::IoErr,
         Invalid::BufferOutsideMemory,
     );
+}
+
+#[test]
+fn chains_cut_short_are_dropped_not_answered() {
+    let mem = memory();
+    write_header(&mem, HDR, request_type::IN, 0);
+    // A direct loop: descriptor 1 points back to descriptor 0.
+    let queue = MockSplitQueue::new(&mem, 16);
+    let descs = [
+        RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+        RawDescriptor::from(SplitDescriptor::new(
+            STATUS,
+            1,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            0,
+        )),
+    ];
+    queue.add_desc_chains(&descs, 0).unwrap();
+    let mut q = queue.create_queue::<virtio_queue::Queue>().unwrap();
+    let chain = q.pop_descriptor_chain(&mem).unwrap();
+    let mut bufs = RequestBuffers::with_limits(&limits());
+    assert_dropped(parse(chain, &mem, &limits(), &mut bufs), Invalid::Truncated);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+
+    // A loop inside an indirect table: entry 1 chains back to entry 0.
+    let table = 0x50_0000;
+    let entries = [
+        SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1),
+        SplitDescriptor::new(
+            STATUS,
+            1,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            0,
+        ),
+    ];
+    for (i, e) in entries.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(table + 16 * i as u64))
+            .unwrap();
+    }
+    let queue = MockSplitQueue::new(&mem, 16);
+    let head = [RawDescriptor::from(SplitDescriptor::new(
+        table,
+        32,
+        VRING_DESC_F_INDIRECT as u16,
+        0,
+    ))];
+    queue.add_desc_chains(&head, 0).unwrap();
+    let mut q = queue.create_queue::<virtio_queue::Queue>().unwrap();
+    let chain = q.pop_descriptor_chain(&mem).unwrap();
+    assert_dropped(parse(chain, &mem, &limits(), &mut bufs), Invalid::Truncated);
 }
