@@ -130,6 +130,23 @@ impl FileNode {
         Ok(node)
     }
 
+    /// Whether `other` is the same file (device and inode), whatever the paths say.
+    pub fn same_file(&self, other: &FileNode) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        other
+            .file
+            .metadata()
+            .is_ok_and(|m| self.is_inode(m.dev(), m.ino()))
+    }
+
+    /// Whether this is the file with inode `ino` on device `dev`.
+    pub fn is_inode(&self, dev: u64, ino: u64) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.file
+            .metadata()
+            .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -16,6 +16,7 @@ use thiserror::Error;
 
 use super::entry::OFFSET_MASK;
 use super::header::{autoclear, extension};
+use super::overlap::Kind;
 use super::units::{be16, be32, be64, be64_entries, HostOffset};
 use super::{Meta, Qcow2Error, Qcow2Node};
 
@@ -29,9 +30,11 @@ const TYPE_DIRTY_TRACKING: u8 = 1;
 /// Fixed part of a directory entry.
 const ENTRY_HEADER: usize = 24;
 /// QEMU's limit on the directory size.
-const MAX_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+pub(super) const MAX_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+/// [`MAX_BITMAPS`] for counting loops.
+pub(super) const MAX_BITMAPS_U32: u32 = MAX_BITMAPS as u32;
 /// QEMU's limit on bitmap table entries.
-const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+pub(super) const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
 /// Bitmap table entry bit 0 with no offset: the cluster reads as all ones.
 const TABLE_ALL_ONES: u64 = 1;
 
@@ -143,7 +146,10 @@ impl Qcow2Node {
         if nb == 0 || nb as usize > MAX_BITMAPS || reserved != 0 {
             return Err(DirectoryError::BadCount(nb).into());
         }
-        if dir_size > MAX_DIRECTORY_BYTES || !dir_offset.is_multiple_of(self.cluster_size()) {
+        if dir_size > MAX_DIRECTORY_BYTES
+            || !dir_offset.is_multiple_of(self.cluster_size())
+            || !self.inside_file(dir_offset, dir_size)
+        {
             return Err(DirectoryError::BadDirectory.into());
         }
         let mut dir = vec![0u8; dir_size as usize];
@@ -200,9 +206,52 @@ impl Qcow2Node {
     }
 
     fn read_table(&self, e: &DirEntry) -> Result<Vec<u64>, Qcow2Error> {
-        let mut raw = vec![0u8; e.table_size as usize * 8];
+        let bytes = u64::from(e.table_size) * 8;
+        if u64::from(e.table_size) > MAX_TABLE_ENTRIES || !self.inside_file(e.table_offset, bytes) {
+            return Err(DirectoryError::TableTooLarge(e.name.clone()).into());
+        }
+        let mut raw = vec![0u8; bytes as usize];
         self.meta_file.read_exact_at(&mut raw, e.table_offset)?;
         Ok(be64_entries(&raw).collect())
+    }
+
+    /// Whether `[offset, offset + len)` lies inside the image file.
+    fn inside_file(&self, offset: u64, len: u64) -> bool {
+        let size = self.meta_file.current_size().unwrap_or(0);
+        offset.checked_add(len).is_some_and(|end| end <= size)
+    }
+
+    /// The clusters the bitmaps extension takes: directory, tables, data.
+    pub(super) fn bitmap_clusters(
+        &self,
+        meta: &Meta,
+    ) -> Result<Vec<(HostOffset, u64, Kind)>, Qcow2Error> {
+        let mut out = Vec::new();
+        let Some((dir_offset, dir_size)) = meta
+            .header
+            .extension(extension::BITMAPS)
+            .and_then(|ext| Some((be64(ext, 16)?, be64(ext, 8)?)))
+        else {
+            return Ok(out);
+        };
+        let (entries, _) = self.read_directory(meta)?;
+        out.push((HostOffset(dir_offset), dir_size, Kind::BitmapDirectory));
+        let cs = self.cluster_size();
+        for e in &entries {
+            let table = self.read_table(e)?;
+            out.push((
+                HostOffset(e.table_offset),
+                u64::from(e.table_size) * 8,
+                Kind::BitmapTable,
+            ));
+            for raw in table {
+                let offset = raw & OFFSET_MASK;
+                if offset != 0 {
+                    out.push((HostOffset(offset), cs, Kind::BitmapData));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The data of a usable, consistent bitmap.
@@ -250,14 +299,18 @@ impl Qcow2Node {
             if chunk.iter().all(|b| *b == 0) {
                 continue;
             }
-            let offset = meta.refcounts.allocate(&self.meta_file, 1)?;
+            let offset = meta
+                .refcounts
+                .allocate(&self.meta_file, 1, Kind::BitmapData)?;
             let mut cluster = vec![0u8; cs];
             cluster[..chunk.len()].copy_from_slice(chunk);
             self.meta_file.write_all_at(&cluster, offset.0)?;
             table[i * 8..i * 8 + 8].copy_from_slice(&offset.0.to_be_bytes());
         }
         let table_clusters = (table.len() as u64).div_ceil(cs as u64).max(1);
-        let table_offset = meta.refcounts.allocate(&self.meta_file, table_clusters)?;
+        let table_offset =
+            meta.refcounts
+                .allocate(&self.meta_file, table_clusters, Kind::BitmapTable)?;
         table.resize((table_clusters as usize) * cs, 0);
         self.meta_file.write_all_at(&table, table_offset.0)?;
         Ok((table_offset.0, entries as u32))
@@ -266,15 +319,19 @@ impl Qcow2Node {
     /// Free a bitmap's table and data clusters.
     fn free_bitmap(&self, meta: &mut Meta, e: &DirEntry) -> Result<(), Qcow2Error> {
         let bits = self.cluster_bits;
+        let cs = self.cluster_size();
         for raw in self.read_table(e)? {
             let offset = HostOffset(raw & OFFSET_MASK);
             if !offset.is_zero() {
+                meta.refcounts.map_mut().unregister(offset, cs);
                 meta.refcounts
                     .adjust(&self.meta_file, offset.cluster(bits), -1)?;
             }
         }
         let table_bytes = (u64::from(e.table_size) * 8).max(1);
-        for c in HostOffset(e.table_offset).clusters(table_bytes, bits) {
+        let table = HostOffset(e.table_offset);
+        meta.refcounts.map_mut().unregister(table, table_bytes);
+        for c in table.clusters(table_bytes, bits) {
             meta.refcounts.adjust(&self.meta_file, c, -1)?;
         }
         Ok(())
@@ -344,7 +401,9 @@ impl Qcow2Node {
             }
             let cs = self.cluster_size();
             let clusters = (dir.len() as u64).div_ceil(cs);
-            let dir_offset = meta.refcounts.allocate(&self.meta_file, clusters)?;
+            let dir_offset =
+                meta.refcounts
+                    .allocate(&self.meta_file, clusters, Kind::BitmapDirectory)?;
             let mut padded = dir.clone();
             padded.resize((clusters * cs) as usize, 0);
             self.meta_file.write_all_at(&padded, dir_offset.0)?;
@@ -362,6 +421,9 @@ impl Qcow2Node {
         self.write_header(&mut meta)?;
         // Only now are the old structures unreferenced.
         if let Some((offset, size)) = old_dir.filter(|(_, size)| *size > 0) {
+            meta.refcounts
+                .map_mut()
+                .unregister(HostOffset(offset), size);
             for c in HostOffset(offset).clusters(size, self.cluster_bits) {
                 meta.refcounts.adjust(&self.meta_file, c, -1)?;
             }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::entry::{self, encode_normal, encode_zero, L2Entry};
 use super::map::{pieces, Piece};
+use super::overlap::Kind;
 use super::units::{HostCluster, HostOffset};
 use super::{Meta, Qcow2Error, Qcow2Node};
 use crate::block::{GuestIo, HostZeroOp, Mapping, ZeroOp};
@@ -50,8 +51,14 @@ impl Qcow2Node {
             L2Entry::Zero {
                 host: Some(host),
                 copied: true,
-            } => (host, true),
-            _ => (meta.refcounts.allocate(&self.meta_file, 1)?, false),
+            } => {
+                self.check_data_write(meta, host, cluster_size)?;
+                (host, true)
+            }
+            _ => (
+                meta.refcounts.allocate(&self.meta_file, 1, Kind::Free)?,
+                false,
+            ),
         };
         if self.format.external_data {
             self.data_file.write_all_at(&buf[..valid], host.0)?;
@@ -64,7 +71,8 @@ impl Qcow2Node {
         self.set_l2_entry(meta, p.cluster, encode_normal(host, true))?;
         if !reused {
             let freed = self.referenced_clusters(entry);
-            meta.pending_free.extend(freed);
+            meta.pending_free
+                .extend(freed.into_iter().map(|c| (c, Kind::Free)));
         }
         Ok(Mapping::Filled)
     }
@@ -111,6 +119,7 @@ impl Qcow2Node {
                 ZeroOp::WriteZeroes { .. } if reads_zero => {}
                 ZeroOp::WriteZeroes { .. } => match entry {
                     L2Entry::Normal { host, copied } if copied || self.format.external_data => {
+                        self.check_data_write(meta, host.add(p.within), p.len)?;
                         out.push(HostZeroOp {
                             file: self.data_fid,
                             offset: host.0 + p.within,
@@ -167,7 +176,8 @@ impl Qcow2Node {
             .filter(|c| kept.map(|h| h.cluster(self.cluster_bits)) != Some(*c))
             .collect();
         self.set_l2_entry(meta, p.cluster, raw)?;
-        meta.pending_free.extend(freed);
+        meta.pending_free
+            .extend(freed.into_iter().map(|c| (c, Kind::Free)));
         Ok(())
     }
 
@@ -189,8 +199,14 @@ impl Qcow2Node {
             // The L2 entries that dropped these clusters are on disk before their refcounts
             // fall: a crash in between leaks them, it never leaves them doubly used.
             self.meta_file.sync_data()?;
-            for cluster in std::mem::take(&mut meta.pending_free) {
-                meta.l2.discard(cluster.offset(self.cluster_bits));
+            for (cluster, kind) in std::mem::take(&mut meta.pending_free) {
+                let offset = cluster.offset(self.cluster_bits);
+                if kind == Kind::ActiveL2 {
+                    meta.l2.discard(offset);
+                    meta.refcounts
+                        .map_mut()
+                        .unregister(offset, self.cluster_size());
+                }
                 meta.refcounts.adjust(&self.meta_file, cluster, -1)?;
             }
             meta.refcounts.write_back(&self.meta_file)?;

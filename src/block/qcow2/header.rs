@@ -21,6 +21,8 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 /// QEMU's limits on the L1 table (32 MiB) and refcount table (8 MiB).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Where the incompatible feature bits are (version 3).
+pub const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
 /// Longest backing file name the specification allows.
 pub const MAX_BACKING_NAME: u32 = 1023;
 

@@ -4,6 +4,7 @@
 //! the refcounts and data it may depend on.
 
 use super::entry::{decode_l1, L2Entry, COPIED};
+use super::overlap::Kind;
 use super::units::{GuestCluster, HostOffset};
 use super::{Meta, Qcow2Error, Qcow2Node};
 
@@ -52,12 +53,17 @@ impl Qcow2Node {
         let entry =
             decode_l1(raw, self.cluster_bits).map_err(|e| Qcow2Error::InvalidL1Entry(e.0))?;
         match entry.table {
-            Some(table) if entry.copied || !allocate => {
-                return self.load_l2(meta, table, false).map(Some)
+            Some(table) if !allocate => return self.load_l2(meta, table, false).map(Some),
+            Some(table) if entry.copied => {
+                // About to be changed: it must not be a structure another one claims too.
+                self.check_metadata_write(meta, table, self.cluster_size(), Kind::ActiveL2)?;
+                return self.load_l2(meta, table, false).map(Some);
             }
             None if !allocate => return Ok(None),
             _ => {}
         }
+        let l1_at = meta.header.l1_table_offset + l1_index * 8;
+        self.check_metadata_write(meta, HostOffset(l1_at), 8, Kind::ActiveL1)?;
         let old = match entry.table {
             Some(table) => {
                 let slot = self.load_l2(meta, table, false)?;
@@ -65,7 +71,9 @@ impl Qcow2Node {
             }
             None => None,
         };
-        let new = meta.refcounts.allocate(&self.meta_file, 1)?;
+        let new = meta
+            .refcounts
+            .allocate(&self.meta_file, 1, Kind::ActiveL2)?;
         let slot = self.load_l2(meta, new, true)?;
         if let Some(old) = &old {
             meta.l2.bytes_mut(slot).copy_from_slice(old);
@@ -75,13 +83,31 @@ impl Qcow2Node {
         meta.refcounts.write_back(&self.meta_file)?;
         self.meta_file.sync_data()?;
         meta.l1[l1_index as usize] = new.0 | COPIED;
-        let l1_at = meta.header.l1_table_offset + l1_index * 8;
         self.meta_file
             .write_all_at(&(new.0 | COPIED).to_be_bytes(), l1_at)?;
         if let Some(table) = entry.table {
-            meta.pending_free.push(table.cluster(self.cluster_bits));
+            meta.pending_free
+                .push((table.cluster(self.cluster_bits), Kind::ActiveL2));
         }
         self.load_l2(meta, new, false).map(Some)
+    }
+
+    /// Refuse to write a `kind` structure at `[offset, offset + len)` that another structure
+    /// claims too (a corrupt image): the write would damage the other.
+    pub(super) fn check_metadata_write(
+        &self,
+        meta: &Meta,
+        offset: HostOffset,
+        len: u64,
+        kind: Kind,
+    ) -> Result<(), Qcow2Error> {
+        match meta.refcounts.map().metadata_overlap(offset, len, kind) {
+            Some((cluster, other)) => Err(Qcow2Error::MetadataOverlap {
+                offset: cluster.offset(self.cluster_bits).0,
+                kind: other,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The L2 entry of guest cluster `cluster`.

@@ -223,6 +223,7 @@ impl Qcow2Node {
                 _ => None,
             };
             if let Some(host) = in_place {
+                self.check_data_write(meta, host.add(p.within), p.len)?;
                 tracked |= self.map_allocated(&p, host, out);
                 continue;
             }

@@ -31,21 +31,26 @@ mod bitmaps;
 mod cache;
 pub mod check;
 mod compress;
+mod count;
 mod cow;
 pub mod create;
 mod entry;
 pub mod header;
 mod identity;
 mod l2;
+mod layout;
 mod map;
 mod open;
+mod overlap;
+mod rebuild;
 mod refcount;
+mod snapshot;
 mod units;
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
@@ -120,6 +125,20 @@ pub enum Qcow2Error {
     RefcountUnderflow(HostCluster),
     #[error("no room for refcount block {0}")]
     NoRoomForRefcountBlock(u64),
+    #[error("the refcount table at {0:#x} lies outside the image")]
+    RefcountTableOutside(u64),
+    #[error("refcount block at {0:#x} is not cluster aligned or lies outside the image")]
+    InvalidRefcountBlock(u64),
+    #[error("no free run of {0} clusters could be allocated")]
+    AllocationFailed(u64),
+    #[error("the refcount table would exceed QEMU's limit of 8 MiB")]
+    RefcountTableFull,
+    #[error("Preventing invalid write on metadata (overlaps with {kind}) at {offset:#x}; image marked as corrupt")]
+    MetadataOverlap { offset: u64, kind: overlap::Kind },
+    #[error("snapshot table")]
+    Snapshots(#[from] snapshot::SnapshotError),
+    #[error("the data file is the image file itself")]
+    DataFileIsImage,
     #[error("bitmap directory: {0}")]
     BitmapDirectory(#[from] bitmaps::DirectoryError),
     /// An error of a child node, which names its own file.
@@ -146,7 +165,13 @@ impl Qcow2Error {
             | RefcountOverflow(_)
             | RefcountUnderflow(_)
             | NoRoomForRefcountBlock(_)
+            | RefcountTableOutside(_)
+            | InvalidRefcountBlock(_)
+            | AllocationFailed(_)
+            | MetadataOverlap { .. }
+            | Snapshots(_)
             | BitmapDirectory(_) => ErrorKind::Corrupt,
+            RefcountTableFull => ErrorKind::Unsupported,
             MarkedCorrupt
             | DataFileUnnamed
             | NoExternalDataFile
@@ -155,6 +180,7 @@ impl Qcow2Error {
             | BackingFormatUnknown(_)
             | BackingWithRawDataFile
             | BackingTooDeep(_)
+            | DataFileIsImage
             | ReadOnly => ErrorKind::Refused,
             Child(e) => e.kind(),
         }
@@ -190,8 +216,9 @@ pub(crate) struct Meta {
     l1: Vec<u64>,
     l2: TableCache,
     refcounts: Refcounts,
-    /// Host clusters that lose one reference once the L2 change dropping them is on disk.
-    pending_free: Vec<HostCluster>,
+    /// Host clusters that lose one reference once the L2 change dropping them is on disk, and
+    /// what metadata they held (an L2 table), if any.
+    pending_free: Vec<(HostCluster, overlap::Kind)>,
     /// Refcounts or copy-on-write data were written since the last sync.
     unsynced: bool,
 }
@@ -216,6 +243,9 @@ pub struct Qcow2Node {
     meta: Mutex<Meta>,
     /// Requests mapped to clusters of the image file whose data I/O is still running.
     in_flight: AtomicUsize,
+    /// A write was refused for overlapping metadata: the image is marked corrupt and the node
+    /// takes no more writes.
+    corrupt: AtomicBool,
 }
 
 impl fmt::Debug for Qcow2Node {
@@ -250,6 +280,12 @@ impl Qcow2Node {
         meta.header.refcount_table_offset = table_offset.0;
         meta.header.refcount_table_clusters = table_clusters as u32;
         let bytes = meta.header.serialize()?;
+        self.check_metadata_write(
+            meta,
+            HostOffset(0),
+            bytes.len() as u64,
+            overlap::Kind::Header,
+        )?;
         self.meta_file.write_all_at(&bytes, 0)?;
         self.meta_file.sync_data()?;
         Ok(())
@@ -257,6 +293,62 @@ impl Qcow2Node {
 
     fn err(&self, e: Qcow2Error) -> BlockError {
         e.at(&self.path)
+    }
+
+    /// The error of a write path; a write refused for overlapping metadata marks the image
+    /// corrupt and turns the node read-only, as QEMU does.
+    fn write_err(&self, meta: &mut Meta, e: Qcow2Error) -> BlockError {
+        if matches!(e, Qcow2Error::MetadataOverlap { .. }) {
+            self.mark_corrupt(meta, &e);
+        }
+        self.err(e)
+    }
+
+    /// Set the corrupt bit on disk (only the incompatible-features field is written, so that
+    /// a header cluster other structures claim is not rewritten) and refuse writes from now on.
+    fn mark_corrupt(&self, meta: &mut Meta, why: &Qcow2Error) {
+        if self.corrupt.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::error!("{}: {why}", self.path.display());
+        if meta.header.version < 3 {
+            return;
+        }
+        meta.header.incompatible_features |= header::incompatible::CORRUPT;
+        let bytes = meta.header.incompatible_features.to_be_bytes();
+        if let Err(e) = self
+            .meta_file
+            .write_all_at(&bytes, header::INCOMPATIBLE_FEATURES_OFFSET)
+            .and_then(|()| self.meta_file.sync_data())
+        {
+            log::error!("{}: marking the image corrupt: {e}", self.path.display());
+        }
+    }
+
+    /// Refuse writes once the image is marked corrupt.
+    fn writable(&self) -> Result<(), Qcow2Error> {
+        if self.read_only {
+            return Err(Qcow2Error::ReadOnly);
+        }
+        if self.corrupt.load(Ordering::Acquire) {
+            return Err(Qcow2Error::MarkedCorrupt);
+        }
+        Ok(())
+    }
+
+    /// Refuse guest data written into metadata of the image file.
+    fn check_data_write(&self, meta: &Meta, host: HostOffset, len: u64) -> Result<(), Qcow2Error> {
+        if self.format.external_data {
+            // The data file holds no metadata (it is never the image file: see open).
+            return Ok(());
+        }
+        match meta.refcounts.map().data_overlap(host, len) {
+            Some((cluster, kind)) => Err(Qcow2Error::MetadataOverlap {
+                offset: cluster.offset(self.cluster_bits).0,
+                kind,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -270,7 +362,7 @@ impl BlockDriver for Qcow2Node {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only || self.corrupt.load(Ordering::Acquire)
     }
 
     fn files(&self) -> &[Arc<FileNode>] {
@@ -302,16 +394,15 @@ impl BlockDriver for Qcow2Node {
         guest: GuestIo,
         out: &mut Vec<Extent>,
     ) -> Result<IoTicket, BlockError> {
-        if self.read_only {
-            return Err(self.err(Qcow2Error::ReadOnly));
-        }
+        self.writable().map_err(|e| self.err(e))?;
         if self.map_identity(offset, len, out) {
             return Ok(IoTicket::NONE);
         }
         let mut meta = self.lock();
-        let tracked = self
-            .map_write_locked(&mut meta, offset, len, guest, out)
-            .map_err(|e| self.err(e))?;
+        let tracked = match self.map_write_locked(&mut meta, offset, len, guest, out) {
+            Ok(tracked) => tracked,
+            Err(e) => return Err(self.write_err(&mut meta, e)),
+        };
         Ok(self.ticket(tracked))
     }
 
@@ -328,12 +419,10 @@ impl BlockDriver for Qcow2Node {
         op: ZeroOp,
         out: &mut Vec<HostZeroOp>,
     ) -> Result<(), BlockError> {
-        if self.read_only {
-            return Err(self.err(Qcow2Error::ReadOnly));
-        }
+        self.writable().map_err(|e| self.err(e))?;
         let mut meta = self.lock();
         self.map_zeroes_locked(&mut meta, offset, len, op, out)
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.write_err(&mut meta, e))
     }
 
     fn flush_metadata(&self) -> Result<(), BlockError> {
@@ -341,7 +430,8 @@ impl BlockDriver for Qcow2Node {
             return Ok(());
         }
         let mut meta = self.lock();
-        self.write_back(&mut meta).map_err(|e| self.err(e))
+        self.write_back(&mut meta)
+            .map_err(|e| self.write_err(&mut meta, e))
     }
 
     fn data_file(&self) -> Option<&Arc<FileNode>> {

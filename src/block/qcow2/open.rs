@@ -1,8 +1,9 @@
 //! Opening an image: the header, the children (image file, data file, backing node), the
 //! stored-name policy, and what must happen before the first write.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use super::cache::TableCache;
@@ -11,7 +12,7 @@ use super::header::{autoclear, extension, incompatible, Header, MAX_CLUSTER_BITS
 use super::identity::IdentityMap;
 use super::refcount::Refcounts;
 use super::units::{be64_entries, HostOffset};
-use super::{check, Backing, Meta, Qcow2Error, Qcow2Node};
+use super::{check, layout, snapshot, Backing, Meta, Qcow2Error, Qcow2Node};
 use crate::block::file::{FileNode, FileOptions};
 use crate::block::{
     open_image, BackingChoice, BlockDriver, BlockError, FileId, Format, OpenOptions,
@@ -20,7 +21,7 @@ use crate::block::{
 /// Deepest backing chain vubd follows (a loop in names would otherwise never end).
 const MAX_BACKING_DEPTH: usize = 16;
 /// Refcount blocks kept in memory.
-const REFCOUNT_CACHE_TABLES: usize = 64;
+pub(super) const REFCOUNT_CACHE_TABLES: usize = 64;
 /// Default upper bound of the L2 cache.
 const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 
@@ -107,6 +108,15 @@ impl Qcow2Node {
         }
 
         let l1 = read_l1(&meta_file, &header).map_err(wrap)?;
+        let snapshots = snapshot::read_table(
+            &meta_file,
+            header.snapshots_offset,
+            header.nb_snapshots,
+            cluster_bits,
+        )
+        .map_err(|e| wrap(e.into()))?;
+        let file_size = meta_file.current_size().map_err(|e| wrap(e.into()))?;
+        let map = layout::active_metadata(&header, &l1, &snapshots, file_size);
         let refcounts = Refcounts::load(
             &meta_file,
             cluster_bits,
@@ -114,6 +124,7 @@ impl Qcow2Node {
             HostOffset(header.refcount_table_offset),
             u64::from(header.refcount_table_clusters),
             REFCOUNT_CACHE_TABLES,
+            map,
         )
         .map_err(wrap)?;
         let cluster_size = 1u64 << cluster_bits;
@@ -157,7 +168,12 @@ impl Qcow2Node {
                 unsynced: false,
             }),
             in_flight: AtomicUsize::new(0),
+            corrupt: AtomicBool::new(false),
         };
+        {
+            let mut meta = node.lock();
+            node.register_bitmaps(&mut meta);
+        }
         if !options.read_only {
             node.prepare_for_writing().map_err(wrap)?;
         }
@@ -200,6 +216,11 @@ impl Qcow2Node {
                 resolve_stored_name(path, &name, "data file", "--data-file")?
             }
         };
+        // Guest data written into the image file would land on its metadata (checked before
+        // opening too: the second open would fail on the image's own lock first).
+        if std::fs::metadata(&data_path).is_ok_and(|m| meta_file.is_inode(m.dev(), m.ino())) {
+            return Err(Qcow2Error::DataFileIsImage.at(&data_path));
+        }
         let file = FileNode::open(
             &data_path,
             FileOptions {
@@ -208,6 +229,9 @@ impl Qcow2Node {
                 lock: options.lock_request(),
             },
         )?;
+        if file.same_file(meta_file) {
+            return Err(Qcow2Error::DataFileIsImage.at(&data_path));
+        }
         if file.size() < header.size {
             return Err(Qcow2Error::DataFileTooSmall {
                 data_size: file.size(),
@@ -304,7 +328,15 @@ fn read_header(file: &FileNode) -> Result<Header, Qcow2Error> {
 }
 
 fn read_l1(file: &FileNode, header: &Header) -> Result<Vec<u64>, Qcow2Error> {
-    let mut raw = vec![0u8; header.l1_size as usize * 8];
+    // The header bounded the size (32 MiB); the table must also lie inside the file.
+    let bytes = u64::from(header.l1_size) * 8;
+    let size = file.current_size()?;
+    if header.l1_table_offset.saturating_add(bytes) > size {
+        return Err(Qcow2Error::L1Unreadable(std::io::Error::from(
+            std::io::ErrorKind::UnexpectedEof,
+        )));
+    }
+    let mut raw = vec![0u8; bytes as usize];
     file.read_exact_at(&mut raw, header.l1_table_offset)
         .map_err(Qcow2Error::L1Unreadable)?;
     Ok(be64_entries(&raw).collect())

@@ -13,27 +13,44 @@ use crate::block::file::FileNode;
 
 use super::cache::TableCache;
 use super::entry::OFFSET_MASK;
+use super::overlap::{Kind, MetadataMap};
 use super::units::{be64_entries, HostCluster, HostOffset};
 use super::Qcow2Error;
 
 /// Header bytes holding `refcount_table_offset` (8) and `refcount_table_clusters` (4).
 const HEADER_REFTABLE_FIELDS: u64 = 48;
 
-/// The refcounts of an image's host clusters.
+/// A refcount table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockEntry {
+    /// No block: every refcount in its range is zero.
+    Absent,
+    At(HostOffset),
+    /// Not cluster aligned, or outside the file: the range's refcounts cannot be known.
+    Invalid(u64),
+}
+
+/// The refcounts of an image's host clusters, and the allocator that hands out free ones.
+///
+/// The allocator consults the image's [`MetadataMap`] (which it owns, since every allocation
+/// must be registered in it): it never returns cluster 0 or a cluster that holds metadata,
+/// whatever the refcounts claim.
 pub struct Refcounts {
     cluster_bits: u32,
     order: u32,
-    /// Refcount block offsets, by block index (`None`: no block, every count is zero).
-    table: Vec<Option<HostOffset>>,
+    table: Vec<BlockEntry>,
     table_offset: HostOffset,
     table_clusters: u64,
     cache: TableCache,
     /// No cluster below this one is free.
     free_hint: HostCluster,
+    map: MetadataMap,
 }
 
 impl Refcounts {
-    /// Load the refcount table of `table_clusters` clusters at `table_offset`.
+    /// Load the refcount table of `table_clusters` clusters at `table_offset` and register it
+    /// and its blocks in `map`. The table must lie inside the file; entries that are not
+    /// aligned or point outside it are kept as [`BlockEntry::Invalid`].
     pub fn load(
         file: &FileNode,
         cluster_bits: u32,
@@ -41,17 +58,34 @@ impl Refcounts {
         table_offset: HostOffset,
         table_clusters: u64,
         cache_tables: usize,
+        mut map: MetadataMap,
     ) -> Result<Refcounts, Qcow2Error> {
         let cluster_size = 1u64 << cluster_bits;
-        let mut raw = vec![0u8; (table_clusters * cluster_size) as usize];
+        let file_size = file.current_size()?;
+        let table_bytes = table_clusters * cluster_size;
+        if table_offset.0.saturating_add(table_bytes) > file_size {
+            return Err(Qcow2Error::RefcountTableOutside(table_offset.0));
+        }
+        let mut raw = vec![0u8; table_bytes as usize];
         file.read_exact_at(&mut raw, table_offset.0)?;
-        let mut table = Vec::with_capacity(raw.len() / 8);
-        for entry in be64_entries(&raw) {
-            let offset = entry & OFFSET_MASK;
-            if !offset.is_multiple_of(cluster_size) {
-                return Err(Qcow2Error::MisalignedRefcountBlock(offset));
+        map.register(table_offset, table_bytes, Kind::RefcountTable);
+        let table: Vec<BlockEntry> = be64_entries(&raw)
+            .map(|entry| {
+                let offset = entry & OFFSET_MASK;
+                if offset == 0 {
+                    BlockEntry::Absent
+                } else if !offset.is_multiple_of(cluster_size) || offset + cluster_size > file_size
+                {
+                    BlockEntry::Invalid(offset)
+                } else {
+                    BlockEntry::At(HostOffset(offset))
+                }
+            })
+            .collect();
+        for entry in &table {
+            if let BlockEntry::At(offset) = entry {
+                map.register(*offset, cluster_size, Kind::RefcountBlock);
             }
-            table.push((offset != 0).then_some(HostOffset(offset)));
         }
         Ok(Refcounts {
             cluster_bits,
@@ -60,8 +94,18 @@ impl Refcounts {
             table_offset,
             table_clusters,
             cache: TableCache::new(cluster_size as usize, cache_tables),
-            free_hint: HostCluster(0),
+            free_hint: HostCluster(1),
+            map,
         })
+    }
+
+    /// The metadata map the allocator avoids.
+    pub fn map(&self) -> &MetadataMap {
+        &self.map
+    }
+
+    pub fn map_mut(&mut self) -> &mut MetadataMap {
+        &mut self.map
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -81,25 +125,18 @@ impl Refcounts {
         }
     }
 
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+
     /// Where the refcount table is, and how many clusters it takes.
     pub fn table_location(&self) -> (HostOffset, u64) {
         (self.table_offset, self.table_clusters)
     }
 
-    /// The offsets of the refcount blocks.
-    pub fn block_offsets(&self) -> impl Iterator<Item = HostOffset> + '_ {
-        self.table.iter().flatten().copied()
-    }
-
-    /// The host cluster indices the existing refcount blocks describe.
-    pub fn described_ranges(&self) -> Vec<std::ops::Range<u64>> {
-        let entries = self.block_entries();
-        self.table
-            .iter()
-            .enumerate()
-            .filter(|(_, off)| off.is_some())
-            .map(|(i, _)| i as u64 * entries..(i as u64 + 1) * entries)
-            .collect()
+    /// The refcount table's entries.
+    pub fn entries(&self) -> &[BlockEntry] {
+        &self.table
     }
 
     /// How many host clusters the table (with all its blocks) can describe.
@@ -110,8 +147,10 @@ impl Refcounts {
     /// The refcount of `cluster` (zero where no block describes it).
     pub fn get(&mut self, file: &FileNode, cluster: HostCluster) -> Result<u64, Qcow2Error> {
         let entries = self.block_entries();
-        let Some(&Some(offset)) = self.table.get((cluster.0 / entries) as usize) else {
-            return Ok(0);
+        let offset = match self.table.get((cluster.0 / entries) as usize) {
+            None | Some(BlockEntry::Absent) => return Ok(0),
+            Some(BlockEntry::Invalid(raw)) => return Err(Qcow2Error::InvalidRefcountBlock(*raw)),
+            Some(BlockEntry::At(offset)) => *offset,
         };
         let slot = self.cache.load(file, offset, false, &mut |off, data| {
             file.write_all_at(data, off.0).map_err(Qcow2Error::from)
@@ -135,6 +174,17 @@ impl Refcounts {
         }
         let entries = self.block_entries();
         let offset = self.ensure_block(file, cluster.0 / entries)?;
+        // A block that another structure claims too must not be written (it would damage
+        // the other).
+        if let Some((at, other)) =
+            self.map
+                .metadata_overlap(offset, self.cluster_size(), Kind::RefcountBlock)
+        {
+            return Err(Qcow2Error::MetadataOverlap {
+                offset: at.offset(self.cluster_bits).0,
+                kind: other,
+            });
+        }
         let slot = self.cache.load(file, offset, false, &mut |off, data| {
             file.write_all_at(data, off.0).map_err(Qcow2Error::from)
         })?;
@@ -144,7 +194,7 @@ impl Refcounts {
             cluster.0 % entries,
             value,
         );
-        if value == 0 && cluster < self.free_hint {
+        if value == 0 && cluster < self.free_hint && cluster.0 > 0 {
             self.free_hint = cluster;
         }
         Ok(())
@@ -165,14 +215,23 @@ impl Refcounts {
         Ok(new)
     }
 
-    /// Allocate `count` contiguous free clusters (refcount 1); returns the first one's offset.
-    pub fn allocate(&mut self, file: &FileNode, count: u64) -> Result<HostOffset, Qcow2Error> {
-        loop {
+    /// Allocate `count` contiguous free clusters (refcount 1) for metadata of `kind` (or guest
+    /// data, `Kind::Free`), registering them in the map; returns the first one's offset.
+    pub fn allocate(
+        &mut self,
+        file: &FileNode,
+        count: u64,
+        kind: Kind,
+    ) -> Result<HostOffset, Qcow2Error> {
+        // Each round that has to create refcount blocks for the run creates at least one, and
+        // a run of `count` clusters needs at most `count / block_entries + 2` of them.
+        let max_rounds = count / self.block_entries() + 3;
+        for _ in 0..max_rounds {
             let start = self.find_free_run(file, count)?;
             let entries = self.block_entries();
             let mut created = false;
             for block in start / entries..=(start + count - 1) / entries {
-                if !matches!(self.table.get(block as usize), Some(Some(_))) {
+                if !matches!(self.table.get(block as usize), Some(BlockEntry::At(_))) {
                     self.ensure_block(file, block)?;
                     created = true;
                 }
@@ -185,17 +244,26 @@ impl Refcounts {
                 self.set(file, HostCluster(c), 1)?;
             }
             self.free_hint = HostCluster(start + count);
-            return Ok(HostCluster(start).offset(self.cluster_bits));
+            let offset = HostCluster(start).offset(self.cluster_bits);
+            if kind != Kind::Free {
+                self.map.register(offset, count << self.cluster_bits, kind);
+            }
+            return Ok(offset);
         }
+        Err(Qcow2Error::AllocationFailed(count))
     }
 
-    /// The first cluster index of a run of `count` free clusters at or after the hint.
+    /// The first cluster index of a run of `count` free clusters at or after the hint: zero
+    /// refcount and no metadata. Past the clusters the table describes every cluster is free,
+    /// so the search ends by then.
     fn find_free_run(&mut self, file: &FileNode, count: u64) -> Result<u64, Qcow2Error> {
-        let mut start = self.free_hint.0;
+        let mut start = self.free_hint.0.max(1);
         let mut len = 0;
         let mut c = start;
         while len < count {
-            if self.get(file, HostCluster(c))? == 0 {
+            let free = self.map.is_allocatable(HostCluster(c))
+                && (c >= self.covered_clusters() || self.get(file, HostCluster(c))? == 0);
+            if free {
                 len += 1;
             } else {
                 len = 0;
@@ -211,27 +279,28 @@ impl Refcounts {
         if block >= self.table.len() as u64 {
             self.grow_table(file, block + 1)?;
         }
-        if let Some(existing) = self.table[block as usize] {
-            return Ok(existing);
+        match self.table[block as usize] {
+            BlockEntry::At(existing) => return Ok(existing),
+            BlockEntry::Invalid(raw) => return Err(Qcow2Error::InvalidRefcountBlock(raw)),
+            BlockEntry::Absent => {}
         }
         let entries = self.block_entries();
         let first = block * entries;
-        let table_first = self.table_offset.cluster(self.cluster_bits).0;
-        let table_range = table_first..table_first + self.table_clusters;
+        // A range without a block has no cluster in use (its refcounts are all zero), so the
+        // block goes in the first of its clusters that holds no metadata.
         let cluster = (first..first + entries)
-            .find(|c| !table_range.contains(c))
+            .find(|c| self.map.is_allocatable(HostCluster(*c)))
             .ok_or(Qcow2Error::NoRoomForRefcountBlock(block))?;
         let offset = HostCluster(cluster).offset(self.cluster_bits);
         let slot = self.cache.load(file, offset, true, &mut |off, data| {
             file.write_all_at(data, off.0).map_err(Qcow2Error::from)
         })?;
         write_entry(self.cache.bytes_mut(slot), self.order, cluster - first, 1);
-        for c in table_range.filter(|c| (first..first + entries).contains(c)) {
-            write_entry(self.cache.bytes_mut(slot), self.order, c - first, 1);
-        }
         self.cache.write_back(file)?;
         file.sync_data()?;
-        self.table[block as usize] = Some(offset);
+        self.map
+            .register(offset, self.cluster_size(), Kind::RefcountBlock);
+        self.table[block as usize] = BlockEntry::At(offset);
         let entry_at = self.table_offset.0 + block * 8;
         file.write_all_at(&offset.0.to_be_bytes(), entry_at)?;
         Ok(offset)
@@ -243,6 +312,9 @@ impl Refcounts {
         let cluster_size = self.cluster_size();
         let entries = self.block_entries();
         let per_cluster = cluster_size / 8;
+        if min_blocks * 8 > super::header::MAX_REFTABLE_BYTES {
+            return Err(Qcow2Error::RefcountTableFull);
+        }
         let file_end = file.current_size()?.div_ceil(cluster_size);
         let area = (self.covered_clusters().max(file_end)).div_ceil(entries) * entries;
         let first_area_block = area / entries;
@@ -258,11 +330,14 @@ impl Refcounts {
             }
             new_blocks = needed;
         };
+        if total_blocks * 8 > super::header::MAX_REFTABLE_BYTES {
+            return Err(Qcow2Error::RefcountTableFull);
+        }
         let mut table = self.table.clone();
-        table.resize(total_blocks as usize, None);
+        table.resize(total_blocks as usize, BlockEntry::Absent);
         for i in 0..new_blocks {
             let block_offset = HostCluster(area + i).offset(self.cluster_bits);
-            table[(first_area_block + i) as usize] = Some(block_offset);
+            table[(first_area_block + i) as usize] = BlockEntry::At(block_offset);
             let mut data = vec![0u8; cluster_size as usize];
             let range_first = (first_area_block + i) * entries;
             for c in area..area + new_blocks + table_clusters {
@@ -275,7 +350,12 @@ impl Refcounts {
         let table_offset = HostCluster(area + new_blocks).offset(self.cluster_bits);
         let mut raw = Vec::with_capacity((table_clusters * cluster_size) as usize);
         for e in &table {
-            raw.extend_from_slice(&e.map_or(0, |o| o.0).to_be_bytes());
+            let value = match e {
+                BlockEntry::At(o) => o.0,
+                BlockEntry::Invalid(raw) => *raw,
+                BlockEntry::Absent => 0,
+            };
+            raw.extend_from_slice(&value.to_be_bytes());
         }
         raw.resize((table_clusters * cluster_size) as usize, 0);
         file.write_all_at(&raw, table_offset.0)?;
@@ -285,10 +365,21 @@ impl Refcounts {
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         file.write_all_at(&fields, HEADER_REFTABLE_FIELDS)?;
         file.sync_data()?;
+        for i in 0..new_blocks {
+            let block_offset = HostCluster(area + i).offset(self.cluster_bits);
+            self.map
+                .register(block_offset, cluster_size, Kind::RefcountBlock);
+        }
+        self.map.register(
+            table_offset,
+            table_clusters * cluster_size,
+            Kind::RefcountTable,
+        );
         let (old_offset, old_clusters) = (self.table_offset, self.table_clusters);
         self.table = table;
         self.table_offset = table_offset;
         self.table_clusters = table_clusters;
+        self.map.unregister(old_offset, old_clusters * cluster_size);
         let old_first = old_offset.cluster(self.cluster_bits).0;
         for c in old_first..old_first + old_clusters {
             self.adjust(file, HostCluster(c), -1)?;
