@@ -55,11 +55,13 @@ impl DirtyBitmap {
         }
     }
 
-    /// A bitmap whose stored content cannot be trusted.
-    pub fn inconsistent(name: &str, granularity_bits: u32, size: u64, persistent: bool) -> Self {
+    /// A bitmap whose stored content cannot be trusted. It keeps no bits (it can only be
+    /// removed), so a stored bitmap's claimed size allocates nothing here, and it covers no
+    /// bytes, so nothing can mark it.
+    pub fn inconsistent(name: &str, granularity_bits: u32, persistent: bool) -> Self {
         DirtyBitmap {
             inconsistent: true,
-            ..DirtyBitmap::new(name, granularity_bits, size, false, persistent)
+            ..DirtyBitmap::new(name, granularity_bits, 0, false, persistent)
         }
     }
 

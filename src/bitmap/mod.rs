@@ -112,12 +112,7 @@ impl BitmapManager {
         if let Some(store) = &store {
             for stored in store.load_bitmaps()? {
                 let b = if stored.inconsistent {
-                    DirtyBitmap::inconsistent(
-                        &stored.name,
-                        stored.granularity_bits,
-                        disk_size,
-                        true,
-                    )
+                    DirtyBitmap::inconsistent(&stored.name, stored.granularity_bits, true)
                 } else {
                     let b = DirtyBitmap::new(
                         &stored.name,

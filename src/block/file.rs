@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +35,12 @@ pub enum FileError {
     Open(io::Error),
     #[error("not a regular file or block device")]
     NotAFile,
+    #[error(
+        "resolves outside {}, which a name stored in an image may not leave (through '..' or \
+         a symbolic link); pass the file explicitly (--data-file, --backing) to use it",
+        dir.display()
+    )]
+    OutsideDirectory { dir: PathBuf },
     #[error("the file system does not support direct I/O (O_DIRECT); use --cache writeback")]
     NoDirectIo,
     #[error(
@@ -48,7 +54,7 @@ impl FileError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             FileError::Open(_) => ErrorKind::Io,
-            FileError::NotAFile => ErrorKind::Refused,
+            FileError::NotAFile | FileError::OutsideDirectory { .. } => ErrorKind::Refused,
             FileError::NoDirectIo => ErrorKind::Unsupported,
             FileError::Locked { .. } => ErrorKind::Locked,
         }
@@ -58,6 +64,14 @@ impl FileError {
     pub fn at(self, path: &Path) -> BlockError {
         BlockError::new(self.kind(), self).with_path(path)
     }
+}
+
+/// `struct open_how` of openat2(2) (libc's is non-exhaustive).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
 }
 
 /// An open host file.
@@ -78,34 +92,105 @@ pub struct FileNode {
 }
 
 impl FileNode {
-    /// Open `path`.
+    /// Open `path` (a path the user gave: followed wherever it leads).
     pub fn open(path: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
-        let err = |e| FileError::Open(e).at(path);
         let mut open = OpenOptions::new();
         open.read(true).write(!options.read_only);
-        if options.direct {
-            open.custom_flags(libc::O_DIRECT);
-        }
+        // Non-blocking, so that a FIFO (or anything that waits for a peer) is refused instead
+        // of hanging the open; cleared once the file is known to be a file or a device.
+        open.custom_flags(libc::O_NONBLOCK | if options.direct { libc::O_DIRECT } else { 0 });
         let file = match open.open(path) {
             Ok(file) => file,
             Err(e) if options.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 return Err(FileError::NoDirectIo.at(path))
             }
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(FileError::Open(e).at(path)),
         };
+        Self::from_file(file, path, options)
+    }
+
+    /// Open `name`, a path relative to `dir` stored in an image, without ever leaving `dir`:
+    /// the kernel resolves it beneath `dir` (`openat2` with `RESOLVE_BENEATH`), so neither
+    /// `..` nor a symbolic link can lead out of it.
+    pub fn open_beneath(dir: &Path, name: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
+        let path = dir.join(name);
+        let dir_file = File::open(dir).map_err(|e| FileError::Open(e).at(dir))?;
+        let c_name = std::ffi::CString::new(name.as_os_str().as_encoded_bytes())
+            .map_err(|_| FileError::Open(io::ErrorKind::InvalidInput.into()).at(&path))?;
+        let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        flags |= if options.read_only { libc::O_RDONLY } else { libc::O_RDWR };
+        if options.direct {
+            flags |= libc::O_DIRECT;
+        }
+        let how = OpenHow {
+            flags: flags as u64,
+            mode: 0,
+            resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+        };
+        // SAFETY: openat2 with a valid directory fd, a NUL-terminated path and an `open_how`
+        // whose size is passed with it; the returned fd (if any) is owned by nobody else.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir_file.as_raw_fd(),
+                c_name.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EXDEV) => FileError::OutsideDirectory {
+                    dir: dir.to_path_buf(),
+                }
+                .at(&path),
+                Some(libc::EINVAL) if options.direct => FileError::NoDirectIo.at(&path),
+                _ => FileError::Open(e).at(&path),
+            });
+        }
+        // SAFETY: `fd` was just returned by openat2 and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd as RawFd) };
+        Self::from_file(file, &path, options)
+    }
+
+    /// Open `path`: beneath `dir` if it is a name stored in an image in `dir` (see
+    /// [`FileNode::open_beneath`]), as given otherwise.
+    pub fn open_in(dir: Option<&Path>, path: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
+        match dir {
+            Some(dir) => {
+                let name = path.strip_prefix(dir).unwrap_or(path);
+                Self::open_beneath(dir, name, options)
+            }
+            None => Self::open(path, options),
+        }
+    }
+
+    /// Check what was opened, lock it, and learn its properties.
+    fn from_file(file: File, path: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
+        let err = |e| FileError::Open(e).at(path);
+        let meta = file.metadata().map_err(err)?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.is_file() {
+            return Err(FileError::NotAFile.at(path));
+        }
+        // SAFETY: F_SETFL on our own fd with flags from F_GETFL minus O_NONBLOCK.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
         if let Some(request) = options.lock {
             lock::acquire(&file, path, request).map_err(|e| match e {
                 LockError::Conflict { what } => FileError::Locked { what }.at(path),
                 LockError::Io(e) => err(e),
             })?;
         }
-        let meta = file.metadata().map_err(err)?;
-        let size = if meta.file_type().is_block_device() {
+        let size = if block_device {
             block_device_size(&file).map_err(err)?
-        } else if meta.is_file() {
-            meta.len()
         } else {
-            return Err(FileError::NotAFile.at(path));
+            meta.len()
         };
         let inline = if options.direct || meta.file_type().is_block_device() {
             InlinePolicy::Never

@@ -316,6 +316,9 @@ pub struct OpenOptions {
     pub repair: bool,
     /// Whether the files are locked against conflicting users, as QEMU locks them.
     pub locking: Locking,
+    /// The image's path is a name stored in another image in this directory: it is opened
+    /// beneath it, never following `..` or a symbolic link out of it.
+    pub beneath: Option<std::path::PathBuf>,
 }
 
 /// Image locking (QEMU's `locking=on|off`).
@@ -344,7 +347,8 @@ pub fn open_image(
 ) -> Result<Arc<dyn BlockDriver>, BlockError> {
     match format {
         Format::Raw => {
-            let file = FileNode::open(
+            let file = FileNode::open_in(
+                options.beneath.as_deref(),
                 path,
                 FileOptions {
                     read_only: options.read_only,

@@ -107,6 +107,7 @@ impl ServeSpec {
                 l2_cache_bytes: args.l2_cache_size,
                 repair: false,
                 locking: args.locking.into(),
+                beneath: None,
             },
             socket: SocketOptions {
                 path: socket,

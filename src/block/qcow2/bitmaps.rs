@@ -126,6 +126,11 @@ fn entry_fields(dir: &[u8], at: usize) -> Option<(u64, u32, u32, u8, u8, u16, u3
 
 impl Qcow2Node {
     /// Bitmap table entries a bitmap of this granularity needs.
+    fn bitmap_bytes(&self, granularity_bits: u32) -> u64 {
+        self.size.div_ceil(1 << granularity_bits).div_ceil(8)
+    }
+
+    /// Bitmap table entries a bitmap of this granularity needs.
     fn bitmap_table_size(&self, granularity_bits: u32) -> u64 {
         self.size
             .div_ceil(1 << granularity_bits)
@@ -195,6 +200,10 @@ impl Qcow2Node {
             if u64::from(e.table_size) > MAX_TABLE_ENTRIES {
                 return Err(DirectoryError::TableTooLarge(e.name).into());
             }
+            // QEMU's constraints hold for every bitmap it could use, in use or not.
+            if e.usable() && self.bitmap_bytes(u32::from(e.granularity_bits)) > MAX_BITMAP_BYTES {
+                return Err(DirectoryError::BitmapTooLarge(e.name).into());
+            }
             if entries.iter().any(|o| o.name == e.name) {
                 return Err(DirectoryError::DuplicateName(e.name).into());
             }
@@ -256,7 +265,7 @@ impl Qcow2Node {
 
     /// The data of a usable, consistent bitmap.
     fn read_bitmap_data(&self, e: &DirEntry) -> Result<Vec<u8>, Qcow2Error> {
-        let bytes = self.size.div_ceil(1 << e.granularity_bits).div_ceil(8);
+        let bytes = self.bitmap_bytes(u32::from(e.granularity_bits));
         if bytes > MAX_BITMAP_BYTES {
             return Err(DirectoryError::BitmapTooLarge(e.name.clone()).into());
         }

@@ -6,7 +6,8 @@
 //! with no lock and no table lookup. Bits are only ever set: a cluster, once identity-mapped,
 //! stays so (discards keep the mapping; the data file itself is what reads as the disk).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use super::entry::L2Entry;
 use super::units::{be64_entries, GuestCluster, HostOffset};
@@ -14,36 +15,98 @@ use super::{Qcow2Error, Qcow2Node};
 use crate::block::{Extent, Mapping};
 
 /// Guest clusters known to be allocated at their identical offset of a raw data file.
+///
+/// One bit per guest cluster, in chunks of one L2 table's worth allocated the first time one
+/// of their clusters is set: memory follows what the disk uses, not the virtual size an image
+/// claims (a sparse data file can be exabytes). The chunk array has one pointer per L1 entry
+/// the disk needs, which the header bounded (32 MiB of L1, as QEMU).
 pub(super) struct IdentityMap {
     cluster_bits: u32,
-    words: Vec<AtomicU64>,
+    /// log2 of the clusters one chunk covers (the entries of an L2 table).
+    chunk_bits: u32,
+    chunks: Box<[AtomicPtr<AtomicU64>]>,
 }
 
 impl IdentityMap {
     pub fn new(size: u64, cluster_bits: u32) -> Self {
+        let chunk_bits = cluster_bits - 3;
         let clusters = size.div_ceil(1 << cluster_bits);
+        let chunks = clusters.div_ceil(1 << chunk_bits);
         IdentityMap {
             cluster_bits,
-            words: (0..clusters.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            chunk_bits,
+            chunks: (0..chunks).map(|_| AtomicPtr::new(ptr::null_mut())).collect(),
         }
     }
 
+    /// Words per chunk (a chunk covers at least 64 clusters: clusters are 512 bytes or more).
+    fn chunk_words(&self) -> usize {
+        1 << (self.chunk_bits - 6)
+    }
+
+    #[inline]
     fn is_set(&self, cluster: u64) -> bool {
-        let word = &self.words[(cluster / 64) as usize];
-        word.load(Ordering::Acquire) & (1 << (cluster % 64)) != 0
+        let Some(chunk) = self.chunks.get((cluster >> self.chunk_bits) as usize) else {
+            return false;
+        };
+        let words = chunk.load(Ordering::Acquire);
+        if words.is_null() {
+            return false;
+        }
+        let bit = cluster & ((1 << self.chunk_bits) - 1);
+        // SAFETY: a non-null chunk pointer was published (Release) after its `chunk_words`
+        // words were initialised, is never freed before the map is dropped, and `bit / 64` is
+        // below `chunk_words` by construction.
+        let word = unsafe { &*words.add((bit / 64) as usize) };
+        word.load(Ordering::Acquire) & (1 << (bit % 64)) != 0
     }
 
     pub fn set(&self, cluster: GuestCluster) {
-        self.words[(cluster.0 / 64) as usize].fetch_or(1 << (cluster.0 % 64), Ordering::Release);
+        let Some(chunk) = self.chunks.get((cluster.0 >> self.chunk_bits) as usize) else {
+            return;
+        };
+        let mut words = chunk.load(Ordering::Acquire);
+        if words.is_null() {
+            let fresh: Box<[AtomicU64]> = (0..self.chunk_words()).map(|_| AtomicU64::new(0)).collect();
+            let fresh = Box::into_raw(fresh).cast::<AtomicU64>();
+            match chunk.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => words = fresh,
+                Err(existing) => {
+                    // Another thread published first: ours was never shared.
+                    // SAFETY: `fresh` came from Box::into_raw of a slice of `chunk_words`.
+                    drop(unsafe {
+                        Box::from_raw(ptr::slice_from_raw_parts_mut(fresh, self.chunk_words()))
+                    });
+                    words = existing;
+                }
+            }
+        }
+        let bit = cluster.0 & ((1 << self.chunk_bits) - 1);
+        // SAFETY: as in `is_set`.
+        let word = unsafe { &*words.add((bit / 64) as usize) };
+        word.fetch_or(1 << (bit % 64), Ordering::Release);
     }
 
     /// Whether every cluster of `[offset, offset + len)` is mapped at its own offset.
+    #[inline]
     fn covers(&self, offset: u64, len: u64) -> bool {
         let first = offset >> self.cluster_bits;
         let last = (offset + len - 1) >> self.cluster_bits;
         (first..=last).all(|c| self.is_set(c))
+    }
+}
+
+impl Drop for IdentityMap {
+    fn drop(&mut self) {
+        let words = self.chunk_words();
+        for chunk in self.chunks.iter() {
+            let p = chunk.load(Ordering::Acquire);
+            if !p.is_null() {
+                // SAFETY: allocated in `set` by Box::into_raw of a slice of `words` elements,
+                // published once, and no one can use the map while it is being dropped.
+                drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, words)) });
+            }
+        }
     }
 }
 
@@ -113,5 +176,32 @@ impl Qcow2Node {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_allocated_only_where_clusters_are_set() {
+        // A 1 TiB disk of 64 KiB clusters: 2048 chunks of 8192 clusters, none allocated yet.
+        let map = IdentityMap::new(1 << 40, 16);
+        assert_eq!(map.chunks.len(), 2048);
+        assert!(!map.covers(0, 4096));
+        map.set(GuestCluster(1_000_000));
+        map.set(GuestCluster(1_000_001));
+        assert!(map.covers(1_000_000 << 16, 2 << 16));
+        assert!(!map.covers(1_000_000 << 16, 3 << 16));
+        assert!(!map.is_set(999_999));
+        let allocated = map
+            .chunks
+            .iter()
+            .filter(|c| !c.load(Ordering::Relaxed).is_null())
+            .count();
+        assert_eq!(allocated, 1);
+        // Past the disk: never set, never covered.
+        map.set(GuestCluster(u64::MAX >> 20));
+        assert!(!map.is_set(u64::MAX >> 20));
     }
 }

@@ -63,7 +63,7 @@ pub fn resolve_stored_name(
             return Err(refuse("a json: or protocol prefix"));
         }
     }
-    Ok(image.parent().unwrap_or(Path::new(".")).join(p))
+    Ok(image_dir(image).join(p))
 }
 
 impl Qcow2Node {
@@ -77,7 +77,9 @@ impl Qcow2Node {
         depth: usize,
     ) -> Result<Qcow2Node, BlockError> {
         let wrap = |e: Qcow2Error| e.at(path);
-        let meta_file = Arc::new(FileNode::open(
+        let beneath = options.beneath.as_deref();
+        let meta_file = Arc::new(FileNode::open_in(
+            beneath,
             path,
             FileOptions {
                 read_only: options.read_only,
@@ -196,7 +198,8 @@ impl Qcow2Node {
             if !options.direct {
                 return Ok(meta_file.clone());
             }
-            let direct = FileNode::open(
+            let direct = FileNode::open_in(
+                options.beneath.as_deref(),
                 path,
                 FileOptions {
                     read_only: options.read_only,
@@ -207,13 +210,16 @@ impl Qcow2Node {
             )?;
             return Ok(Arc::new(direct));
         }
-        let data_path = match &options.data_file {
-            Some(p) => p.clone(),
+        // A name the image stores is opened beneath the image's directory; a path the user
+        // gave is followed as given.
+        let (data_path, beneath) = match &options.data_file {
+            Some(p) => (p.clone(), None),
             None => {
                 let name = header
                     .string_extension(extension::DATA_FILE)
                     .ok_or_else(|| Qcow2Error::DataFileUnnamed.at(path))?;
-                resolve_stored_name(path, &name, "data file", "--data-file")?
+                let resolved = resolve_stored_name(path, &name, "data file", "--data-file")?;
+                (resolved, Some(image_dir(path)))
             }
         };
         // Guest data written into the image file would land on its metadata (checked before
@@ -221,7 +227,8 @@ impl Qcow2Node {
         if std::fs::metadata(&data_path).is_ok_and(|m| meta_file.is_inode(m.dev(), m.ino())) {
             return Err(Qcow2Error::DataFileIsImage.at(&data_path));
         }
-        let file = FileNode::open(
+        let file = FileNode::open_in(
+            beneath.as_deref(),
             &data_path,
             FileOptions {
                 read_only: options.read_only,
@@ -251,8 +258,8 @@ impl Qcow2Node {
         first_file: FileId,
     ) -> Result<Option<Backing>, BlockError> {
         let wrap = |e: Qcow2Error| e.at(path);
-        let (backing_path, format) = match (&options.backing, &header.backing_file) {
-            (BackingChoice::Use(p, f), _) => (p.clone(), *f),
+        let (backing_path, format, beneath) = match (&options.backing, &header.backing_file) {
+            (BackingChoice::Use(p, f), _) => (p.clone(), *f, None),
             (BackingChoice::Disabled, _) | (BackingChoice::FromImage, None) => return Ok(None),
             (BackingChoice::FromImage, Some(name)) => {
                 let resolved = resolve_stored_name(path, name, "backing file", "--backing")?;
@@ -261,7 +268,7 @@ impl Qcow2Node {
                         .ok_or_else(|| wrap(Qcow2Error::BackingFormatUnsupported(f)))?,
                     None => return Err(wrap(Qcow2Error::BackingFormatUnknown(name.clone()))),
                 };
-                (resolved, format)
+                (resolved, format, Some(image_dir(path)))
             }
         };
         if header.data_file_raw() {
@@ -273,6 +280,7 @@ impl Qcow2Node {
         let backing_options = OpenOptions {
             read_only: true,
             direct: options.direct,
+            beneath,
             ..OpenOptions::default()
         };
         let node: Arc<dyn BlockDriver> = match format {
@@ -316,6 +324,14 @@ impl Qcow2Node {
         let mut meta = self.lock();
         meta.header.incompatible_features &= !incompatible::CORRUPT;
         self.write_header(&mut meta)
+    }
+}
+
+/// The directory names stored in the image at `path` are relative to.
+fn image_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Refcounts {
     cache: TableCache,
     /// No cluster below this one is free.
     free_hint: HostCluster,
+    /// Past every cluster allocated in this session.
+    high_water: u64,
     map: MetadataMap,
 }
 
@@ -95,6 +97,7 @@ impl Refcounts {
             table_clusters,
             cache: TableCache::new(cluster_size as usize, cache_tables),
             free_hint: HostCluster(1),
+            high_water: 0,
             map,
         })
     }
@@ -244,6 +247,7 @@ impl Refcounts {
                 self.set(file, HostCluster(c), 1)?;
             }
             self.free_hint = HostCluster(start + count);
+            self.high_water = self.high_water.max(start + count);
             let offset = HostCluster(start).offset(self.cluster_bits);
             if kind != Kind::Free {
                 self.map.register(offset, count << self.cluster_bits, kind);
@@ -254,15 +258,23 @@ impl Refcounts {
     }
 
     /// The first cluster index of a run of `count` free clusters at or after the hint: zero
-    /// refcount and no metadata. Past the clusters the table describes every cluster is free,
-    /// so the search ends by then.
+    /// refcount and no metadata.
+    ///
+    /// Past the end of the file (and of what this session allocated) nothing can be in use, so
+    /// every cluster there that holds no metadata is free, whatever a corrupt refcount block
+    /// claims: the search reads refcounts for the file's clusters at most, never for the whole
+    /// range the refcount table could describe.
     fn find_free_run(&mut self, file: &FileNode, count: u64) -> Result<u64, Qcow2Error> {
+        let in_use_end = file
+            .current_size()?
+            .div_ceil(self.cluster_size())
+            .max(self.high_water);
         let mut start = self.free_hint.0.max(1);
         let mut len = 0;
         let mut c = start;
         while len < count {
             let free = self.map.is_allocatable(HostCluster(c))
-                && (c >= self.covered_clusters() || self.get(file, HostCluster(c))? == 0);
+                && (c >= in_use_end || self.get(file, HostCluster(c))? == 0);
             if free {
                 len += 1;
             } else {
@@ -292,6 +304,7 @@ impl Refcounts {
             .find(|c| self.map.is_allocatable(HostCluster(*c)))
             .ok_or(Qcow2Error::NoRoomForRefcountBlock(block))?;
         let offset = HostCluster(cluster).offset(self.cluster_bits);
+        self.high_water = self.high_water.max(cluster + 1);
         let slot = self.cache.load(file, offset, true, &mut |off, data| {
             file.write_all_at(data, off.0).map_err(Qcow2Error::from)
         })?;
