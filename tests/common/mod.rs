@@ -18,6 +18,7 @@ pub mod bitmaps;
 pub mod blkio_client;
 pub mod cli;
 pub mod data;
+pub mod image;
 pub mod qemu;
 pub mod qmp;
 pub mod qsd;
