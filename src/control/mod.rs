@@ -6,9 +6,10 @@
 //! object per command. Clients are served one thread each; bitmap operations serialise inside
 //! the bitmap manager.
 
+mod framer;
 mod qmp;
 
-use std::io::{BufReader, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -18,6 +19,7 @@ use serde_json::Value;
 
 use crate::export::Export;
 use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
+use framer::{Frame, Framer};
 
 pub use qmp::Session;
 
@@ -40,7 +42,7 @@ impl ControlServer {
     }
 
     /// Accept clients on a thread of their own.
-    pub fn start(&self) -> std::io::Result<()> {
+    pub fn start(&self) -> io::Result<()> {
         let listener = self.listener.try_clone()?;
         let device = self.device.clone();
         std::thread::Builder::new()
@@ -68,38 +70,46 @@ impl Drop for ControlServer {
     }
 }
 
-fn send(stream: &mut UnixStream, value: &Value) -> std::io::Result<()> {
+fn send(stream: &mut UnixStream, value: &Value) -> io::Result<()> {
     let mut line = serde_json::to_vec(value).unwrap_or_default();
     line.extend_from_slice(b"\r\n");
     stream.write_all(&line)
 }
 
-/// Run one QMP session until the client hangs up or sends something that is not JSON.
+/// The reply to one framed message.
+fn answer(session: &mut Session, frame: Frame) -> Value {
+    match frame {
+        Frame::Message(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(request) => session.handle(&request),
+            Err(e) => qmp::error("GenericError", &format!("JSON parse error, {e}"), None),
+        },
+        Frame::Error(e) => qmp::error("GenericError", &e.to_string(), None),
+    }
+}
+
+/// Run one QMP session until the client hangs up. Malformed messages are answered with an
+/// error and the session goes on.
 fn serve_client(mut stream: UnixStream, device: Arc<Export>) {
     let mut session = Session::new(device);
     if send(&mut stream, &session.greeting()).is_err() {
         return;
     }
-    let Ok(reader) = stream.try_clone() else {
-        return;
-    };
-    let values = serde_json::Deserializer::from_reader(BufReader::new(reader)).into_iter::<Value>();
-    for value in values {
-        let reply = match value {
-            Ok(request) => session.handle(&request),
-            Err(e) if e.is_eof() || e.is_io() => break,
-            Err(e) => {
-                // QEMU answers a parse error and resynchronises; a stream that is not JSON
-                // cannot be resynchronised here, so answer and hang up.
-                let _ = send(
-                    &mut stream,
-                    &qmp::error("GenericError", &format!("JSON parse error, {e}"), None),
-                );
-                break;
-            }
+    let mut framer = Framer::new(framer::LIMITS);
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         };
-        if send(&mut stream, &reply).is_err() {
-            break;
+        for &byte in &chunk[..n] {
+            if let Some(frame) = framer.push(byte) {
+                let reply = answer(&mut session, frame);
+                if send(&mut stream, &reply).is_err() {
+                    return;
+                }
+            }
         }
     }
 }
