@@ -128,6 +128,11 @@ impl Session {
         }
     }
 
+    /// Whether `qmp_capabilities` has succeeded.
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
     fn version() -> Value {
         let v: Vec<u64> = env!("CARGO_PKG_VERSION")
             .split('.')
