@@ -12,11 +12,10 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::device::BlkDevice;
+use super::exit_event::ExitEvents;
 use super::ring::{QueueWorker, Vring};
 use crate::virtio_blk::config::{VirtioBlkConfig, WRITEBACK_OFFSET};
 use crate::virtio_blk::device_features;
@@ -29,6 +28,9 @@ pub struct BlkBackend {
     /// The guest's `writeback` choice, shared with every queue.
     writeback: Arc<AtomicBool>,
     acked_features: AtomicU64,
+    /// The queue threads' exit events; dropped (and their leaked consumers closed) with the
+    /// backend, after the library's queue threads.
+    exit_events: ExitEvents,
 }
 
 impl BlkBackend {
@@ -48,6 +50,7 @@ impl BlkBackend {
             workers,
             writeback,
             acked_features: AtomicU64::new(0),
+            exit_events: ExitEvents::default(),
         })
     }
 
@@ -159,7 +162,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        // Through `ExitEvents`, which closes the consumer the library leaks.
+        self.exit_events.create().ok()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -5,5 +5,6 @@ pub mod backend;
 pub mod daemon;
 pub mod device;
 mod executor;
+mod exit_event;
 pub mod ring;
 mod slot;
