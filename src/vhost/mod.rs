@@ -6,5 +6,6 @@ pub mod daemon;
 pub mod device;
 mod executor;
 mod exit_event;
+mod memory;
 pub mod ring;
 mod slot;
