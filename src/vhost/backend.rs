@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::device::BlkDevice;
+use super::exit_event::ExitEvents;
+use super::memory::check_backing;
 use super::ring::{QueueWorker, Vring};
 use crate::virtio_blk::config::{VirtioBlkConfig, WRITEBACK_OFFSET};
 use crate::virtio_blk::device_features;
@@ -29,13 +29,21 @@ pub struct BlkBackend {
     /// The guest's `writeback` choice, shared with every queue.
     writeback: Arc<AtomicBool>,
     acked_features: AtomicU64,
+    /// The queue threads' exit events; dropped (and their leaked consumers closed) with the
+    /// backend, after the library's queue threads.
+    exit_events: ExitEvents,
+    /// The guest memory the queues use. Not the library's own `GuestMemoryAtomic`, which
+    /// holds whatever map the frontend described as soon as it is mapped: the queues only see
+    /// a map once `update_memory` has checked it.
+    mem: GuestMemoryAtomic<GuestMemory>,
 }
 
 impl BlkBackend {
     /// Writeback caching is on until the driver turns it off, as on QEMU's devices.
     const DEFAULT_WRITEBACK: bool = true;
 
-    pub fn new(device: Arc<BlkDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<Self> {
+    pub fn new(device: Arc<BlkDevice>) -> io::Result<Self> {
+        let mem = GuestMemoryAtomic::new(GuestMemory::new());
         let writeback = Arc::new(AtomicBool::new(Self::DEFAULT_WRITEBACK));
         let workers = (0..usize::from(device.num_queues()))
             .map(|index| {
@@ -48,6 +56,8 @@ impl BlkBackend {
             workers,
             writeback,
             acked_features: AtomicU64::new(0),
+            exit_events: ExitEvents::default(),
+            mem,
         })
     }
 
@@ -148,8 +158,16 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        // The workers hold the same `GuestMemoryAtomic`, which the library has just updated.
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        // SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG: the library has mapped the new map. Hand it
+        // to the queues only if touching it cannot kill vubd (see `memory`); a refusal ends
+        // the connection, and the queues keep the map they had.
+        let map = mem.memory().into_inner();
+        check_backing(&map)?;
+        self.mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(GuestMemory::clone(&map));
         Ok(())
     }
 
@@ -159,7 +177,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        // Through `ExitEvents`, which closes the consumer the library leaks.
+        self.exit_events.create().ok()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

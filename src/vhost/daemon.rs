@@ -100,8 +100,7 @@ fn serve_connection(
     shutdown: &Shutdown,
 ) -> Result<(), DaemonError> {
     let mem = GuestMemoryAtomic::new(GuestMemory::new());
-    let backend =
-        Arc::new(BlkBackend::new(device.clone(), mem.clone()).map_err(DaemonError::Connection)?);
+    let backend = Arc::new(BlkBackend::new(device.clone()).map_err(DaemonError::Connection)?);
     let mut daemon = VhostUserDaemon::new("vubd".to_string(), backend.clone(), mem)
         .map_err(DaemonError::VhostUser)?;
     for (index, handler) in daemon.get_epoll_handlers().iter().enumerate() {

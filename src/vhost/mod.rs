@@ -5,5 +5,7 @@ pub mod backend;
 pub mod daemon;
 pub mod device;
 mod executor;
+mod exit_event;
+mod memory;
 pub mod ring;
 mod slot;

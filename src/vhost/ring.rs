@@ -325,7 +325,14 @@ impl QueueWorker {
                 ),
             }
         }
-        if std::mem::take(&mut self.used_added) && state.needs_notification().unwrap_or(true) {
+        // The queue's own check, on the memory the worker uses (`VringState`'s would read the
+        // library's map, which may hold memory vubd refused).
+        if std::mem::take(&mut self.used_added)
+            && state
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .unwrap_or(true)
+        {
             if let Err(e) = state.signal_used_queue() {
                 log::error!("queue {}: notifying the guest: {e}", self.index);
             }

@@ -9,6 +9,8 @@
 //! * [`cli`]: other `vubd` subcommands and how they exit;
 //! * [`data`]: comparing disk contents, SHA-256 digests;
 //! * [`blkio_client`], [`raw_frontend`]: the two frontends;
+//! * [`hostile`], [`vhost_msg`]: the hostile-frontend harness (a served image and its model,
+//!   guest memory snapshots, deadlines) and raw vhost-user messages;
 //! * [`qemu`], [`qsd`], [`qmp`]: QEMU's tools, qemu-storage-daemon, and QMP as oracles;
 //! * [`bitmaps`]: dirty bitmap workloads and reading stored bitmaps back.
 
@@ -18,11 +20,13 @@ pub mod bitmaps;
 pub mod blkio_client;
 pub mod cli;
 pub mod data;
+pub mod hostile;
 pub mod image;
 pub mod qemu;
 pub mod qmp;
 pub mod qsd;
 pub mod raw_frontend;
+pub mod vhost_msg;
 
 use std::fs;
 use std::io::Read;
@@ -169,7 +173,15 @@ impl Vubd {
         stderr
     }
 
-    fn take_stderr(&mut self) -> String {
+    /// Whether the process is still running (not exited, not reaped).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// What vubd wrote to stderr, once it has exited.
+    pub fn take_stderr(&mut self) -> String {
         self.child.as_mut().map(read_stderr).unwrap_or_default()
     }
 }

@@ -3,11 +3,14 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{
@@ -18,18 +21,19 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub type Mem = GuestMemoryMmap<()>;
 
-/// Size of the shared guest memory.
+/// Size of the shared guest memory (of its first region, when there are several).
 pub const MEM_SIZE: u64 = 16 << 20;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x4000;
-const USED: u64 = 0x8000;
+/// Where the descriptor table, the available ring and the used ring of queue 0 are.
+pub const DESC: u64 = 0x0;
+pub const AVAIL: u64 = 0x4000;
+pub const USED: u64 = 0x8000;
 /// Where tests may put request headers, data and status bytes.
 pub const DATA: u64 = 0x10_0000;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_WRITE: u16 = 2;
 pub const VRING_DESC_F_INDIRECT: u16 = 4;
 
 /// One descriptor of a chain: guest address, length, device-writable or not.
@@ -79,7 +83,47 @@ impl RawFrontend {
     /// Connect and set up queue 0 with `queue_size` entries, offering `extra_features` on top
     /// of VERSION_1 and the protocol features.
     pub fn connect(socket: &Path, queue_size: u16, extra_features: u64) -> RawFrontend {
-        let mut frontend = Frontend::connect(socket, 1).expect("connect");
+        Self::connect_regions(socket, queue_size, extra_features, &[(0, MEM_SIZE)])
+    }
+
+    /// Like [`RawFrontend::connect`], with guest memory made of one memfd per `(guest address,
+    /// size)` region; the first region must start at 0 and hold the rings and [`DATA`].
+    pub fn connect_regions(
+        socket: &Path,
+        queue_size: u16,
+        extra_features: u64,
+        regions: &[(u64, u64)],
+    ) -> RawFrontend {
+        let mem = shared_memory(regions);
+        Self::try_connect_memory(socket, queue_size, extra_features, mem).expect("set_mem_table")
+    }
+
+    /// Connect with guest memory `mem` (from [`shared_memory`], possibly tampered with); an
+    /// error if vubd refuses the memory table.
+    pub fn try_connect_memory(
+        socket: &Path,
+        queue_size: u16,
+        extra_features: u64,
+        mem: Mem,
+    ) -> vhost::Result<RawFrontend> {
+        let frontend = Frontend::connect(socket, 1).expect("connect");
+        Self::set_up(frontend, queue_size, extra_features, mem)
+    }
+
+    /// The usual set-up over a connection something else has already used (raw messages sent
+    /// before it, see `vhost_msg`), with one memory region.
+    pub fn over_stream(stream: UnixStream, queue_size: u16, extra_features: u64) -> RawFrontend {
+        let frontend = Frontend::from_stream(stream, 1);
+        let mem = shared_memory(&[(0, MEM_SIZE)]);
+        Self::set_up(frontend, queue_size, extra_features, mem).expect("set_mem_table")
+    }
+
+    fn set_up(
+        mut frontend: Frontend,
+        queue_size: u16,
+        extra_features: u64,
+        mem: Mem,
+    ) -> vhost::Result<RawFrontend> {
         frontend.set_owner().expect("set_owner");
         let offered = frontend.get_features().expect("get_features");
         let features =
@@ -95,11 +139,21 @@ impl RawFrontend {
             .set_protocol_features(protocol & wanted)
             .expect("set_protocol_features");
 
-        let mem = shared_memory();
-        let region = mem.iter().next().expect("one region");
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
-        frontend.set_mem_table(&[info]).expect("set_mem_table");
-        let host = info.userspace_addr;
+        let infos: Vec<VhostUserMemoryRegionInfo> = mem
+            .iter()
+            .map(|region| VhostUserMemoryRegionInfo::from_guest_region(region).expect("region"))
+            .collect();
+        // Ask for the ack (REPLY_ACK is negotiated above), so that a refused table is an
+        // error here rather than a connection found closed later.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let applied = frontend.set_mem_table(&infos);
+        frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        applied?;
+        let first = infos
+            .iter()
+            .find(|i| i.guest_phys_addr == 0)
+            .expect("region at 0");
+        let host = first.userspace_addr;
 
         frontend
             .set_vring_num(0, queue_size)
@@ -126,7 +180,7 @@ impl RawFrontend {
         frontend
             .set_vring_enable(0, true)
             .expect("set_vring_enable");
-        RawFrontend {
+        Ok(RawFrontend {
             frontend,
             mem,
             features,
@@ -136,7 +190,7 @@ impl RawFrontend {
             avail_idx: 0,
             used_seen: 0,
             next_desc: 0,
-        }
+        })
     }
 
     /// Read `size` bytes of config space at `offset`.
@@ -155,9 +209,27 @@ impl RawFrontend {
             .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
     }
 
+    pub fn queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
     /// Write a raw 16-byte descriptor at table index `index`.
     pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = DESC + 16 * u64::from(index);
+        self.write_desc_in(DESC, index, addr, len, flags, next);
+    }
+
+    /// Write a raw 16-byte descriptor at index `index` of the table at guest address `table`
+    /// (the queue's own, or an indirect one).
+    pub fn write_desc_in(
+        &self,
+        table: u64,
+        index: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let at = table + 16 * u64::from(index);
         self.mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
         self.mem
             .write_obj(len.to_le(), GuestAddress(at + 8))
@@ -177,7 +249,7 @@ impl RawFrontend {
     }
 
     /// Put `head` in the next avail ring slot, not yet visible to the device.
-    fn add_avail(&mut self, head: u16) {
+    pub fn add_avail(&mut self, head: u16) {
         let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % self.queue_size);
         self.mem
             .write_obj(head.to_le(), GuestAddress(slot))
@@ -186,7 +258,7 @@ impl RawFrontend {
     }
 
     /// Make every added slot visible with one index update, and kick once.
-    fn publish_avail(&mut self) {
+    pub fn publish_avail(&mut self) {
         self.mem
             .store(
                 self.avail_idx.to_le(),
@@ -224,7 +296,11 @@ impl RawFrontend {
     }
 
     /// Write `chain` into the descriptor table; returns its head index.
-    fn write_chain(&mut self, chain: &[Desc]) -> u16 {
+    pub fn write_chain(&mut self, chain: &[Desc]) -> u16 {
+        assert!(
+            chain.len() <= usize::from(self.queue_size),
+            "a chain longer than the queue would overwrite itself"
+        );
         let head = self.next_desc;
         for (i, d) in chain.iter().enumerate() {
             let index = (head + i as u16) % self.queue_size;
@@ -315,16 +391,27 @@ impl RawFrontend {
     }
 }
 
-/// Guest memory in a memfd, shareable with the backend.
-fn shared_memory() -> Mem {
+/// Guest memory in memfds, one per `(guest address, size)` region, shareable with the backend.
+pub fn shared_memory(regions: &[(u64, u64)]) -> Mem {
+    let regions = regions
+        .iter()
+        .map(|&(addr, size)| {
+            let file = memfd(size);
+            let mapping =
+                MmapRegion::<()>::from_file(FileOffset::new(file, 0), size as usize).expect("mmap");
+            GuestRegionMmap::new(mapping, GuestAddress(addr)).expect("region")
+        })
+        .collect();
+    GuestMemoryMmap::from_regions(regions).expect("guest memory")
+}
+
+/// An anonymous shareable file of `size` bytes.
+pub fn memfd(size: u64) -> File {
     // SAFETY: memfd_create with a valid NUL-terminated name.
     let fd = unsafe { libc::memfd_create(c"raw-frontend".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create");
     // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE).expect("size memfd");
-    let mapping =
-        MmapRegion::<()>::from_file(FileOffset::new(file, 0), MEM_SIZE as usize).expect("mmap");
-    let region = GuestRegionMmap::new(mapping, GuestAddress(0)).expect("region");
-    GuestMemoryMmap::from_regions(vec![region]).expect("guest memory")
+    file.set_len(size).expect("size memfd");
+    file
 }
