@@ -83,7 +83,10 @@ fn guest_writes(dir: &TempDir, image: &Path, writes: &[(u64, u64)]) -> Vec<(u64,
 fn a_refcount_table_without_entry_0_never_gets_a_block_on_the_header() {
     let dir = TempDir::new("evil-reftable0");
     let image = dir.join("m.qcow2");
-    qemu_img(dir.path(), &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"]);
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"],
+    );
     let layout = Layout::of(&image);
     patch(&image, layout.reftable_entry(0), &0u64.to_be_bytes());
     let header = read_at(&image, 0, 104);
@@ -105,7 +108,10 @@ fn a_refcount_table_without_entry_0_never_gets_a_block_on_the_header() {
 fn a_zero_refcount_for_the_header_never_gives_it_to_a_guest_write() {
     let dir = TempDir::new("evil-refcount0");
     let image = dir.join("m.qcow2");
-    qemu_img(dir.path(), &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"]);
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"],
+    );
     let layout = Layout::of(&image);
     // The refcount of cluster 0 (the header) says free.
     patch(&image, layout.first_refblock(&image), &0u16.to_be_bytes());
@@ -124,8 +130,16 @@ fn a_zero_refcount_for_the_header_never_gives_it_to_a_guest_write() {
 fn a_guest_write_into_the_refcount_table_is_refused_and_marks_the_image_corrupt() {
     let dir = TempDir::new("evil-l2-reftable");
     let image = dir.join("m.qcow2");
-    qemu_img(dir.path(), &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"]);
-    qemu_io(dir.path(), "qcow2", "m.qcow2", &["write -P 0x11 0 64k".into()]);
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"],
+    );
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "m.qcow2",
+        &["write -P 0x11 0 64k".into()],
+    );
     let layout = Layout::of(&image);
     // Guest cluster 0 now maps onto the refcount table.
     let entry = layout.l2_entry(&image, 0);
@@ -192,8 +206,16 @@ fn a_guest_write_into_the_refcount_table_is_refused_and_marks_the_image_corrupt(
 fn an_l2_table_placed_on_a_refcount_block_is_never_written() {
     let dir = TempDir::new("evil-l2-on-refblock");
     let image = dir.join("m.qcow2");
-    qemu_img(dir.path(), &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"]);
-    qemu_io(dir.path(), "qcow2", "m.qcow2", &["write -P 0x22 0 64k".into()]);
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"],
+    );
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "m.qcow2",
+        &["write -P 0x22 0 64k".into()],
+    );
     let layout = Layout::of(&image);
     // L1 entry 0 points at the refcount block: updating "the L2 table" would rewrite refcounts.
     let refblock = layout.first_refblock(&image);
@@ -218,8 +240,20 @@ fn the_data_file_is_never_the_image_itself() {
     fs::write(dir.join("d.raw"), vec![0u8; 1 << 20]).unwrap();
     qemu_img(
         dir.path(),
-        &["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw", "m.qcow2", "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=d.raw",
+            "m.qcow2",
+            "1M",
+        ],
     );
     let err = serve_qcow2_fails(&dir, &image, &["--data-file", path_str(&image)]);
-    assert!(err.contains("the data file is the image file itself"), "{err}");
+    assert!(
+        err.contains("the data file is the image file itself"),
+        "{err}"
+    );
 }

@@ -5,22 +5,16 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 
 use common::blkio_client::BlkioClient;
 use common::cli::{run_vubd, serve_qcow2_fails};
+use common::image::patch;
 use common::qemu::{assert_check_clean, qemu_img, qemu_io, qemu_view, try_run_in};
 use common::{pattern, TempDir, Vubd};
 
 const MIB: usize = 1 << 20;
 
 /// Patch header bytes of an image.
-fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
-}
-
 #[test]
 fn header_feature_bits_are_honoured() {
     let dir = TempDir::new("features");

@@ -112,13 +112,21 @@ impl FileNode {
     /// Open `name`, a path relative to `dir` stored in an image, without ever leaving `dir`:
     /// the kernel resolves it beneath `dir` (`openat2` with `RESOLVE_BENEATH`), so neither
     /// `..` nor a symbolic link can lead out of it.
-    pub fn open_beneath(dir: &Path, name: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
+    pub fn open_beneath(
+        dir: &Path,
+        name: &Path,
+        options: FileOptions,
+    ) -> Result<FileNode, BlockError> {
         let path = dir.join(name);
         let dir_file = File::open(dir).map_err(|e| FileError::Open(e).at(dir))?;
         let c_name = std::ffi::CString::new(name.as_os_str().as_encoded_bytes())
             .map_err(|_| FileError::Open(io::ErrorKind::InvalidInput.into()).at(&path))?;
         let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        flags |= if options.read_only { libc::O_RDONLY } else { libc::O_RDWR };
+        flags |= if options.read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
         if options.direct {
             flags |= libc::O_DIRECT;
         }
@@ -156,7 +164,11 @@ impl FileNode {
 
     /// Open `path`: beneath `dir` if it is a name stored in an image in `dir` (see
     /// [`FileNode::open_beneath`]), as given otherwise.
-    pub fn open_in(dir: Option<&Path>, path: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
+    pub fn open_in(
+        dir: Option<&Path>,
+        path: &Path,
+        options: FileOptions,
+    ) -> Result<FileNode, BlockError> {
         match dir {
             Some(dir) => {
                 let name = path.strip_prefix(dir).unwrap_or(path);

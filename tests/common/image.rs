@@ -87,5 +87,5 @@ pub fn vubd_limited(bytes: u64, args: &[&str]) -> (i32, String, String) {
 
 /// Whether a process ended by a signal or abort (what a bounded command never does).
 pub fn crashed(code: i32, stderr: &str) -> bool {
-    code < 0 || code > 3 || stderr.contains("panicked") || stderr.contains("memory allocation")
+    !(0..=3).contains(&code) || stderr.contains("panicked") || stderr.contains("memory allocation")
 }

@@ -8,6 +8,7 @@
 //! * this module: scratch directories, test data, `vubd serve` as [`Vubd`];
 //! * [`cli`]: other `vubd` subcommands and how they exit;
 //! * [`data`]: comparing disk contents, SHA-256 digests;
+//! * [`image`]: patching fields of qemu-img-made images, running vubd under a memory limit;
 //! * [`blkio_client`], [`raw_frontend`]: the two frontends;
 //! * [`hostile`], [`vhost_msg`]: the hostile-frontend harness (a served image and its model,
 //!   guest memory snapshots, deadlines) and raw vhost-user messages;

@@ -35,7 +35,9 @@ impl IdentityMap {
         IdentityMap {
             cluster_bits,
             chunk_bits,
-            chunks: (0..chunks).map(|_| AtomicPtr::new(ptr::null_mut())).collect(),
+            chunks: (0..chunks)
+                .map(|_| AtomicPtr::new(ptr::null_mut()))
+                .collect(),
         }
     }
 
@@ -67,9 +69,15 @@ impl IdentityMap {
         };
         let mut words = chunk.load(Ordering::Acquire);
         if words.is_null() {
-            let fresh: Box<[AtomicU64]> = (0..self.chunk_words()).map(|_| AtomicU64::new(0)).collect();
+            let fresh: Box<[AtomicU64]> =
+                (0..self.chunk_words()).map(|_| AtomicU64::new(0)).collect();
             let fresh = Box::into_raw(fresh).cast::<AtomicU64>();
-            match chunk.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+            match chunk.compare_exchange(
+                ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => words = fresh,
                 Err(existing) => {
                     // Another thread published first: ours was never shared.
