@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::blkio_client::BlkioClient;
-use common::cli::{run_vubd, serve_qcow2_fails};
-use common::image::{be64_at, patch, read_at, Layout};
-use common::qemu::{info_json, qemu_img, qemu_io, qemu_view, try_run_in};
+use common::cli::serve_qcow2_fails;
+use common::image::{be64_at, both_repair_alike, patch, read_at, Layout};
+use common::qemu::{info_json, qemu_img, qemu_io, try_run_in};
 use common::{pattern, TempDir, Vubd};
 
 const COPIED: u64 = 1 << 63;
@@ -26,38 +26,6 @@ fn serve_rw(dir: &TempDir, image: &Path) -> Vubd {
         &dir.join("s.sock"),
         &["--image", path_str(image), "--format", "qcow2"],
     )
-}
-
-/// Repair a copy with `qemu-img check -r all` and another with `vubd check --repair`; both
-/// must end clean and show the guest the same disk. Returns that disk.
-fn both_repair_alike(dir: &TempDir, image: &str) -> Vec<u8> {
-    let by_qemu = format!("{image}.qemu-repaired");
-    let by_vubd = format!("{image}.vubd-repaired");
-    fs::copy(dir.join(image), dir.join(&by_qemu)).unwrap();
-    fs::copy(dir.join(image), dir.join(&by_vubd)).unwrap();
-    let (qemu_code, qemu_out) =
-        try_run_in(dir.path(), "qemu-img", &["check", "-r", "all", &by_qemu]);
-    let (vubd_code, vubd_out, vubd_err) =
-        run_vubd(&["check", "--repair", path_str(&dir.join(&by_vubd))]);
-    assert!(
-        qemu_code == 0 || qemu_code == 3,
-        "qemu-img repaired: {qemu_out}"
-    );
-    assert!(
-        vubd_code == 0 || vubd_code == 3,
-        "vubd check --repair: {vubd_out}{vubd_err}"
-    );
-    for repaired in [&by_qemu, &by_vubd] {
-        let (code, out) = try_run_in(dir.path(), "qemu-img", &["check", repaired]);
-        assert_eq!(code, 0, "{repaired} after repair: {out}");
-    }
-    let view = qemu_view(dir.path(), &by_vubd, "qcow2");
-    assert_eq!(
-        view,
-        qemu_view(dir.path(), &by_qemu, "qcow2"),
-        "both repairs give the guest the same disk"
-    );
-    view
 }
 
 /// Write `writes` (offset, seed) of 64 KiB each through vubd, read them back, and stop vubd.

@@ -86,6 +86,13 @@ pub fn main() -> i32 {
     }
     let cli = Cli::parse_from(args);
     init_logging();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // The offline tools print reports: piped into `head`, they should end quietly the way
+        // Unix tools do, not panic on EPIPE. (The daemon keeps SIGPIPE ignored: a frontend
+        // that goes away must not kill it.)
+        // SAFETY: restoring the default disposition of SIGPIPE, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Create(args) => image::create(args),

@@ -117,7 +117,20 @@ pub struct Vubd {
 impl Vubd {
     /// Start `vubd serve --socket SOCKET ARGS...` and wait until it accepts connections.
     pub fn start(socket: &Path, args: &[&str]) -> Vubd {
-        let child = Command::new(vubd_bin())
+        Self::start_wrapped(&[], socket, args)
+    }
+
+    /// [`Vubd::start`] through a wrapper command (`prlimit --as=...`, say) that execs vubd.
+    pub fn start_wrapped(wrapper: &[&str], socket: &Path, args: &[&str]) -> Vubd {
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(vubd_bin());
+                c
+            }
+            None => Command::new(vubd_bin()),
+        };
+        let child = command
             .arg("serve")
             .arg("--socket")
             .arg(socket)

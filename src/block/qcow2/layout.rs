@@ -60,8 +60,8 @@ pub(super) fn active_metadata(
 
 impl Qcow2Node {
     /// Register the bitmap directory, tables and data clusters. A directory that cannot be
-    /// read is left out with a warning: writing bitmaps then fails on its own (the directory
-    /// is read again), and `vubd check` can still report it.
+    /// read is left out: loading the bitmaps reads it again and fails with the reason (so an
+    /// export refuses the image), and `vubd check` reports it.
     pub(super) fn register_bitmaps(&self, meta: &mut Meta) {
         match self.bitmap_clusters(meta) {
             Ok(ranges) => {
@@ -76,7 +76,7 @@ impl Qcow2Node {
                     }
                 }
             }
-            Err(e) => log::warn!(
+            Err(e) => log::debug!(
                 "{}: bitmaps not checked for overlaps: {}",
                 self.path.display(),
                 crate::error::Chain(&e)

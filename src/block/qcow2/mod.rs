@@ -139,7 +139,7 @@ pub enum Qcow2Error {
     Snapshots(#[from] snapshot::SnapshotError),
     #[error("the data file is the image file itself")]
     DataFileIsImage,
-    #[error("bitmap directory: {0}")]
+    #[error("bitmap directory")]
     BitmapDirectory(#[from] bitmaps::DirectoryError),
     /// An error of a child node, which names its own file.
     #[error(transparent)]
