@@ -225,3 +225,36 @@ fn the_data_file_is_never_the_image_itself() {
         "{err}"
     );
 }
+
+#[test]
+fn what_qemu_img_cannot_repair_vubd_does_not_pretend_to() {
+    let dir = TempDir::new("evil-beyond-eof");
+    let image = dir.join("m.qcow2");
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "m.qcow2", "16M"],
+    );
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "m.qcow2",
+        &["write -P 0x11 0 64k".into()],
+    );
+    let layout = Layout::of(&image);
+    // Guest cluster 0 maps to 1 GiB into a file of a few hundred KiB.
+    let entry = layout.l2_entry(&image, 0);
+    patch(&image, entry, &(COPIED | 1 << 30).to_be_bytes());
+    fs::copy(&image, dir.join("v.qcow2")).unwrap();
+    let (qemu_code, qemu_out) =
+        try_run_in(dir.path(), "qemu-img", &["check", "-r", "all", "m.qcow2"]);
+    let (vubd_code, vubd_out, vubd_err) =
+        common::cli::run_vubd(&["check", "--repair", path_str(&dir.join("v.qcow2"))]);
+    assert_eq!(qemu_code, 2, "{qemu_out}");
+    assert_eq!(vubd_code, qemu_code, "{vubd_out}{vubd_err}");
+    for (image, out) in [("m.qcow2", &qemu_out), ("v.qcow2", &vubd_out)] {
+        assert!(out.contains("1 errors were found"), "{image}: {out}");
+        let (code, after) = try_run_in(dir.path(), "qemu-img", &["check", image]);
+        assert_eq!(code, 2, "{image}: {after}");
+        assert!(after.contains("1 errors were found"), "{image}: {after}");
+    }
+}
