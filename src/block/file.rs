@@ -148,6 +148,12 @@ impl FileNode {
         };
         if fd < 0 {
             let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOSYS) {
+                // No openat2 (a kernel before 5.6, valgrind, a seccomp filter): resolve the
+                // path, check it stays beneath `dir`, and open what was resolved without
+                // following a link at its last component.
+                return Self::open_resolved_beneath(dir, &path, options);
+            }
             return Err(match e.raw_os_error() {
                 Some(libc::EXDEV) => FileError::OutsideDirectory {
                     dir: dir.to_path_buf(),
@@ -160,6 +166,29 @@ impl FileNode {
         // SAFETY: `fd` was just returned by openat2 and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd as RawFd) };
         Self::from_file(file, &path, options)
+    }
+
+    /// [`FileNode::open_beneath`] without openat2: resolve, check, then open the resolved
+    /// path with `O_NOFOLLOW`.
+    fn open_resolved_beneath(
+        dir: &Path,
+        path: &Path,
+        options: FileOptions,
+    ) -> Result<FileNode, BlockError> {
+        let base = std::fs::canonicalize(dir).map_err(|e| FileError::Open(e).at(dir))?;
+        let real = std::fs::canonicalize(path).map_err(|e| FileError::Open(e).at(path))?;
+        if !real.starts_with(&base) {
+            return Err(FileError::OutsideDirectory {
+                dir: dir.to_path_buf(),
+            }
+            .at(path));
+        }
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only);
+        let direct = if options.direct { libc::O_DIRECT } else { 0 };
+        open.custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | direct);
+        let file = open.open(&real).map_err(|e| FileError::Open(e).at(path))?;
+        Self::from_file(file, path, options)
     }
 
     /// Open `path`: beneath `dir` if it is a name stored in an image in `dir` (see
@@ -482,6 +511,44 @@ mod tests {
         assert!(data[4096..4096 + (2 << 20) + 512].iter().all(|b| *b == 0));
         assert!(data[4096 + (2 << 20) + 512..].iter().all(|b| *b == 0xab));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn names_resolve_beneath_their_directory_with_or_without_openat2() {
+        let root = std::env::temp_dir().join(format!("vubd-beneath-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("vm/sub")).unwrap();
+        std::fs::write(root.join("outside.raw"), [1u8; 512]).unwrap();
+        std::fs::write(root.join("vm/sub/inside.raw"), [2u8; 512]).unwrap();
+        std::os::unix::fs::symlink("../outside.raw", root.join("vm/out.raw")).unwrap();
+        std::os::unix::fs::symlink("sub/inside.raw", root.join("vm/in.raw")).unwrap();
+        let dir = root.join("vm");
+        let options = FileOptions {
+            read_only: true,
+            ..FileOptions::default()
+        };
+        for (name, inside) in [
+            ("out.raw", false),
+            ("in.raw", true),
+            ("sub/inside.raw", true),
+        ] {
+            let path = dir.join(name);
+            let with = FileNode::open_beneath(&dir, Path::new(name), options);
+            let without = FileNode::open_resolved_beneath(&dir, &path, options);
+            for result in [with, without] {
+                match result {
+                    Ok(node) => {
+                        assert!(inside, "{name} must be refused");
+                        assert_eq!(node.size(), 512);
+                    }
+                    Err(e) => {
+                        assert!(!inside, "{name}: {e:?}");
+                        assert_eq!(e.kind(), ErrorKind::Refused);
+                    }
+                }
+            }
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
