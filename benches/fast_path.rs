@@ -13,7 +13,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
-use vubd::bitmap::{Action, BitmapManager, WriteGate};
+use vubd::bitmap::{Action, BitmapManager, Persistence, WriteGate};
 use vubd::block::qcow2::create::{create, CreateOptions};
 use vubd::block::{open_image, Format, GuestIo, OpenOptions};
 use vubd::virtio_blk::request::{parse, GuestMemory, RequestBuffers};
@@ -106,8 +106,15 @@ fn bench_map(c: &mut Criterion) {
 
 fn bench_mark(c: &mut Criterion) {
     for n in [0usize, 1, 8] {
-        let m =
-            BitmapManager::open("disk", DISK, None, false, Arc::new(WriteGate::new(1))).unwrap();
+        let m = BitmapManager::open(
+            "disk",
+            DISK,
+            None,
+            false,
+            Persistence::default(),
+            Arc::new(WriteGate::new(1)),
+        )
+        .unwrap();
         for i in 0..n {
             m.apply(Action::Add {
                 name: format!("b{i}"),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::bitmap::{BitmapError, BitmapManager, WriteGate};
+use crate::bitmap::{BitmapError, BitmapManager, Persistence, WriteGate};
 use crate::block::io::EngineKind;
 use crate::block::{BlockDriver, BlockError, NodeNames};
 
@@ -28,6 +28,8 @@ pub struct ExportOptions {
     pub poll: Option<Duration>,
     /// Node names for the control socket.
     pub node_names: NodeNames,
+    /// How persistent bitmaps reach the disk while served.
+    pub bitmaps: Persistence,
 }
 
 /// Why an export cannot be opened or closed.
@@ -65,6 +67,7 @@ impl Export {
             root.size(),
             root.clone().bitmap_store(),
             read_only,
+            options.bitmaps,
             gate,
         )
         .map_err(|source| ExportError::Bitmaps {

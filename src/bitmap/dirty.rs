@@ -11,6 +11,9 @@
 //! bitmaps need (such a first mark must reach the disk before the data write it covers).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::durable::DurableTrack;
 
 /// Smallest and largest granularity (QEMU's limits): 512 B to 2 GiB.
 pub const MIN_GRANULARITY_BITS: u32 = 9;
@@ -27,9 +30,12 @@ pub struct DirtyBitmap {
     /// Recording writes ("enabled"; stored as the qcow2 `auto` flag).
     recording: AtomicBool,
     persistent: bool,
-    /// Found `in_use` (or in an extension not marked consistent): its content cannot be
-    /// trusted. It records nothing and refuses use; it can only be removed.
-    inconsistent: bool,
+    /// Found `in_use` (or in an extension not marked consistent), or its marks could not be
+    /// made durable: its content cannot be trusted. It records nothing and refuses use; it can
+    /// only be removed.
+    inconsistent: AtomicBool,
+    /// While served crash-consistently: what of it is on disk (see [`super::durable`]).
+    track: Mutex<Option<Arc<DurableTrack>>>,
 }
 
 impl DirtyBitmap {
@@ -51,7 +57,8 @@ impl DirtyBitmap {
                 .collect(),
             recording: AtomicBool::new(recording),
             persistent,
-            inconsistent: false,
+            inconsistent: AtomicBool::new(false),
+            track: Mutex::new(None),
         }
     }
 
@@ -60,7 +67,7 @@ impl DirtyBitmap {
     /// bytes, so nothing can mark it.
     pub fn inconsistent(name: &str, granularity_bits: u32, persistent: bool) -> Self {
         DirtyBitmap {
-            inconsistent: true,
+            inconsistent: AtomicBool::new(true),
             ..DirtyBitmap::new(name, granularity_bits, 0, false, persistent)
         }
     }
@@ -94,7 +101,24 @@ impl DirtyBitmap {
     }
 
     pub fn is_inconsistent(&self) -> bool {
-        self.inconsistent
+        self.inconsistent.load(Ordering::Acquire)
+    }
+
+    /// Its marks could not be made durable: it records nothing from now on and reads as
+    /// inconsistent, as it will on disk.
+    pub fn set_inconsistent(&self) {
+        self.inconsistent.store(true, Ordering::Release);
+        self.recording.store(false, Ordering::Release);
+        self.set_track(None);
+    }
+
+    /// The durable state, while the bitmap is served crash-consistently.
+    pub fn track(&self) -> Option<Arc<DurableTrack>> {
+        self.track.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_track(&self, track: Option<Arc<DurableTrack>>) {
+        *self.track.lock().unwrap_or_else(|p| p.into_inner()) = track;
     }
 
     fn granules(&self) -> u64 {
@@ -105,11 +129,9 @@ impl DirtyBitmap {
     /// clean before.
     #[inline(always)]
     pub fn mark(&self, offset: u64, len: u64) -> bool {
-        if len == 0 || offset >= self.size {
+        let Some((first, last)) = self.granule_range(offset, len) else {
             return false;
-        }
-        let first = offset >> self.granularity_bits;
-        let last = (offset + len - 1).min(self.size - 1) >> self.granularity_bits;
+        };
         if first == last {
             // The common case: a write inside one granule.
             let bit = 1u64 << (first % 64);
@@ -118,6 +140,22 @@ impl DirtyBitmap {
                 && w.fetch_or(bit, Ordering::AcqRel) & bit == 0;
         }
         self.mark_range(first, last)
+    }
+
+    /// The first and last granules `[offset, offset + len)` touches on the disk, if any.
+    #[inline(always)]
+    pub(super) fn granule_range(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        if len == 0 || offset >= self.size {
+            return None;
+        }
+        let first = offset >> self.granularity_bits;
+        let last = (offset.saturating_add(len) - 1).min(self.size - 1) >> self.granularity_bits;
+        Some((first, last))
+    }
+
+    /// The bits, as words in the on-disk layout.
+    pub(super) fn words(&self) -> &[AtomicU64] {
+        &self.words
     }
 
     fn mark_range(&self, first: u64, last: u64) -> bool {

@@ -104,7 +104,7 @@ impl WriteGate {
         wakers.push(Arc::downgrade(waker));
     }
 
-    fn wake_all(&self) {
+    pub(crate) fn wake_all(&self) {
         let wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         for w in wakers.iter().filter_map(Weak::upgrade) {
             let _ = w.write(1);

@@ -2,28 +2,39 @@
 //! (`vubd bitmap`), persisted in qcow2 images.
 //!
 //! * [`DirtyBitmap`] is one bitmap: lock-free marking, counting, extents.
-//! * [`BitmapManager`] owns a node's bitmaps: loading them at open (marking persistent ones
-//!   `in_use` on disk before the first guest write), the QMP operations and transactions,
-//!   storing them on close. Storage goes through [`BitmapStore`], which the qcow2 driver
+//! * [`BitmapManager`] owns a node's bitmaps: loading them at open, the QMP operations and
+//!   transactions, storing them. Storage goes through [`BitmapStore`], which the qcow2 driver
 //!   implements.
 //! * The write path reads the list through a per-queue [`BitmapCursor`] (no shared lock: a
 //!   generation number tells when to refresh) and marks before submitting the write.
 //! * Operations that change what writes record run in a drained section of the [`WriteGate`]:
 //!   no write is between being marked and completing, so a checkpoint (add a bitmap, disable
 //!   the old one) splits the writes exactly.
+//!
+//! Persistence ([`Persistence`]): crash-consistently by default — persistent bitmaps stay
+//! consistent (not `in_use`) on disk while served, their data clusters preallocated; a write
+//! whose granules are not yet durable waits for a group commit ([`commit`], [`durable`]) that
+//! writes their clusters in place and syncs, so the disk always holds a superset of what
+//! changed; every operation is one atomic switch of the bitmap directory. Or, as QEMU does, on
+//! close: `in_use` while served, data stored at shutdown, inconsistent after a crash.
 
+mod commit;
 mod dirty;
+mod durable;
 mod gate;
 mod store;
 mod transaction;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use thiserror::Error;
 
+use commit::Committer;
 pub use dirty::{DirtyBitmap, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS};
+use durable::DurableTrack;
 pub use gate::WriteGate;
 pub use store::{BitmapStore, StoreData, StoreEntry, StoredBitmap};
 pub use transaction::Action;
@@ -67,17 +78,33 @@ pub struct BitmapInfo {
 
 type BitmapList = Arc<Vec<Arc<DirtyBitmap>>>;
 
+/// How persistent bitmaps reach the disk while a node is served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Persistence {
+    /// Consistent on disk at every moment: a kill or a power loss never leaves them `in_use`
+    /// or missing a change.
+    #[default]
+    CrashConsistent,
+    /// QEMU's way: `in_use` while served, stored at a clean shutdown.
+    OnClose,
+}
+
 /// The bitmaps of one node.
 pub struct BitmapManager {
     node_name: String,
     disk_size: u64,
     store: Option<Arc<dyn BitmapStore>>,
     read_only: bool,
+    persistence: Persistence,
     generation: AtomicU64,
-    list: Mutex<BitmapList>,
+    list: Arc<Mutex<BitmapList>>,
     gate: Arc<WriteGate>,
     /// Serialises management operations.
     ops: Mutex<()>,
+    /// Names of the bitmaps the image stores.
+    stored: Mutex<HashSet<String>>,
+    /// The group commit of first marks (crash-consistent persistence of a writable node).
+    committer: Option<Committer>,
 }
 
 impl std::fmt::Debug for BitmapManager {
@@ -94,34 +121,38 @@ impl std::fmt::Debug for BitmapManager {
 /// while no write is being marked).
 pub struct BitmapCursor {
     generation: u64,
-    recording: Vec<Arc<DirtyBitmap>>,
+    recording: Vec<(Arc<DirtyBitmap>, Option<Arc<DurableTrack>>)>,
 }
 
 impl BitmapManager {
-    /// Load the node's stored bitmaps. On a writable node, mark every consistent stored bitmap
-    /// `in_use` on disk before returning, so that a crash from now on leaves them flagged
-    /// inconsistent rather than stale.
+    /// Load the node's stored bitmaps and get them ready for writes: crash-consistently, every
+    /// consistent recording bitmap gets its data clusters preallocated (flags unchanged, not
+    /// `in_use`); on close, every consistent one is marked `in_use` on disk before the first
+    /// guest write, so that a crash leaves it flagged rather than stale.
     pub fn open(
         node_name: &str,
         disk_size: u64,
         store: Option<Arc<dyn BitmapStore>>,
         read_only: bool,
+        persistence: Persistence,
         gate: Arc<WriteGate>,
     ) -> Result<BitmapManager, BitmapError> {
         let mut list = Vec::new();
+        let mut stored = HashSet::new();
         if let Some(store) = &store {
-            for stored in store.load_bitmaps()? {
-                let b = if stored.inconsistent {
-                    DirtyBitmap::inconsistent(&stored.name, stored.granularity_bits, true)
+            for bitmap in store.load_bitmaps()? {
+                stored.insert(bitmap.name.clone());
+                let b = if bitmap.inconsistent {
+                    DirtyBitmap::inconsistent(&bitmap.name, bitmap.granularity_bits, true)
                 } else {
                     let b = DirtyBitmap::new(
-                        &stored.name,
-                        stored.granularity_bits,
+                        &bitmap.name,
+                        bitmap.granularity_bits,
                         disk_size,
-                        stored.recording,
+                        bitmap.recording,
                         true,
                     );
-                    if let Some(data) = &stored.data {
+                    if let Some(data) = &bitmap.data {
                         b.load_bytes(data);
                     }
                     b
@@ -129,18 +160,33 @@ impl BitmapManager {
                 list.push(Arc::new(b));
             }
         }
+        let list = Arc::new(Mutex::new(Arc::new(list)));
+        let committer = match (&store, persistence, read_only) {
+            (Some(store), Persistence::CrashConsistent, false) => Some(
+                Committer::start(list.clone(), store.clone(), gate.clone()).map_err(|e| {
+                    BitmapError::Io(format!("starting the bitmap commit thread: {e}"))
+                })?,
+            ),
+            _ => None,
+        };
         let manager = BitmapManager {
             node_name: node_name.to_string(),
             disk_size,
             store,
             read_only,
+            persistence,
             generation: AtomicU64::new(0),
-            list: Mutex::new(Arc::new(list)),
+            list,
             gate,
             ops: Mutex::new(()),
+            stored: Mutex::new(stored),
+            committer,
         };
         if !read_only && manager.snapshot().iter().any(|b| b.is_persistent()) {
-            manager.persist(true, false)?;
+            match persistence {
+                Persistence::CrashConsistent => manager.persist_live(&[])?,
+                Persistence::OnClose => manager.persist(true, false)?,
+            }
         }
         Ok(manager)
     }
@@ -171,25 +217,43 @@ impl BitmapManager {
                 .snapshot()
                 .iter()
                 .filter(|b| b.is_recording())
-                .cloned()
+                .map(|b| (b.clone(), b.track()))
                 .collect(),
         }
     }
 
-    /// Mark `[offset, offset + len)` in every recording bitmap. Returns whether some granule
-    /// became dirty for the first time. No lock is taken unless the list changed since the
-    /// cursor last looked.
+    /// Mark `[offset, offset + len)` in every recording bitmap. Returns the group commit the
+    /// write must wait for, if some of its granules are not on disk yet (crash-consistent
+    /// bitmaps); `None` if it may go ahead. No lock is taken unless the list changed since the
+    /// cursor last looked, or a commit is needed.
     #[inline]
-    pub fn mark(&self, cursor: &mut BitmapCursor, offset: u64, len: u64) -> bool {
+    pub fn mark(&self, cursor: &mut BitmapCursor, offset: u64, len: u64) -> Option<u64> {
         let generation = self.generation.load(Ordering::Acquire);
         if generation != cursor.generation {
             *cursor = self.cursor();
         }
-        let mut newly = false;
-        for b in &cursor.recording {
-            newly |= b.mark(offset, len);
+        let mut commit = false;
+        for (b, track) in &cursor.recording {
+            match track {
+                Some(track) => commit |= track.mark(b, offset, len),
+                None => {
+                    b.mark(offset, len);
+                }
+            }
         }
-        newly
+        match (&self.committer, commit) {
+            (Some(committer), true) => Some(committer.request()),
+            _ => None,
+        }
+    }
+
+    /// Whether the group commit `epoch` has completed. The write that waited for it must then
+    /// mark again: if its granules are still not on disk, the commit failed.
+    #[inline]
+    pub fn committed(&self, epoch: u64) -> bool {
+        self.committer
+            .as_ref()
+            .is_none_or(|c| c.completed() >= epoch)
     }
 
     /// Every bitmap, as query commands report them.
@@ -236,12 +300,16 @@ impl BitmapManager {
             return Ok(());
         }
         let list = self.snapshot();
-        let stored: Vec<String> = store.load_bitmaps()?.into_iter().map(|b| b.name).collect();
+        let stored = self
+            .stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let datas: Vec<(Arc<DirtyBitmap>, Option<Vec<u8>>)> = list
             .iter()
             .filter(|b| b.is_persistent())
             .map(|b| {
-                let fresh = !stored.iter().any(|n| n == b.name());
+                let fresh = !stored.contains(b.name());
                 let data = (with_data && !b.is_inconsistent() || fresh).then(|| b.to_bytes());
                 (b.clone(), data)
             })
@@ -260,13 +328,74 @@ impl BitmapManager {
                 },
             })
             .collect();
-        store.store_bitmaps(&entries)
+        store.store_bitmaps(&entries, false)?;
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) =
+            datas.iter().map(|(b, _)| b.name().to_string()).collect();
+        Ok(())
+    }
+
+    /// Store the persistent bitmaps for crash-consistent serving, as one atomic switch: not
+    /// `in_use` (unless inconsistent), data written for those in `changed` and for bitmaps the
+    /// image does not hold yet, data clusters of recording ones preallocated. Then track what
+    /// is on disk. Runs with no write in flight (opening, or a drained operation).
+    fn persist_live(&self, changed: &[String]) -> Result<(), BitmapError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        if self.read_only {
+            return Ok(());
+        }
+        let list = self.snapshot();
+        let persistent: Vec<&Arc<DirtyBitmap>> =
+            list.iter().filter(|b| b.is_persistent()).collect();
+        let stored = self
+            .stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let datas: Vec<Option<Vec<u8>>> = persistent
+            .iter()
+            .map(|b| {
+                let fresh = !stored.contains(b.name());
+                let changed = changed.iter().any(|n| n == b.name());
+                ((fresh || changed) && !b.is_inconsistent()).then(|| b.to_bytes())
+            })
+            .collect();
+        let entries: Vec<StoreEntry> = persistent
+            .iter()
+            .zip(&datas)
+            .map(|(b, data)| StoreEntry {
+                name: b.name(),
+                granularity_bits: b.granularity_bits(),
+                recording: b.is_recording(),
+                // An inconsistent bitmap stays flagged until it is removed.
+                in_use: b.is_inconsistent(),
+                data: match data {
+                    Some(d) => StoreData::Data(d),
+                    None => StoreData::Keep,
+                },
+            })
+            .collect();
+        let layouts = store.store_bitmaps(&entries, true)?;
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) =
+            persistent.iter().map(|b| b.name().to_string()).collect();
+        let cluster_bits = store.cluster_size().trailing_zeros();
+        for (b, clusters) in persistent.iter().zip(layouts) {
+            let live = b.is_recording() && !b.is_inconsistent() && !clusters.is_empty();
+            b.set_track(live.then(|| Arc::new(DurableTrack::new(b, cluster_bits, clusters))));
+        }
+        // Cursors pick up the new tracks.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Store every persistent bitmap with its data and `in_use` cleared (clean shutdown).
     pub fn close(&self) -> Result<(), BitmapError> {
         let _ops = self.lock_ops();
-        self.persist(false, true)
+        match self.persistence {
+            Persistence::CrashConsistent if self.committer.is_some() => self.persist_live(&[]),
+            _ => self.persist(false, true),
+        }
     }
 
     fn lock_ops(&self) -> MutexGuard<'_, ()> {
@@ -293,7 +422,15 @@ mod tests {
     use super::*;
 
     fn manager() -> BitmapManager {
-        BitmapManager::open("disk", 1 << 30, None, false, Arc::new(WriteGate::new(2))).unwrap()
+        BitmapManager::open(
+            "disk",
+            1 << 30,
+            None,
+            false,
+            Persistence::default(),
+            Arc::new(WriteGate::new(2)),
+        )
+        .unwrap()
     }
 
     fn add(name: &str, disabled: bool) -> Action {

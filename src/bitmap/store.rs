@@ -40,8 +40,21 @@ pub trait BitmapStore: Send + Sync {
     /// The bitmaps stored in the image. Ones vubd cannot use (unknown type, incompatible extra
     /// data) are not listed; the store keeps them untouched.
     fn load_bitmaps(&self) -> Result<Vec<StoredBitmap>, BitmapError>;
-    /// Make the stored set exactly `entries` (plus the unusable ones), durably.
-    fn store_bitmaps(&self, entries: &[StoreEntry]) -> Result<(), BitmapError>;
+    /// Make the stored set exactly `entries` (plus the unusable ones), durably and atomically:
+    /// a crash at any point leaves the old set or the new one. With `preallocate`, every data
+    /// cluster of a recording bitmap is allocated (all-zero ones too), and the returned list
+    /// gives, per entry, where its data clusters are, in order (empty for the others), for
+    /// [`BitmapStore::write_data_cluster`].
+    fn store_bitmaps(
+        &self,
+        entries: &[StoreEntry],
+        preallocate: bool,
+    ) -> Result<Vec<Vec<u64>>, BitmapError>;
+    /// Write one data cluster in place (one [`BitmapStore::store_bitmaps`] returned); durable
+    /// once [`BitmapStore::sync_bitmaps`] returns.
+    fn write_data_cluster(&self, offset: u64, data: &[u8]) -> Result<(), BitmapError>;
+    /// Make the data clusters written so far durable.
+    fn sync_bitmaps(&self) -> Result<(), BitmapError>;
     /// Why persistent bitmaps cannot be stored, if they cannot.
     fn cannot_store(&self) -> Option<String>;
     /// The image's cluster size (the default granularity).

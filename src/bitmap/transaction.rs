@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{BitmapError, BitmapManager, DirtyBitmap, DRAIN_TIMEOUT};
+use super::{BitmapError, BitmapManager, DirtyBitmap, Persistence, DRAIN_TIMEOUT};
 use super::{
     MAX_BITMAPS, MAX_BITMAP_BYTES, MAX_GRANULARITY_BITS, MAX_NAME_BYTES, MIN_GRANULARITY_BITS,
 };
@@ -36,6 +36,30 @@ pub enum Action {
     },
 }
 
+/// What a transaction changed among the persistent bitmaps.
+#[derive(Default)]
+struct Changes {
+    /// Anything (their set, content or flags).
+    any: bool,
+    /// Their set (added or removed).
+    set: bool,
+    /// Names whose content changed (new, cleared, merged into).
+    data: Vec<String>,
+}
+
+impl Changes {
+    fn note(&mut self, b: &DirtyBitmap, set: bool, data: bool) {
+        if !b.is_persistent() {
+            return;
+        }
+        self.any = true;
+        self.set |= set;
+        if data {
+            self.data.push(b.name().to_string());
+        }
+    }
+}
+
 impl BitmapManager {
     /// Run `actions` atomically: all of them or none, with no write in flight meanwhile.
     pub fn transaction(&self, actions: &[Action]) -> Result<(), BitmapError> {
@@ -45,9 +69,12 @@ impl BitmapManager {
             .gate
             .drain(DRAIN_TIMEOUT)
             .map_err(|_| BitmapError::Io("timed out waiting for writes in flight".into()))?;
-        let persistent_changed = self.commit(actions, staged);
-        if persistent_changed {
-            self.persist(true, false)?;
+        let changes = self.commit(actions, staged);
+        match self.persistence {
+            // Every change reaches the disk before the gate reopens, as one atomic switch.
+            Persistence::CrashConsistent if changes.any => self.persist_live(&changes.data)?,
+            Persistence::OnClose if changes.set => self.persist(true, false)?,
+            _ => {}
         }
         Ok(())
     }
@@ -171,11 +198,11 @@ impl BitmapManager {
         ))
     }
 
-    /// Apply staged actions (they cannot fail now). Returns whether the set of persistent
-    /// bitmaps changed.
-    fn commit(&self, actions: &[Action], created: Vec<Option<Arc<DirtyBitmap>>>) -> bool {
+    /// Apply staged actions (they cannot fail now). Returns what changed among the persistent
+    /// bitmaps.
+    fn commit(&self, actions: &[Action], created: Vec<Option<Arc<DirtyBitmap>>>) -> Changes {
         let mut list: Vec<Arc<DirtyBitmap>> = self.snapshot().as_ref().clone();
-        let mut persistent_changed = false;
+        let mut changes = Changes::default();
         let get = |list: &Vec<Arc<DirtyBitmap>>, name: &str| {
             list.iter().find(|b| b.name() == name).cloned()
         };
@@ -183,29 +210,32 @@ impl BitmapManager {
             match action {
                 Action::Add { .. } => {
                     if let Some(b) = new {
-                        persistent_changed |= b.is_persistent();
+                        changes.note(&b, true, true);
                         list.push(b);
                     }
                 }
                 Action::Remove { name } => {
                     if let Some(i) = list.iter().position(|b| b.name() == name) {
-                        persistent_changed |= list[i].is_persistent();
+                        changes.note(&list[i], true, false);
                         list.remove(i);
                     }
                 }
                 Action::Clear { name } => {
                     if let Some(b) = get(&list, name) {
                         b.clear();
+                        changes.note(&b, false, true);
                     }
                 }
                 Action::Enable { name } => {
                     if let Some(b) = get(&list, name) {
                         b.set_recording(true);
+                        changes.note(&b, false, false);
                     }
                 }
                 Action::Disable { name } => {
                     if let Some(b) = get(&list, name) {
                         b.set_recording(false);
+                        changes.note(&b, false, false);
                     }
                 }
                 Action::Merge { target, sources } => {
@@ -215,11 +245,12 @@ impl BitmapManager {
                                 t.merge_from(&s);
                             }
                         }
+                        changes.note(&t, false, true);
                     }
                 }
             }
         }
         self.publish(list);
-        persistent_changed
+        changes
     }
 }

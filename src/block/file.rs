@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
 
+use std::sync::Arc;
+
 use super::error::{BlockError, ErrorKind};
+use super::fault::FaultInjector;
 use super::io::InlinePolicy;
 use super::lock::{self, LockError, LockRequest};
 
@@ -89,6 +92,8 @@ pub struct FileNode {
     no_zero_range: AtomicBool,
     /// `FALLOC_FL_PUNCH_HOLE` was refused once.
     no_punch_hole: AtomicBool,
+    /// Crash tests: sees every write, sync and metadata step made through this node.
+    fault: Option<Arc<FaultInjector>>,
 }
 
 impl FileNode {
@@ -249,6 +254,7 @@ impl FileNode {
             direct_align: 1,
             no_zero_range: AtomicBool::new(false),
             no_punch_hole: AtomicBool::new(false),
+            fault: None,
         };
         if options.direct {
             node.direct_align = node.probe_direct_alignment();
@@ -335,11 +341,33 @@ impl FileNode {
 
     /// Write all of `buf` at `offset` (for metadata; data goes through the engine).
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(fault) = &self.fault {
+            fault.before_write(self.fd(), offset, buf)?;
+        }
         self.file.write_all_at(buf, offset)
     }
 
     pub fn sync_data(&self) -> io::Result<()> {
+        if let Some(fault) = &self.fault {
+            fault.before_sync(self.fd())?;
+        }
         self.file.sync_data()
+    }
+
+    /// A named metadata step is about to happen (fault injection's cut points; a no-op
+    /// otherwise).
+    #[inline]
+    pub fn event(&self, name: &'static str) -> io::Result<()> {
+        match &self.fault {
+            Some(fault) => fault.event(name),
+            None => Ok(()),
+        }
+    }
+
+    /// Watch this node's writes and syncs with `fault` (crash tests).
+    pub fn with_fault(mut self, fault: Option<Arc<FaultInjector>>) -> Self {
+        self.fault = fault;
+        self
     }
 
     /// The `fallocate` mode that zeroes a range, or `None` if the file has shown it cannot.

@@ -8,6 +8,7 @@
 //! data transfer runs without holding anything.
 
 pub mod error;
+pub mod fault;
 pub mod file;
 pub mod filter;
 pub mod io;
@@ -319,6 +320,8 @@ pub struct OpenOptions {
     /// The image's path is a name stored in another image in this directory: it is opened
     /// beneath it, never following `..` or a symbolic link out of it.
     pub beneath: Option<std::path::PathBuf>,
+    /// Crash tests: a fault injector watching the image file and the data file.
+    pub fault: Option<Arc<fault::FaultInjector>>,
 }
 
 /// Image locking (QEMU's `locking=on|off`).
@@ -355,7 +358,8 @@ pub fn open_image(
                     direct: options.direct,
                     lock: options.lock_request(),
                 },
-            )?;
+            )?
+            .with_fault(options.fault.clone());
             Ok(Arc::new(raw::RawNode::new(Arc::new(file))))
         }
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2Node::open(path, options)?)),

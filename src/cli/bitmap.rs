@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{parse_size, Failure};
-use crate::bitmap::{Action, BitmapManager, WriteGate};
+use crate::bitmap::{Action, BitmapManager, Persistence, WriteGate};
 use crate::block::qcow2::Qcow2Node;
 use crate::block::{BlockDriver, Locking, OpenOptions};
 
@@ -92,6 +92,7 @@ pub fn run(args: BitmapArgs) -> Result<i32, Failure> {
         node.size(),
         store,
         read_only,
+        Persistence::CrashConsistent,
         Arc::new(WriteGate::new(0)),
     )
     .map_err(|e| Failure::at(&args.image, &e))?;

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::spec::{NativeArgs, ServeSpec};
 use super::{qsd, Failure};
+use crate::bitmap::Persistence;
 use crate::block::io::EngineKind;
 use crate::block::open_image;
 use crate::export::{Export, ExportOptions};
@@ -41,6 +42,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
+    /// How persistent dirty bitmaps reach the image while served: `crash-consistent` keeps
+    /// them consistent on disk at every moment (a kill or a power loss never forces a full
+    /// backup); `on-close` stores them at shutdown only, as QEMU does.
+    #[arg(long, value_enum, default_value_t = PersistenceArg::CrashConsistent)]
+    bitmap_persistence: PersistenceArg,
+
     /// qemu-storage-daemon form: a block node (driver=file|raw|qcow2,node-name=...,...).
     #[arg(long, value_name = "OPTIONS")]
     blockdev: Vec<String>,
@@ -57,6 +64,12 @@ pub struct ServeArgs {
     /// qemu-storage-daemon form: a QMP monitor on a chardev (the control socket).
     #[arg(long, value_name = "OPTIONS")]
     monitor: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PersistenceArg {
+    CrashConsistent,
+    OnClose,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -99,6 +112,10 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
             poll: (args.poll_us > 0)
                 .then(|| std::time::Duration::from_micros(u64::from(args.poll_us))),
             node_names: spec.node_names.clone(),
+            bitmaps: match args.bitmap_persistence {
+                PersistenceArg::CrashConsistent => Persistence::CrashConsistent,
+                PersistenceArg::OnClose => Persistence::OnClose,
+            },
         },
     )?;
     let device = BlkDevice::new(

@@ -108,6 +108,7 @@ impl ServeSpec {
                 repair: false,
                 locking: args.locking.into(),
                 beneath: None,
+                fault: None,
             },
             socket: SocketOptions {
                 path: socket,

@@ -44,6 +44,8 @@ pub struct Executor {
     engine: Engine,
     /// Writes held back while the write gate is closed.
     deferred: VecDeque<(u32, Request)>,
+    /// Writes waiting for the group commit (epoch) that makes their bitmap marks durable.
+    committing: VecDeque<(u32, Request, u64)>,
     bitmap_cursor: BitmapCursor,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -74,6 +76,7 @@ impl Executor {
             writeback,
             engine,
             deferred: VecDeque::new(),
+            committing: VecDeque::new(),
             bitmap_cursor,
             slots,
             free: (0..depth).rev().collect(),
@@ -163,38 +166,76 @@ impl Executor {
     }
 
     /// Start a validated request: writes pass the write gate and are marked in the dirty
-    /// bitmaps first (failed writes stay marked: their data may have partly landed).
+    /// bitmaps first (failed writes stay marked: their data may have partly landed); a write
+    /// whose marks are not on disk yet waits for the group commit that puts them there.
     fn begin(&mut self, slot_index: u32, req: Request) {
         if modifies(req.kind) {
-            let bitmaps = self.device.export().bitmaps();
-            if !bitmaps.gate().try_enter(self.index) {
+            if !self.device.export().bitmaps().gate().try_enter(self.index) {
                 // A bitmap operation is draining writes: hold this one until it is done.
                 self.deferred.push_back((slot_index, req));
                 return;
             }
-            let slot = &mut self.slots[slot_index as usize];
-            slot.gated = true;
-            match req.kind {
-                RequestKind::Write { offset, len } => {
-                    bitmaps.mark(&mut self.bitmap_cursor, offset, len);
-                }
-                _ => {
-                    for seg in &slot.bufs.segments {
-                        bitmaps.mark(&mut self.bitmap_cursor, seg.offset, seg.len);
-                    }
-                }
+            self.slots[slot_index as usize].gated = true;
+            if let Some(epoch) = self.mark(slot_index, req) {
+                self.committing.push_back((slot_index, req, epoch));
+                return;
             }
         }
+        self.proceed(slot_index, req);
+    }
+
+    /// Mark what the modifying request `req` changes in every recording bitmap; returns the
+    /// group commit it must wait for, if any.
+    fn mark(&mut self, slot_index: u32, req: Request) -> Option<u64> {
+        let bitmaps = self.device.export().bitmaps();
+        match req.kind {
+            RequestKind::Write { offset, len } => {
+                bitmaps.mark(&mut self.bitmap_cursor, offset, len)
+            }
+            _ => {
+                let mut epoch = None;
+                for seg in &self.slots[slot_index as usize].bufs.segments {
+                    epoch = epoch.max(bitmaps.mark(&mut self.bitmap_cursor, seg.offset, seg.len));
+                }
+                epoch
+            }
+        }
+    }
+
+    /// Execute a request that may go ahead, finishing it at once if it pushed no I/O.
+    fn proceed(&mut self, slot_index: u32, req: Request) {
         self.execute(slot_index, req);
         if self.slots[slot_index as usize].io.pending == 0 {
             self.finish(slot_index);
         }
     }
 
-    /// Start the requests held back while the write gate was closed. Returns whether the gate
-    /// is open (nothing is held back any more).
+    /// Start the requests held back while the write gate was closed, and those whose group
+    /// commit completed. Returns whether the gate is open (nothing is held back by it any more).
     pub fn run_deferred(&mut self) -> bool {
         let mut started = false;
+        while let Some(&(slot_index, req, epoch)) = self.committing.front() {
+            if !self.device.export().bitmaps().committed(epoch) {
+                break;
+            }
+            self.committing.pop_front();
+            started = true;
+            if self.mark(slot_index, req).is_some() {
+                // The commit ran but the marks are still not on disk: it failed. The write
+                // must not reach the disk unrecorded.
+                self.log.warn(
+                    self.index,
+                    format_args!(
+                        "{:?} failed: its dirty bitmap marks could not be stored",
+                        req.kind
+                    ),
+                );
+                self.slots[slot_index as usize].io.failed = true;
+                self.finish(slot_index);
+                continue;
+            }
+            self.proceed(slot_index, req);
+        }
         while !self.device.export().bitmaps().gate().is_closed() {
             let Some((slot_index, req)) = self.deferred.pop_front() else {
                 break;
@@ -206,6 +247,11 @@ impl Executor {
             self.submit();
         }
         self.deferred.is_empty()
+    }
+
+    /// Writes wait for a group commit of their dirty bitmap marks.
+    pub fn has_committing(&self) -> bool {
+        !self.committing.is_empty()
     }
 
     /// Start the I/O of a validated request.

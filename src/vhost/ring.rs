@@ -134,6 +134,7 @@ impl QueueWorker {
             if self.held_back() {
                 break;
             }
+            self.exec.run_deferred();
             let popped = self.process_avail(state);
             let reaped = self.run_completions(state);
             let now = Instant::now();
@@ -178,7 +179,7 @@ impl QueueWorker {
                 self.notify_guest(&mut state);
             }
             let in_flight = self.exec.ops_in_flight();
-            if !self.exec.has_deferred() && in_flight == 0 {
+            if !self.exec.has_deferred() && !self.exec.has_committing() && in_flight == 0 {
                 break;
             }
             if in_flight > 0 {
@@ -187,7 +188,8 @@ impl QueueWorker {
                     break;
                 }
             } else {
-                // Only writes held back by a bitmap operation remain; it ends shortly.
+                // Only writes held back by a bitmap operation or waiting for their bitmap marks
+                // to be committed remain; both end shortly.
                 std::thread::sleep(Duration::from_millis(1));
             }
         }

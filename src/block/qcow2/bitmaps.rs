@@ -1,4 +1,5 @@
-//! The qcow2 bitmaps extension (docs/interop/qcow2.txt, "Bitmaps extension" and "Bitmaps").
+//! The qcow2 bitmaps extension (docs/interop/qcow2.txt, "Bitmaps extension" and "Bitmaps"):
+//! reading and checking the directory and tables. Storing is in `bitmap_store.rs`.
 //!
 //! The extension points to a bitmap directory; each directory entry points to a bitmap table,
 //! whose entries point to clusters of bitmap data (or say "all zeroes" / "all ones"). Storing
@@ -8,8 +9,7 @@
 //! `extra_data_compatible` flag) are carried over untouched.
 
 use crate::bitmap::{
-    BitmapError, BitmapStore, StoreData, StoreEntry, StoredBitmap, MAX_BITMAPS, MAX_BITMAP_BYTES,
-    MAX_GRANULARITY_BITS, MAX_NAME_BYTES, MIN_GRANULARITY_BITS,
+    MAX_BITMAPS, MAX_BITMAP_BYTES, MAX_GRANULARITY_BITS, MAX_NAME_BYTES, MIN_GRANULARITY_BITS,
 };
 
 use thiserror::Error;
@@ -21,12 +21,12 @@ use super::units::{be16, be32, be64, be64_entries, HostOffset};
 use super::{Meta, Qcow2Error, Qcow2Node};
 
 /// Directory entry flags.
-const FLAG_IN_USE: u32 = 1 << 0;
-const FLAG_AUTO: u32 = 1 << 1;
-const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
+pub(super) const FLAG_IN_USE: u32 = 1 << 0;
+pub(super) const FLAG_AUTO: u32 = 1 << 1;
+pub(super) const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
 const FLAGS_KNOWN: u32 = FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE;
 /// The only bitmap type: dirty tracking.
-const TYPE_DIRTY_TRACKING: u8 = 1;
+pub(super) const TYPE_DIRTY_TRACKING: u8 = 1;
 /// Fixed part of a directory entry.
 const ENTRY_HEADER: usize = 24;
 /// QEMU's limit on the directory size.
@@ -41,14 +41,14 @@ const TABLE_ALL_ONES: u64 = 1;
 /// One bitmap directory entry. Byte offsets: table offset 0, table size 8, flags 12, type 16,
 /// granularity bits 17, name size 18, extra data size 20, then extra data, name, padding.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct DirEntry {
-    table_offset: u64,
-    table_size: u32,
-    flags: u32,
-    kind: u8,
-    granularity_bits: u8,
-    extra: Vec<u8>,
-    name: String,
+pub(super) struct DirEntry {
+    pub table_offset: u64,
+    pub table_size: u32,
+    pub flags: u32,
+    pub kind: u8,
+    pub granularity_bits: u8,
+    pub extra: Vec<u8>,
+    pub name: String,
 }
 
 impl DirEntry {
@@ -56,7 +56,7 @@ impl DirEntry {
         (ENTRY_HEADER + self.extra.len() + self.name.len()).next_multiple_of(8)
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&self.table_offset.to_be_bytes());
         out.extend_from_slice(&self.table_size.to_be_bytes());
@@ -71,7 +71,7 @@ impl DirEntry {
     }
 
     /// Whether vubd may use (load, mark, rewrite the data of) this bitmap.
-    fn usable(&self) -> bool {
+    pub fn usable(&self) -> bool {
         self.kind == TYPE_DIRTY_TRACKING
             && (self.extra.is_empty() || self.flags & FLAG_EXTRA_DATA_COMPATIBLE != 0)
             && (MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS)
@@ -108,6 +108,8 @@ pub enum DirectoryError {
     BadTableEntry { raw: u64, name: String },
     #[error("bitmap '{0}' has no stored data to keep")]
     NothingToKeep(String),
+    #[error("{0:#x} is not a bitmap data cluster")]
+    NotBitmapData(u64),
 }
 
 /// A directory entry's fixed fields, read from `dir` at `at` (the caller checked that
@@ -131,7 +133,7 @@ impl Qcow2Node {
     }
 
     /// Bitmap table entries a bitmap of this granularity needs.
-    fn bitmap_table_size(&self, granularity_bits: u32) -> u64 {
+    pub(super) fn bitmap_table_size(&self, granularity_bits: u32) -> u64 {
         self.size
             .div_ceil(1 << granularity_bits)
             .div_ceil(8)
@@ -139,7 +141,7 @@ impl Qcow2Node {
     }
 
     /// Parse and check the bitmap directory; also whether the extension is marked consistent.
-    fn read_directory(&self, meta: &Meta) -> Result<(Vec<DirEntry>, bool), Qcow2Error> {
+    pub(super) fn read_directory(&self, meta: &Meta) -> Result<(Vec<DirEntry>, bool), Qcow2Error> {
         let Some(ext) = meta.header.extension(extension::BITMAPS) else {
             return Ok((Vec::new(), true));
         };
@@ -214,7 +216,7 @@ impl Qcow2Node {
         Ok((entries, consistent))
     }
 
-    fn read_table(&self, e: &DirEntry) -> Result<Vec<u64>, Qcow2Error> {
+    pub(super) fn read_table(&self, e: &DirEntry) -> Result<Vec<u64>, Qcow2Error> {
         let bytes = u64::from(e.table_size) * 8;
         if u64::from(e.table_size) > MAX_TABLE_ENTRIES || !self.inside_file(e.table_offset, bytes) {
             return Err(DirectoryError::TableTooLarge(e.name.clone()).into());
@@ -264,7 +266,7 @@ impl Qcow2Node {
     }
 
     /// The data of a usable, consistent bitmap.
-    fn read_bitmap_data(&self, e: &DirEntry) -> Result<Vec<u8>, Qcow2Error> {
+    pub(super) fn read_bitmap_data(&self, e: &DirEntry) -> Result<Vec<u8>, Qcow2Error> {
         let bytes = self.bitmap_bytes(u32::from(e.granularity_bits));
         if bytes > MAX_BITMAP_BYTES {
             return Err(DirectoryError::BitmapTooLarge(e.name.clone()).into());
@@ -290,214 +292,5 @@ impl Qcow2Node {
             }
         }
         Ok(data)
-    }
-
-    /// Write bitmap data into new clusters and a new table; returns the table's offset and
-    /// size. All-zero clusters are not allocated.
-    fn write_bitmap_data(
-        &self,
-        meta: &mut Meta,
-        data: &[u8],
-        granularity_bits: u32,
-    ) -> Result<(u64, u32), Qcow2Error> {
-        let cs = self.cluster_size() as usize;
-        let entries = self.bitmap_table_size(granularity_bits) as usize;
-        let mut table = vec![0u8; entries * 8];
-        for i in 0..entries {
-            let chunk = &data[(i * cs).min(data.len())..((i + 1) * cs).min(data.len())];
-            if chunk.iter().all(|b| *b == 0) {
-                continue;
-            }
-            let offset = meta
-                .refcounts
-                .allocate(&self.meta_file, 1, Kind::BitmapData)?;
-            let mut cluster = vec![0u8; cs];
-            cluster[..chunk.len()].copy_from_slice(chunk);
-            self.meta_file.write_all_at(&cluster, offset.0)?;
-            table[i * 8..i * 8 + 8].copy_from_slice(&offset.0.to_be_bytes());
-        }
-        let table_clusters = (table.len() as u64).div_ceil(cs as u64).max(1);
-        let table_offset =
-            meta.refcounts
-                .allocate(&self.meta_file, table_clusters, Kind::BitmapTable)?;
-        table.resize((table_clusters as usize) * cs, 0);
-        self.meta_file.write_all_at(&table, table_offset.0)?;
-        Ok((table_offset.0, entries as u32))
-    }
-
-    /// Free a bitmap's table and data clusters.
-    fn free_bitmap(&self, meta: &mut Meta, e: &DirEntry) -> Result<(), Qcow2Error> {
-        let bits = self.cluster_bits;
-        let cs = self.cluster_size();
-        for raw in self.read_table(e)? {
-            let offset = HostOffset(raw & OFFSET_MASK);
-            if !offset.is_zero() {
-                meta.refcounts.map_mut().unregister(offset, cs);
-                meta.refcounts
-                    .adjust(&self.meta_file, offset.cluster(bits), -1)?;
-            }
-        }
-        let table_bytes = (u64::from(e.table_size) * 8).max(1);
-        let table = HostOffset(e.table_offset);
-        meta.refcounts.map_mut().unregister(table, table_bytes);
-        for c in table.clusters(table_bytes, bits) {
-            meta.refcounts.adjust(&self.meta_file, c, -1)?;
-        }
-        Ok(())
-    }
-
-    fn store(&self, entries: &[StoreEntry]) -> Result<(), Qcow2Error> {
-        let mut meta = self.lock();
-        let (old, _) = self.read_directory(&meta)?;
-        let mut new: Vec<DirEntry> = Vec::with_capacity(entries.len());
-        let mut kept_tables = Vec::new();
-        for s in entries {
-            let prior = old.iter().find(|o| o.name == s.name && o.usable());
-            let (table_offset, table_size, extra, compatible) = match (s.data, prior) {
-                (StoreData::Keep, Some(p)) => {
-                    kept_tables.push(p.table_offset);
-                    (
-                        p.table_offset,
-                        p.table_size,
-                        p.extra.clone(),
-                        p.flags & FLAG_EXTRA_DATA_COMPATIBLE,
-                    )
-                }
-                (StoreData::Keep, None) => {
-                    return Err(DirectoryError::NothingToKeep(s.name.to_string()).into())
-                }
-                (StoreData::Data(d), p) => {
-                    let (off, size) = self.write_bitmap_data(&mut meta, d, s.granularity_bits)?;
-                    let extra = p.map(|p| p.extra.clone()).unwrap_or_default();
-                    let compatible = p.map_or(0, |p| p.flags & FLAG_EXTRA_DATA_COMPATIBLE);
-                    (off, size, extra, compatible)
-                }
-            };
-            let mut flags = compatible;
-            if s.in_use {
-                flags |= FLAG_IN_USE;
-            }
-            if s.recording {
-                flags |= FLAG_AUTO;
-            }
-            new.push(DirEntry {
-                table_offset,
-                table_size,
-                flags,
-                kind: TYPE_DIRTY_TRACKING,
-                granularity_bits: s.granularity_bits as u8,
-                extra,
-                name: s.name.to_string(),
-            });
-        }
-        // Bitmaps vubd cannot use stay as they are.
-        for o in old.iter().filter(|o| !o.usable()) {
-            kept_tables.push(o.table_offset);
-            new.push(o.clone());
-        }
-
-        let old_dir = meta
-            .header
-            .extension(extension::BITMAPS)
-            .and_then(|ext| Some((be64(ext, 16)?, be64(ext, 8)?)));
-        if new.is_empty() {
-            meta.header.set_extension(extension::BITMAPS, None);
-            meta.header.autoclear_features &= !autoclear::BITMAPS;
-        } else {
-            let mut dir = Vec::new();
-            for e in &new {
-                e.encode(&mut dir);
-            }
-            let cs = self.cluster_size();
-            let clusters = (dir.len() as u64).div_ceil(cs);
-            let dir_offset =
-                meta.refcounts
-                    .allocate(&self.meta_file, clusters, Kind::BitmapDirectory)?;
-            let mut padded = dir.clone();
-            padded.resize((clusters * cs) as usize, 0);
-            self.meta_file.write_all_at(&padded, dir_offset.0)?;
-            let mut ext = Vec::with_capacity(24);
-            ext.extend_from_slice(&(new.len() as u32).to_be_bytes());
-            ext.extend_from_slice(&0u32.to_be_bytes());
-            ext.extend_from_slice(&(dir.len() as u64).to_be_bytes());
-            ext.extend_from_slice(&dir_offset.0.to_be_bytes());
-            meta.header.set_extension(extension::BITMAPS, Some(ext));
-            meta.header.autoclear_features |= autoclear::BITMAPS;
-        }
-        // New clusters and their refcounts are on disk before the header points to them.
-        meta.refcounts.write_back(&self.meta_file)?;
-        self.meta_file.sync_data()?;
-        self.write_header(&mut meta)?;
-        // Only now are the old structures unreferenced.
-        if let Some((offset, size)) = old_dir.filter(|(_, size)| *size > 0) {
-            meta.refcounts
-                .map_mut()
-                .unregister(HostOffset(offset), size);
-            for c in HostOffset(offset).clusters(size, self.cluster_bits) {
-                meta.refcounts.adjust(&self.meta_file, c, -1)?;
-            }
-        }
-        for o in old
-            .iter()
-            .filter(|o| !kept_tables.contains(&o.table_offset))
-        {
-            self.free_bitmap(&mut meta, o)?;
-        }
-        meta.refcounts.write_back(&self.meta_file)?;
-        self.meta_file.sync_data()?;
-        Ok(())
-    }
-}
-
-fn to_bitmap_error(e: Qcow2Error) -> BitmapError {
-    BitmapError::Io(crate::error::Chain(&e).to_string())
-}
-
-impl BitmapStore for Qcow2Node {
-    fn load_bitmaps(&self) -> Result<Vec<StoredBitmap>, BitmapError> {
-        let meta = self.lock();
-        let (entries, consistent) = self.read_directory(&meta).map_err(to_bitmap_error)?;
-        drop(meta);
-        let mut out = Vec::new();
-        for e in entries.iter().filter(|e| e.usable()) {
-            let inconsistent = !consistent || e.flags & FLAG_IN_USE != 0;
-            let data = if inconsistent {
-                None
-            } else {
-                match self.read_bitmap_data(e) {
-                    Ok(d) => Some(d),
-                    Err(err) => {
-                        log::warn!("{}: bitmap '{}': {err}", self.path.display(), e.name);
-                        None
-                    }
-                }
-            };
-            out.push(StoredBitmap {
-                name: e.name.clone(),
-                granularity_bits: u32::from(e.granularity_bits),
-                recording: e.flags & FLAG_AUTO != 0,
-                inconsistent: data.is_none(),
-                data,
-            });
-        }
-        Ok(out)
-    }
-
-    fn store_bitmaps(&self, entries: &[StoreEntry]) -> Result<(), BitmapError> {
-        self.store(entries).map_err(to_bitmap_error)
-    }
-
-    fn cannot_store(&self) -> Option<String> {
-        if self.read_only {
-            Some("the image is read-only".into())
-        } else if self.format.version < 3 {
-            Some("version 2 images cannot hold bitmaps (compat=0.10)".into())
-        } else {
-            None
-        }
-    }
-
-    fn cluster_size(&self) -> u64 {
-        Qcow2Node::cluster_size(self)
     }
 }

@@ -27,6 +27,7 @@
 //! the disk before the L2 entry that uses them, and a cluster is only freed once the L2 entry
 //! that dropped it is on disk (and no request can still be doing I/O to it).
 
+mod bitmap_store;
 mod bitmaps;
 mod cache;
 pub mod check;

@@ -78,15 +78,18 @@ impl Qcow2Node {
     ) -> Result<Qcow2Node, BlockError> {
         let wrap = |e: Qcow2Error| e.at(path);
         let beneath = options.beneath.as_deref();
-        let meta_file = Arc::new(FileNode::open_in(
-            beneath,
-            path,
-            FileOptions {
-                read_only: options.read_only,
-                direct: false,
-                lock: options.lock_request(),
-            },
-        )?);
+        let meta_file = Arc::new(
+            FileNode::open_in(
+                beneath,
+                path,
+                FileOptions {
+                    read_only: options.read_only,
+                    direct: false,
+                    lock: options.lock_request(),
+                },
+            )?
+            .with_fault(options.fault.clone()),
+        );
         let header = read_header(&meta_file).map_err(wrap)?;
         if header.incompatible_features & incompatible::CORRUPT != 0
             && !options.read_only
@@ -239,6 +242,7 @@ impl Qcow2Node {
         if file.same_file(meta_file) {
             return Err(Qcow2Error::DataFileIsImage.at(&data_path));
         }
+        let file = file.with_fault(options.fault.clone());
         if file.size() < header.size {
             return Err(Qcow2Error::DataFileTooSmall {
                 data_size: file.size(),

@@ -69,6 +69,7 @@ fn executor(root: Arc<dyn BlockDriver>) -> Executor {
             engine: EngineKind::Sync,
             poll: None,
             node_names: NodeNames::derived("disk"),
+            bitmaps: Default::default(),
         },
     )
     .unwrap();
