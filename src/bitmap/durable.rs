@@ -51,6 +51,19 @@ impl DurableTrack {
         }
     }
 
+    /// A track with no place on disk: every mark of a granule not durable yet waits for a
+    /// commit that can never make it durable, so the write fails.
+    pub fn unwritable(bitmap: &DirtyBitmap) -> Self {
+        DurableTrack {
+            cluster_bits: 9,
+            durable: (0..bitmap.words().len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            flush: Box::new([]),
+            clusters: Vec::new(),
+        }
+    }
+
     /// Data clusters the bitmap takes.
     pub fn cluster_count(&self) -> usize {
         self.clusters.len()

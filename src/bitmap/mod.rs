@@ -26,7 +26,7 @@ mod store;
 mod transaction;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -105,6 +105,9 @@ pub struct BitmapManager {
     stored: Mutex<HashSet<String>>,
     /// The group commit of first marks (crash-consistent persistence of a writable node).
     committer: Option<Committer>,
+    /// The last store failed: the disk may lag memory, so the next one rewrites every
+    /// bitmap's data.
+    stale: AtomicBool,
 }
 
 impl std::fmt::Debug for BitmapManager {
@@ -181,6 +184,7 @@ impl BitmapManager {
             ops: Mutex::new(()),
             stored: Mutex::new(stored),
             committer,
+            stale: AtomicBool::new(false),
         };
         if !read_only && manager.snapshot().iter().any(|b| b.is_persistent()) {
             match persistence {
@@ -353,11 +357,12 @@ impl BitmapManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let rewrite_all = self.stale.load(Ordering::Acquire);
         let datas: Vec<Option<Vec<u8>>> = persistent
             .iter()
             .map(|b| {
                 let fresh = !stored.contains(b.name());
-                let changed = changed.iter().any(|n| n == b.name());
+                let changed = rewrite_all || changed.iter().any(|n| n == b.name());
                 ((fresh || changed) && !b.is_inconsistent()).then(|| b.to_bytes())
             })
             .collect();
@@ -376,7 +381,17 @@ impl BitmapManager {
                 },
             })
             .collect();
-        let layouts = store.store_bitmaps(&entries, true)?;
+        let layouts = match store.store_bitmaps(&entries, true) {
+            Ok(layouts) => layouts,
+            Err(e) => {
+                self.refuse_marks(&persistent);
+                return Err(BitmapError::Io(format!(
+                    "{e}; writes to node '{}' fail until a bitmap operation stores the bitmaps",
+                    self.node_name
+                )));
+            }
+        };
+        self.stale.store(false, Ordering::Release);
         *self.stored.lock().unwrap_or_else(|p| p.into_inner()) =
             persistent.iter().map(|b| b.name().to_string()).collect();
         let cluster_bits = store.cluster_size().trailing_zeros();
@@ -387,6 +402,21 @@ impl BitmapManager {
         // Cursors pick up the new tracks.
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// After a failed store, the directory on disk may be the old one or the new one, and the
+    /// old data clusters may be freed: no mark may be written in place any more, and none may
+    /// be kept only in memory. Every recording persistent bitmap gets a track that nothing
+    /// ever makes durable, so writes fail (never reach the disk unrecorded) until a store
+    /// succeeds.
+    fn refuse_marks(&self, persistent: &[&Arc<DirtyBitmap>]) {
+        self.stale.store(true, Ordering::Release);
+        for b in persistent {
+            if b.is_recording() && !b.is_inconsistent() {
+                b.set_track(Some(Arc::new(DurableTrack::unwritable(b))));
+            }
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Store every persistent bitmap with its data and `in_use` cleared (clean shutdown).
@@ -418,110 +448,4 @@ fn usable<'a>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn manager() -> BitmapManager {
-        BitmapManager::open(
-            "disk",
-            1 << 30,
-            None,
-            false,
-            Persistence::default(),
-            Arc::new(WriteGate::new(2)),
-        )
-        .unwrap()
-    }
-
-    fn add(name: &str, disabled: bool) -> Action {
-        Action::Add {
-            name: name.into(),
-            granularity: None,
-            persistent: false,
-            disabled,
-        }
-    }
-
-    #[test]
-    fn checkpoint_transaction_splits_writes() {
-        let m = manager();
-        m.apply(add("b0", false)).unwrap();
-        let mut cursor = m.cursor();
-        m.mark(&mut cursor, 0, 4096);
-        m.transaction(&[add("b1", false), Action::Disable { name: "b0".into() }])
-            .unwrap();
-        m.mark(&mut cursor, 1 << 20, 4096);
-        let infos = m.infos();
-        assert_eq!(infos[0].count, 65536, "b0 has only the write before");
-        assert!(!infos[0].recording);
-        assert_eq!(infos[1].count, 65536, "b1 has only the write after");
-        assert!(infos[1].recording);
-    }
-
-    #[test]
-    fn a_failing_action_applies_nothing() {
-        let m = manager();
-        m.apply(add("a", false)).unwrap();
-        let err = m
-            .transaction(&[
-                add("b", false),
-                Action::Clear {
-                    name: "nope".into(),
-                },
-            ])
-            .unwrap_err();
-        assert!(matches!(err, BitmapError::NotFound(_)));
-        assert_eq!(m.infos().len(), 1);
-        assert!(matches!(
-            m.apply(add("a", false)),
-            Err(BitmapError::Exists(_))
-        ));
-    }
-
-    #[test]
-    fn merge_clear_enable_disable() {
-        let m = manager();
-        m.transaction(&[add("a", false), add("b", true)]).unwrap();
-        let mut cursor = m.cursor();
-        m.mark(&mut cursor, 0, 1);
-        assert_eq!(m.infos()[1].count, 0, "disabled bitmaps record nothing");
-        m.apply(Action::Merge {
-            target: "b".into(),
-            sources: vec!["a".into()],
-        })
-        .unwrap();
-        assert_eq!(m.infos()[1].count, 65536);
-        m.apply(Action::Clear { name: "a".into() }).unwrap();
-        assert_eq!(m.infos()[0].count, 0);
-        m.apply(Action::Enable { name: "b".into() }).unwrap();
-        m.mark(&mut cursor, 1 << 20, 1);
-        assert_eq!(m.infos()[1].count, 2 * 65536);
-        m.apply(Action::Remove { name: "a".into() }).unwrap();
-        assert_eq!(m.infos().len(), 1);
-    }
-
-    #[test]
-    fn persistent_bitmaps_need_a_store_and_valid_parameters() {
-        let m = manager();
-        let err = m
-            .apply(Action::Add {
-                name: "p".into(),
-                granularity: None,
-                persistent: true,
-                disabled: false,
-            })
-            .unwrap_err();
-        assert!(err.to_string().contains("only qcow2"), "{err}");
-        for g in [256, 3000, 1 << 32] {
-            assert!(m
-                .apply(Action::Add {
-                    name: "g".into(),
-                    granularity: Some(g),
-                    persistent: false,
-                    disabled: false
-                })
-                .is_err());
-        }
-        assert!(m.apply(add(&"x".repeat(1024), false)).is_err());
-    }
-}
+mod tests;

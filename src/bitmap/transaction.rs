@@ -2,6 +2,7 @@
 //! previous ones leave (nothing changes if one fails), then all are applied in one drained
 //! section of the write gate, so a checkpoint splits the writes exactly.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{BitmapError, BitmapManager, DirtyBitmap, Persistence, DRAIN_TIMEOUT};
@@ -72,7 +73,9 @@ impl BitmapManager {
         let changes = self.commit(actions, staged);
         match self.persistence {
             // Every change reaches the disk before the gate reopens, as one atomic switch.
-            Persistence::CrashConsistent if changes.any => self.persist_live(&changes.data)?,
+            Persistence::CrashConsistent if changes.any || self.stale.load(Ordering::Acquire) => {
+                self.persist_live(&changes.data)?
+            }
             Persistence::OnClose if changes.set => self.persist(true, false)?,
             _ => {}
         }

@@ -13,13 +13,15 @@
 //! * [`hostile`], [`vhost_msg`]: the hostile-frontend harness (a served image and its model,
 //!   guest memory snapshots, deadlines) and raw vhost-user messages;
 //! * [`qemu`], [`qsd`], [`qmp`]: QEMU's tools, qemu-storage-daemon, and QMP as oracles;
-//! * [`bitmaps`]: dirty bitmap workloads and reading stored bitmaps back.
+//! * [`bitmaps`]: dirty bitmap workloads and reading stored bitmaps back;
+//! * [`crash`]: a graph under fault injection, driven in-process, and a model of its bitmaps.
 
 #![allow(dead_code)]
 
 pub mod bitmaps;
 pub mod blkio_client;
 pub mod cli;
+pub mod crash;
 pub mod data;
 pub mod hostile;
 pub mod image;
