@@ -14,7 +14,8 @@
 //!   guest memory snapshots, deadlines) and raw vhost-user messages;
 //! * [`qemu`], [`qsd`], [`qmp`]: QEMU's tools, qemu-storage-daemon, and QMP as oracles;
 //! * [`bitmaps`]: dirty bitmap workloads and reading stored bitmaps back;
-//! * [`crash`]: a graph under fault injection, driven in-process, and a model of its bitmaps.
+//! * [`crash`]: a graph under fault injection, driven in-process, and a model of its bitmaps;
+//! * [`load`]: a random load stamped on a logical clock, for kill tests.
 
 #![allow(dead_code)]
 
@@ -25,6 +26,7 @@ pub mod crash;
 pub mod data;
 pub mod hostile;
 pub mod image;
+pub mod load;
 pub mod qemu;
 pub mod qmp;
 pub mod qsd;

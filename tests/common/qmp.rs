@@ -46,16 +46,31 @@ impl Qmp {
     }
 
     fn read(&mut self) -> Value {
+        self.try_read().expect("QMP connection closed")
+    }
+
+    /// The next reply, or `None` if the connection ended.
+    fn try_read(&mut self) -> Option<Value> {
         loop {
             let mut line = String::new();
-            let n = self.reader.read_line(&mut line).expect("read QMP");
-            assert!(n > 0, "QMP connection closed");
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
             let v: Value = serde_json::from_str(line.trim()).expect("QMP JSON");
             // Asynchronous events are not replies.
             if v.get("event").is_none() {
-                return v;
+                return Some(v);
             }
         }
+    }
+
+    /// Execute, for a server that may die meanwhile: `None` if no reply came.
+    pub fn try_execute(&mut self, command: &str, args: Value) -> Option<Value> {
+        let mut line = serde_json::to_vec(&json!({"execute": command, "arguments": args})).ok()?;
+        line.push(b'\n');
+        self.writer.write_all(&line).ok()?;
+        self.try_read()
     }
 
     /// Send a raw request and return the reply.

@@ -21,6 +21,7 @@ pub struct Export {
     monitor: Option<PathBuf>,
     discard_unmap: bool,
     iothread: bool,
+    queues: Option<usize>,
 }
 
 impl Export {
@@ -32,6 +33,7 @@ impl Export {
             monitor: None,
             discard_unmap: false,
             iothread: false,
+            queues: None,
         }
     }
 
@@ -52,6 +54,12 @@ impl Export {
     /// deployed.
     pub fn iothread(mut self) -> Export {
         self.iothread = true;
+        self
+    }
+
+    /// Serve `n` virtqueues (`num-queues`).
+    pub fn queues(mut self, n: usize) -> Export {
+        self.queues = Some(n);
         self
     }
 
@@ -98,6 +106,8 @@ impl Export {
             args.push("--object".into());
             args.push("iothread,id=io0".into());
             export.push_str(",num-queues=1,iothread=io0");
+        } else if let Some(n) = self.queues {
+            export.push_str(&format!(",num-queues={n}"));
         }
         args.push("--export".into());
         args.push(export);
