@@ -5,7 +5,8 @@
 //! each cut the image must pass `qemu-img check` (leaks allowed, no corruption), hold no
 //! `in_use` bitmap by QEMU's reading, and hold bitmaps that are exactly the model's state
 //! before or after the operation in progress: every granule whose data reached the disk marked,
-//! none that no write could have marked. Then the image must serve again.
+//! none that no write could have marked. Then the image must serve again, and `vubd check
+//! --repair` must leave it without leaks.
 //!
 //! Guest data bypasses the fault injector (it counts as having reached the disk as soon as it
 //! is written), so a mark that lagged behind its data would show.
@@ -16,10 +17,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use common::crash::{self, Harness, Model};
-use common::qemu::{info_json, qemu_img, try_run_in};
+use common::qemu::{assert_check_clean, info_json, qemu_img, try_run_in};
 use common::TempDir;
 use vubd::bitmap::Action;
-use vubd::block::fault::{Action as Fault, FaultInjector, Keep, Rule, Trigger};
+use vubd::block::fault::{Action as Fault, Counts, FaultInjector, Keep, Rule, Trigger};
 
 const MIB: u64 = 1 << 20;
 const DISK: &str = "disk.qcow2";
@@ -172,8 +173,9 @@ fn run(mut h: Harness, ops: &[Op], fault: &FaultInjector) -> (Model, Option<Mode
 }
 
 /// What a cut must leave: an image QEMU finds sound, with bitmaps matching the model (or the
-/// state before an operation that was cut short), that serves again.
-fn verify(dir: &Path, what: &str, model: &Model, before: Option<&Model>) {
+/// state before an operation that was cut short), that serves again. Returns whether it
+/// leaked clusters (and was repaired).
+fn verify(dir: &Path, what: &str, model: &Model, before: Option<&Model>) -> bool {
     let (code, out) = try_run_in(dir, "qemu-img", &["check", DISK]);
     assert!(
         code == 0 || code == 3,
@@ -212,6 +214,14 @@ fn verify(dir: &Path, what: &str, model: &Model, before: Option<&Model>) {
         code == 0 || code == 3,
         "{what}: qemu-img check after reuse, exit {code}:\n{out}"
     );
+    // Leaks are all a cut may leave, and vubd's repair removes them.
+    if code == 3 {
+        let image = dir.join(DISK);
+        let (code, _, err) = common::cli::run_vubd(&["check", "--repair", image.to_str().unwrap()]);
+        assert_eq!(code, 0, "{what}: vubd check --repair: {err}");
+        assert_check_clean(dir, DISK);
+    }
+    code == 3
 }
 
 fn stored_granularity(bitmaps: &[serde_json::Value], name: &str) -> u64 {
@@ -222,8 +232,8 @@ fn stored_granularity(bitmaps: &[serde_json::Value], name: &str) -> u64 {
         .unwrap_or_else(|| panic!("QEMU does not list bitmap {name}"))
 }
 
-/// Run `ops` on a copy of `template` under `rule`, then verify.
-fn cut(template: &Path, ops: &[Op], rule: Rule) {
+/// Run `ops` on a copy of `template` under `rule`, then verify; returns whether it leaked.
+fn cut(template: &Path, ops: &[Op], rule: Rule) -> bool {
     let dir = TempDir::new("cut");
     copy_image(template, dir.path());
     let what = format!("{rule:?}");
@@ -232,72 +242,110 @@ fn cut(template: &Path, ops: &[Op], rule: Rule) {
         .unwrap_or_else(|e| panic!("{what}: opening: {e}"));
     let (model, before) = run(h, ops, &fault);
     assert!(fault.fired(), "{what}: the cut point was never reached");
-    verify(dir.path(), &what, &model, before.as_ref());
+    verify(dir.path(), &what, &model, before.as_ref())
 }
 
-/// Every cut point of a scenario, on two threads.
-fn every_cut(raw_data: bool, ops: Vec<Op>) {
+/// The template image of a scenario, and what its run without a fault counted (after checking
+/// its result).
+fn prepare(raw_data: bool, ops: &[Op]) -> (TempDir, Counts) {
     let template = TempDir::new("template");
     make_image(template.path(), raw_data);
-    // The run without a fault: its result, and the cut points.
-    let counted = {
-        let dir = TempDir::new("count");
-        copy_image(template.path(), dir.path());
-        let fault = FaultInjector::counting();
-        let h = crash::open(&dir.join(DISK), Some(fault.clone())).expect("open");
-        let (model, _) = run(h, &ops, &fault);
-        verify(dir.path(), "without a fault", &model, None);
-        fault.counts()
-    };
-    assert!(counted.writes > 20 && counted.syncs > 5, "{counted:?}");
-    eprintln!(
-        "cut points: {} writes, {} syncs",
-        counted.writes, counted.syncs
-    );
-    let mut rules = Vec::new();
-    let evens: Vec<usize> = (0..64).step_by(2).collect();
-    let odds: Vec<usize> = (1..64).step_by(2).collect();
-    for n in 1..=counted.writes {
-        let keeps = [
-            Keep::None,
-            Keep::All,
-            Keep::Only(evens.clone()),
-            Keep::Only(odds.clone()),
-        ];
-        for keep in keeps {
-            rules.push(Rule {
-                trigger: Trigger::Write(n),
-                action: Fault::PowerLoss(keep),
-            });
-        }
-        rules.push(Rule {
-            trigger: Trigger::Write(n),
-            action: Fault::Fail,
-        });
-    }
-    for n in 1..=counted.syncs {
-        for keep in [Keep::None, Keep::Only(odds.clone())] {
-            rules.push(Rule {
-                trigger: Trigger::Sync(n),
-                action: Fault::PowerLoss(keep),
-            });
-        }
-        rules.push(Rule {
-            trigger: Trigger::Sync(n),
-            action: Fault::Fail,
-        });
-    }
+    let dir = TempDir::new("count");
+    copy_image(template.path(), dir.path());
+    let fault = FaultInjector::counting();
+    let h = crash::open(&dir.join(DISK), Some(fault.clone())).expect("open");
+    let (model, _) = run(h, ops, &fault);
+    assert!(!verify(dir.path(), "without a fault", &model, None));
+    (template, fault.counts())
+}
+
+/// Run and verify a cut for each rule, on two threads; returns how many left leaks.
+fn cut_all(template: &Path, ops: &[Op], rules: Vec<Rule>) -> usize {
     let rules = std::sync::Mutex::new(rules.into_iter());
+    let leaked = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| loop {
                 let Some(rule) = rules.lock().unwrap().next() else {
                     break;
                 };
-                cut(template.path(), &ops, rule);
+                if cut(template, ops, rule) {
+                    leaked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             });
         }
     });
+    leaked.into_inner()
+}
+
+/// Power lost keeping none, all, or either half of the unsynced writes; or the step failing.
+fn outcomes(trigger: Trigger, keeps: &[Keep]) -> impl Iterator<Item = Rule> + '_ {
+    keeps
+        .iter()
+        .map(|keep| Fault::PowerLoss(keep.clone()))
+        .chain([Fault::Fail])
+        .map(move |action| Rule {
+            trigger: trigger.clone(),
+            action,
+        })
+}
+
+fn halves() -> [Keep; 2] {
+    [
+        Keep::Only((0..64).step_by(2).collect()),
+        Keep::Only((1..64).step_by(2).collect()),
+    ]
+}
+
+/// Every write and every sync of a scenario as a cut point.
+fn every_cut(raw_data: bool, ops: Vec<Op>) {
+    let (template, counted) = prepare(raw_data, &ops);
+    assert!(counted.writes > 20 && counted.syncs > 5, "{counted:?}");
+    let [evens, odds] = halves();
+    let on_write = [Keep::None, Keep::All, evens, odds.clone()];
+    let on_sync = [Keep::None, odds];
+    let mut rules: Vec<Rule> = Vec::new();
+    for n in 1..=counted.writes {
+        rules.extend(outcomes(Trigger::Write(n), &on_write));
+    }
+    for n in 1..=counted.syncs {
+        rules.extend(outcomes(Trigger::Sync(n), &on_sync));
+    }
+    let cuts = rules.len();
+    let leaked = cut_all(template.path(), &ops, rules);
+    eprintln!(
+        "{cuts} cuts ({} writes, {} syncs); {leaked} left leaks, repaired",
+        counted.writes, counted.syncs
+    );
+}
+
+/// Every named metadata step of a scenario (its first and last occurrence) as a cut point;
+/// `expected` must all occur.
+fn every_named_step(raw_data: bool, ops: Vec<Op>, expected: &[&str]) {
+    let (template, counted) = prepare(raw_data, &ops);
+    for name in expected {
+        assert!(
+            counted.events.iter().any(|(e, _)| e == name),
+            "step {name} never happened: {:?}",
+            counted.events
+        );
+    }
+    let [evens, odds] = halves();
+    let keeps = [Keep::None, Keep::All, evens, odds];
+    let mut rules: Vec<Rule> = Vec::new();
+    for (name, count) in &counted.events {
+        let mut at = vec![1, *count];
+        at.dedup();
+        for n in at {
+            rules.extend(outcomes(Trigger::Event(name, n), &keeps));
+        }
+    }
+    let cuts = rules.len();
+    let leaked = cut_all(template.path(), &ops, rules);
+    eprintln!(
+        "{cuts} cuts at named steps {:?}; {leaked} left leaks, repaired",
+        counted.events
+    );
 }
 
 #[test]
@@ -308,6 +356,37 @@ fn bitmaps_over_a_raw_data_file_survive_a_power_loss_at_every_write() {
 #[test]
 fn bitmaps_and_qcow2_metadata_survive_a_power_loss_at_every_write() {
     every_cut(false, internal_data_scenario());
+}
+
+/// The named steps: in the middle of a group commit, of a checkpoint transaction (each step of
+/// the directory switch), of cluster allocation, copy-on-write and L2 and refcount updates.
+#[test]
+fn power_loss_at_every_named_metadata_step() {
+    every_named_step(
+        true,
+        raw_data_scenario(),
+        &[
+            "bitmap_commit",
+            "bitmap_data",
+            "bitmap_table",
+            "bitmap_directory",
+            "bitmap_switch",
+            "bitmap_free",
+        ],
+    );
+    every_named_step(
+        false,
+        internal_data_scenario(),
+        &[
+            "bitmap_commit",
+            "bitmap_switch",
+            "cluster_alloc",
+            "cluster_free",
+            "cow_write",
+            "l2_update",
+            "refblock_update",
+        ],
+    );
 }
 
 /// The marks a first touch commits are in place before the write returns, in the data

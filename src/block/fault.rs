@@ -24,7 +24,13 @@ pub enum Trigger {
     Write(u64),
     /// At the `n`th sync, before it.
     Sync(u64),
-    /// At the `n`th occurrence of a named metadata step.
+    /// At the `n`th occurrence of a named metadata step. qcow2 names its steps as QEMU's
+    /// blkdebug does where there is one — `cluster_alloc`, `cluster_free`, `cow_write`,
+    /// `l1_update`, `l2_alloc_write`, `l2_update`, `refblock_alloc`,
+    /// `refblock_alloc_switch_table`, `refblock_update` — and its bitmap steps
+    /// `bitmap_data`, `bitmap_table`, `bitmap_directory`, `bitmap_switch` (the header
+    /// write that switches to a new bitmap directory), `bitmap_free` (the old structures) and
+    /// `bitmap_commit` (a group commit writing marks in place).
     Event(&'static str, u64),
 }
 

@@ -24,6 +24,8 @@ struct Slot {
 /// An LRU cache of at most `capacity` tables of `table_size` bytes.
 pub struct TableCache {
     table_size: usize,
+    /// The named metadata step of writing one back (QEMU blkdebug's name for it).
+    event: &'static str,
     capacity: usize,
     slots: Vec<Slot>,
     index: HashMap<HostOffset, usize>,
@@ -31,9 +33,10 @@ pub struct TableCache {
 }
 
 impl TableCache {
-    pub fn new(table_size: usize, capacity: usize) -> Self {
+    pub fn new(table_size: usize, capacity: usize, event: &'static str) -> Self {
         TableCache {
             table_size,
+            event,
             capacity: capacity.max(2),
             slots: Vec::new(),
             index: HashMap::new(),
@@ -85,6 +88,7 @@ impl TableCache {
                 .unwrap_or(0);
             let old = &self.slots[victim];
             if old.dirty {
+                file.event(self.event)?;
                 evict(old.offset, &old.data)?;
             }
             self.index.remove(&old.offset);
@@ -123,6 +127,7 @@ impl TableCache {
     /// Write every dirty table to `file` and mark it clean.
     pub fn write_back(&mut self, file: &FileNode) -> Result<(), Qcow2Error> {
         for s in self.slots.iter_mut().filter(|s| s.dirty) {
+            file.event(self.event)?;
             file.write_all_at(&s.data, s.offset.0)?;
             s.dirty = false;
         }
@@ -153,7 +158,7 @@ mod tests {
         let path = dir.join("f");
         std::fs::write(&path, vec![0u8; 4096 * 4]).unwrap();
         let file = FileNode::open(&path, FileOptions::default()).unwrap();
-        let mut cache = TableCache::new(4096, 2);
+        let mut cache = TableCache::new(4096, 2, "test");
         let evicted = std::cell::RefCell::new(Vec::new());
         let mut evict = |off: HostOffset, _: &[u8]| {
             evicted.borrow_mut().push(off);

@@ -60,6 +60,7 @@ impl Qcow2Node {
                 false,
             ),
         };
+        self.meta_file.event("cow_write")?;
         if self.format.external_data {
             self.data_file.write_all_at(&buf[..valid], host.0)?;
         } else {
@@ -199,6 +200,7 @@ impl Qcow2Node {
             // The L2 entries that dropped these clusters are on disk before their refcounts
             // fall: a crash in between leaks them, it never leaves them doubly used.
             self.meta_file.sync_data()?;
+            self.meta_file.event("cluster_free")?;
             for (cluster, kind) in std::mem::take(&mut meta.pending_free) {
                 let offset = cluster.offset(self.cluster_bits);
                 if kind == Kind::ActiveL2 {

@@ -79,10 +79,12 @@ impl Qcow2Node {
             meta.l2.bytes_mut(slot).copy_from_slice(old);
         }
         // The table and its refcount reach the disk before the L1 entry points to it.
+        self.meta_file.event("l2_alloc_write")?;
         self.meta_file.write_all_at(meta.l2.bytes(slot), new.0)?;
         meta.refcounts.write_back(&self.meta_file)?;
         self.meta_file.sync_data()?;
         meta.l1[l1_index as usize] = new.0 | COPIED;
+        self.meta_file.event("l1_update")?;
         self.meta_file
             .write_all_at(&(new.0 | COPIED).to_be_bytes(), l1_at)?;
         if let Some(table) = entry.table {

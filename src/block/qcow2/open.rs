@@ -143,6 +143,7 @@ impl Qcow2Node {
         let l2 = TableCache::new(
             cluster_size as usize,
             (l2_cache_bytes / cluster_size).max(2) as usize,
+            "l2_update",
         );
         let external = header.has_data_file();
         let node = Qcow2Node {

@@ -95,7 +95,7 @@ impl Refcounts {
             table,
             table_offset,
             table_clusters,
-            cache: TableCache::new(cluster_size as usize, cache_tables),
+            cache: TableCache::new(cluster_size as usize, cache_tables, "refblock_update"),
             free_hint: HostCluster(1),
             high_water: 0,
             map,
@@ -226,6 +226,7 @@ impl Refcounts {
         count: u64,
         kind: Kind,
     ) -> Result<HostOffset, Qcow2Error> {
+        file.event("cluster_alloc")?;
         // Each round that has to create refcount blocks for the run creates at least one, and
         // a run of `count` clusters needs at most `count / block_entries + 2` of them.
         let max_rounds = count / self.block_entries() + 3;
@@ -296,6 +297,7 @@ impl Refcounts {
             BlockEntry::Invalid(raw) => return Err(Qcow2Error::InvalidRefcountBlock(raw)),
             BlockEntry::Absent => {}
         }
+        file.event("refblock_alloc")?;
         let entries = self.block_entries();
         let first = block * entries;
         // A range without a block has no cluster in use (its refcounts are all zero), so the
@@ -376,6 +378,7 @@ impl Refcounts {
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_offset.0.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        file.event("refblock_alloc_switch_table")?;
         file.write_all_at(&fields, HEADER_REFTABLE_FIELDS)?;
         file.sync_data()?;
         for i in 0..new_blocks {
