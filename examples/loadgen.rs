@@ -63,13 +63,16 @@ struct Options {
     runtime: Duration,
     /// Bytes of the disk to use, from offset 0 (default: all of it).
     size: Option<u64>,
+    /// Distance between the starts of consecutive blocks (default: `bs`): with a larger
+    /// stride, each request lands in a block of its own, e.g. a clean bitmap granule.
+    stride: Option<u64>,
     /// Stop each queue after this many I/Os (instead of, or before, the runtime).
     ios: Option<u64>,
     json: bool,
 }
 
 const USAGE: &str = "usage: loadgen --socket PATH [--rw randread|randwrite|read|write] [--bs 4k] \
-[--iodepth 32] [--queues 1] [--runtime 10] [--ios N] [--size BYTES] [--json]";
+[--iodepth 32] [--queues 1] [--runtime 10] [--ios N] [--size BYTES] [--stride BYTES] [--json]";
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, mult) = match s.char_indices().last() {
@@ -95,6 +98,7 @@ fn parse_args() -> Result<Options, String> {
         queues: 1,
         runtime: Duration::from_secs(10),
         size: None,
+        stride: None,
         ios: None,
         json: false,
     };
@@ -119,6 +123,7 @@ fn parse_args() -> Result<Options, String> {
                 opts.runtime = Duration::try_from_secs_f64(secs).map_err(|_| "bad --runtime")?;
             }
             "--size" => opts.size = Some(parse_size(&value)?),
+            "--stride" => opts.stride = Some(parse_size(&value)?),
             "--ios" => opts.ios = Some(number(&value).ok_or("bad --ios")? as u64),
             _ => return Err(format!("unknown option {arg}\n{USAGE}")),
         }
@@ -156,6 +161,7 @@ fn run_queue(
     deadline: Instant,
 ) -> Result<QueueResult, String> {
     let bs = opts.bs;
+    let unit = opts.stride.unwrap_or(bs);
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1));
     // Sequential streams of different queues start at different places.
     let mut next_block = (blocks / opts.queues as u64) * index as u64;
@@ -173,9 +179,9 @@ fn run_queue(
         // SAFETY: each slot owns its own `bs`-byte piece of the mapped buffer.
         let ptr = unsafe { buf.add(slot * bs as usize) };
         if opts.pattern.is_write() {
-            q.write(block * bs, ptr, bs as usize, slot, ReqFlags::empty());
+            q.write(block * unit, ptr, bs as usize, slot, ReqFlags::empty());
         } else {
-            q.read(block * bs, ptr, bs as usize, slot, ReqFlags::empty());
+            q.read(block * unit, ptr, bs as usize, slot, ReqFlags::empty());
         }
     };
     for (slot, start) in started.iter_mut().enumerate() {
@@ -245,7 +251,11 @@ fn run(opts: Options) -> Result<(), String> {
     let mut outcome = blkio.start().map_err(err("start"))?;
     let capacity = blkio.get_u64("capacity").map_err(err("capacity"))?;
     let size = opts.size.unwrap_or(capacity).min(capacity);
-    let blocks = size / opts.bs;
+    if opts.stride.is_some_and(|s| s < opts.bs) {
+        return Err("--stride must be at least --bs".into());
+    }
+    let blocks = size.saturating_sub(opts.bs) / opts.stride.unwrap_or(opts.bs) + 1;
+    let blocks = if size < opts.bs { 0 } else { blocks };
     if blocks == 0 {
         return Err(format!(
             "--bs {} is larger than the disk ({capacity} bytes)",

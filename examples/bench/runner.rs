@@ -104,12 +104,14 @@ pub fn start_backend(
     Ok(running)
 }
 
-/// One run of workload `w` against a running backend, with the backend's CPU time per I/O.
+/// One run of workload `w` against a running backend, with the backend's CPU time per I/O;
+/// `extra` goes to the load generator.
 pub fn run_loadgen(
     o: &Options,
     work: &Path,
     w: &Workload,
     backend: &Running,
+    extra: &[String],
 ) -> Result<Sample, String> {
     let before = cpu_ticks(backend.pid);
     let out = pinned(0, "target/release/examples/loadgen")
@@ -123,6 +125,7 @@ pub fn run_loadgen(
             &w.queues.to_string(),
         ])
         .args(["--runtime", &o.runtime.to_string(), "--json"])
+        .args(extra)
         .output()
         .map_err(|e| format!("loadgen: {e}"))?;
     let after = cpu_ticks(backend.pid);
@@ -192,37 +195,54 @@ pub fn run_fio(o: &Options, work: &Path, w: &Workload, engine: Backend) -> Resul
     })
 }
 
-/// Create the data file (filled, not holes), the metadata and the bitmap.
-pub fn prepare(o: &Options, work: &Path) -> Result<(), String> {
+/// Run an offline `vubd` command (`create`, `bitmap`).
+pub fn vubd_offline(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("target/release/vubd")
+        .args(args)
+        .output()
+        .map_err(|e| format!("vubd: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "vubd {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Create `disk.raw` in `work` (`size_mib` MiB of random data, not holes) and the qcow2
+/// metadata `meta.qcow2` beside it.
+pub fn prepare_image(work: &Path, size_mib: u64) -> Result<(), String> {
     fs::create_dir_all(work).map_err(|e| format!("{}: {e}", work.display()))?;
     let disk = work.join("disk.raw");
     let status = Command::new("dd")
         .args(["if=/dev/urandom", "bs=1M", "status=none"])
         .arg(format!("of={}", disk.display()))
-        .arg(format!("count={}", o.size_mib))
+        .arg(format!("count={size_mib}"))
         .status()
         .map_err(|e| format!("dd: {e}"))?;
     if !status.success() {
         return Err("dd failed".into());
     }
-    let run = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("target/release/vubd")
-            .args(args)
-            .output()
-            .map_err(|e| format!("vubd: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    };
     let meta = work.join("meta.qcow2");
-    let meta = meta.to_str().ok_or("non-UTF-8 path")?;
-    run(&[
+    vubd_offline(&[
         "create",
-        meta,
+        meta.to_str().ok_or("non-UTF-8 path")?,
         "--data-file",
         disk.to_str().ok_or("non-UTF-8 path")?,
-    ])?;
-    run(&["bitmap", meta, "add", "backup"])
+    ])
+}
+
+/// The bench's image, with one enabled persistent bitmap.
+pub fn prepare(o: &Options, work: &Path) -> Result<(), String> {
+    prepare_image(work, o.size_mib)?;
+    let meta = work.join("meta.qcow2");
+    vubd_offline(&[
+        "bitmap",
+        meta.to_str().ok_or("non-UTF-8 path")?,
+        "add",
+        "backup",
+    ])
 }
