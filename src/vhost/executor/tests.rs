@@ -10,11 +10,13 @@ use vm_memory::Bytes;
 
 use super::*;
 use crate::bitmap::Action;
+use crate::block::fault::{Action as Fault, FaultInjector, Rule, Trigger};
 use crate::block::file::{FileNode, FileOptions};
 use crate::block::filter::{Filter, FilterNode};
 use crate::block::io::EngineKind;
+use crate::block::qcow2::create::{create, CreateOptions};
 use crate::block::raw::RawNode;
-use crate::block::{BlockDriver, NodeNames};
+use crate::block::{open_image, BlockDriver, Format, Locking, NodeNames, OpenOptions};
 use crate::export::{Export, ExportOptions};
 use crate::vhost::device::DeviceOptions;
 use crate::virtio_blk::request_type;
@@ -317,4 +319,108 @@ fn a_filter_in_the_graph_acts_around_queue_writes() {
         &[0u8; 512][..],
         "the failed write never landed"
     );
+}
+
+/// qcow2 metadata in place of `meta` over the raw `disk`, served with a persistent recording
+/// bitmap of 4 KiB granules, its files watched by `fault`.
+fn qcow2_with_bitmap(meta: &Disk, disk: &Disk, fault: Arc<FaultInjector>) -> Executor {
+    fs::remove_file(&meta.0).unwrap();
+    create(
+        &meta.0,
+        &CreateOptions {
+            size: None,
+            cluster_size: 65536,
+            data_file: Some(disk.0.clone()),
+        },
+    )
+    .unwrap();
+    let root = open_image(
+        &meta.0,
+        Format::Qcow2,
+        &OpenOptions {
+            locking: Locking::Off,
+            fault: Some(fault),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let exec = executor(root);
+    exec.device
+        .export()
+        .bitmaps()
+        .apply(Action::Add {
+            name: "b".into(),
+            granularity: Some(4096),
+            persistent: true,
+            disabled: false,
+        })
+        .unwrap();
+    exec
+}
+
+/// Run deferred requests until one is done.
+fn wait_done(exec: &mut Executor) -> Vec<(u16, u32)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        exec.run_deferred();
+        exec.complete_ready();
+        let d = done(exec);
+        if !d.is_empty() {
+            return d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group commit never completed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_first_touch_reaches_the_disk_only_after_its_mark_is_committed() {
+    let disk = Disk::new("commit-data");
+    let meta = Disk::new("commit-meta");
+    let fault = FaultInjector::counting();
+    let mut exec = qcow2_with_bitmap(&meta, &disk, fault.clone());
+    let syncs = fault.counts().syncs;
+    let mem = memory();
+    write(&mut exec, &mem, 8, &[0xab; 4096]);
+    assert!(done(&mut exec).is_empty(), "waits for the group commit");
+    assert!(
+        disk.bytes().iter().all(|&b| b == 0),
+        "no data before the mark"
+    );
+    assert_eq!(wait_done(&mut exec), vec![(0, 1)]);
+    assert_eq!(status(&mem), Status::Ok as u8);
+    assert_eq!(&disk.bytes()[4096..8192], &[0xab; 4096][..]);
+    assert_eq!(fault.counts().syncs, syncs + 1, "one sync: the commit");
+    // The granule is durable now: the next write to it goes straight through.
+    write(&mut exec, &mem, 8, &[0xcd; 4096]);
+    assert_eq!(done(&mut exec), vec![(0, 1)]);
+    assert_eq!(fault.counts().syncs, syncs + 1);
+}
+
+#[test]
+fn a_write_whose_mark_cannot_be_committed_fails_and_writes_nothing() {
+    let disk = Disk::new("commit-fail-data");
+    let meta = Disk::new("commit-fail-meta");
+    let fault = FaultInjector::new(Rule {
+        trigger: Trigger::Event("bitmap_commit", 1),
+        action: Fault::Fail,
+    });
+    let mut exec = qcow2_with_bitmap(&meta, &disk, fault.clone());
+    let mem = memory();
+    write(&mut exec, &mem, 0, &[0xab; 4096]);
+    assert_eq!(wait_done(&mut exec), vec![(0, 1)]);
+    assert!(fault.fired());
+    assert_eq!(status(&mem), Status::IoErr as u8);
+    assert!(
+        disk.bytes().iter().all(|&b| b == 0),
+        "the data never reached the disk"
+    );
+    // The next commit succeeds: the same write goes through.
+    write(&mut exec, &mem, 0, &[0xab; 4096]);
+    assert_eq!(wait_done(&mut exec), vec![(0, 1)]);
+    assert_eq!(status(&mem), Status::Ok as u8);
+    assert_eq!(&disk.bytes()[..4096], &[0xab; 4096][..]);
 }
