@@ -14,6 +14,7 @@
 use super::count::{count_all, CopiedChecks, Counts};
 use super::entry::{COPIED, OFFSET_MASK};
 use super::overlap::Kind;
+use super::refcount::BlockEntry;
 use super::units::{HostCluster, HostOffset};
 use super::{rebuild, Meta, Qcow2Error, Qcow2Node};
 
@@ -100,10 +101,12 @@ fn count_and_compare(
     let mut copied_checks = CopiedChecks::new();
     let mut rebuild = count_all(node, meta, &mut counts, &mut report, &mut copied_checks)?;
 
-    // Compare with the stored refcounts over the clusters of the file (as qemu-img does).
+    // Compare with the stored refcounts over the clusters of the file (as qemu-img does):
+    // those something refers to, and those a refcount block describes — elsewhere both are
+    // zero.
     let mut end = 0;
     let mut fixes = Vec::new();
-    for c in 0..file_clusters {
+    for c in relevant_clusters(meta, &counts) {
         let expected = counts.get(c);
         // A refcount that cannot be read (its block is invalid) is as good as none.
         let stored = meta
@@ -171,6 +174,28 @@ fn count_and_compare(
         }
     }
     Ok((report, counts, rebuild))
+}
+
+/// The clusters of the file that may have a reference or a refcount, in order: the ranges the
+/// counts touched and those the refcount blocks describe.
+fn relevant_clusters(meta: &Meta, counts: &Counts) -> impl Iterator<Item = u64> {
+    let entries = meta.refcounts.block_entries();
+    let mut ranges: Vec<(u64, u64)> = counts.ranges().collect();
+    for (i, entry) in meta.refcounts.entries().iter().enumerate() {
+        if matches!(entry, BlockEntry::At(_) | BlockEntry::Invalid(_)) {
+            let start = i as u64 * entries;
+            ranges.push((start, (start + entries).min(counts.file_clusters())));
+        }
+    }
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges.into_iter().filter(|(s, e)| s < e) {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged.into_iter().flat_map(|(start, end)| start..end)
 }
 
 /// Fix an L1 entry (`l2_index` None) or L2 entry in place.

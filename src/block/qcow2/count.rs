@@ -1,8 +1,11 @@
 //! Counting references: every cluster the image's structures use (header, L1 and L2 tables,
 //! data, refcount structures, snapshot tables, bitmap directory, tables and data), as
-//! `qemu-img check` counts them, into an in-memory refcount array of one entry per cluster of
-//! the file. Structures reaching past the end of the file are errors, counted no further, so
-//! memory follows the file's size whatever the image claims.
+//! `qemu-img check` counts them, into in-memory refcounts of the file's clusters. Structures
+//! reaching past the end of the file are errors, counted no further. The counts are kept in
+//! chunks allocated where something is referenced, so memory follows what the image uses, not
+//! the file's length: a sparse file of a few TiB whose last cluster holds data costs one chunk.
+
+use std::collections::BTreeMap;
 
 use super::check::CheckReport;
 use super::entry::{decode_l1, L2Entry};
@@ -12,23 +15,45 @@ use super::units::{be16, be32, be64, be64_entries, HostOffset};
 use super::{Meta, Qcow2Error, Qcow2Node};
 use crate::block::qcow2::header::extension;
 
+/// log2 of the clusters per chunk of counts (256 KiB of counts per chunk).
+const CHUNK_BITS: u32 = 16;
+
 /// Reference counts the image's structures imply, per cluster of the file.
 pub(super) struct Counts {
     cluster_bits: u32,
-    pub refs: Vec<u32>,
+    /// Clusters of the file: a reference at or past it is an error.
+    file_clusters: u64,
+    chunks: BTreeMap<u64, Box<[u32]>>,
 }
 
 impl Counts {
     pub fn new(cluster_bits: u32, file_clusters: u64) -> Self {
         Counts {
             cluster_bits,
-            refs: vec![0; file_clusters as usize],
+            file_clusters,
+            chunks: BTreeMap::new(),
         }
     }
 
-    /// The computed refcount of `cluster` (zero past the file).
+    pub fn file_clusters(&self) -> u64 {
+        self.file_clusters
+    }
+
+    /// The computed refcount of `cluster` (zero where nothing refers to it).
     pub fn get(&self, cluster: u64) -> u64 {
-        self.refs.get(cluster as usize).map_or(0, |n| u64::from(*n))
+        self.chunks
+            .get(&(cluster >> CHUNK_BITS))
+            .map_or(0, |chunk| {
+                u64::from(chunk[(cluster & chunk_mask()) as usize])
+            })
+    }
+
+    /// The ranges `[start, end)` of clusters that may have references, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.chunks.keys().map(|k| {
+            let start = k << CHUNK_BITS;
+            (start, (start + (1 << CHUNK_BITS)).min(self.file_clusters))
+        })
     }
 
     /// Count one more reference to every cluster of `[offset, offset + len)`.
@@ -38,19 +63,25 @@ impl Counts {
         }
         let first = offset >> self.cluster_bits;
         let last = offset.saturating_add(len - 1) >> self.cluster_bits;
-        for c in first..=last {
-            match self.refs.get_mut(c as usize) {
-                Some(n) => *n = n.saturating_add(1),
-                None => {
-                    report.corruptions += 1;
-                    report.messages.push(format!(
-                        "ERROR {what} at {offset:#x} lies beyond the end of the image"
-                    ));
-                    return;
-                }
-            }
+        if last >= self.file_clusters {
+            report.corruptions += 1;
+            report.messages.push(format!(
+                "ERROR {what} at {offset:#x} lies beyond the end of the image"
+            ));
+        }
+        for c in first..(last + 1).min(self.file_clusters) {
+            let chunk = self
+                .chunks
+                .entry(c >> CHUNK_BITS)
+                .or_insert_with(|| vec![0; 1 << CHUNK_BITS].into_boxed_slice());
+            let n = &mut chunk[(c & chunk_mask()) as usize];
+            *n = n.saturating_add(1);
         }
     }
+}
+
+fn chunk_mask() -> u64 {
+    (1 << CHUNK_BITS) - 1
 }
 
 /// Count every structure of the image. Returns whether the refcount structure itself is
@@ -156,7 +187,7 @@ pub(super) fn count_l1(
         if let Some(checks) = active.as_deref_mut() {
             checks.push((l1_index, None, raw_l1, table));
         }
-        if table.cluster(node.cluster_bits).0 >= counts.refs.len() as u64 {
+        if table.cluster(node.cluster_bits).0 >= counts.file_clusters() {
             continue;
         }
         let slot = node.load_l2(meta, table, false)?;

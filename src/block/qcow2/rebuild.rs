@@ -3,9 +3,12 @@
 //! describes, a block misplaced or shared with another structure).
 //!
 //! The new blocks and table go at the end of the file, past every cluster the counts show in
-//! use, so nothing is written over anything; the header then switches to the new table. The
+//! use, so nothing is written over anything; the header then switches to the new table. Only
+//! ranges holding a cluster in use get a block. The
 //! old structure is leaked (the new one still counts it), and the caller's next repair pass
 //! frees it.
+
+use std::collections::BTreeSet;
 
 use super::count::Counts;
 use super::refcount::{write_entry, BlockEntry, Refcounts};
@@ -26,24 +29,33 @@ pub(super) fn rebuild_refcounts(
     let order = meta.refcounts.order();
     let entries = meta.refcounts.block_entries();
     let max = meta.refcounts.max_refcount();
-    // Everything new goes past the file's end.
+    // Everything new goes past the file's end: the blocks for every range holding a cluster in
+    // use (the new structure included), then the table. Ranges with nothing in use get no
+    // block, so a sparse file costs what it uses.
     let area = node.meta_file.current_size()?.div_ceil(cluster_size);
-    // Blocks for every range up to the end of the new structure, and a table for them:
-    // both take room the blocks must describe too.
+    let used_blocks: BTreeSet<u64> = counts
+        .ranges()
+        .flat_map(|(start, end)| start..end)
+        .filter(|c| counts.get(*c) > 0)
+        .map(|c| c / entries)
+        .collect();
     let mut new_clusters = 1u64;
     let (blocks, table_clusters) = loop {
-        let blocks = (area + new_clusters).div_ceil(entries);
-        let table_clusters = (blocks * 8).div_ceil(cluster_size);
-        if blocks + table_clusters <= new_clusters {
+        let mut blocks = used_blocks.clone();
+        blocks.extend(area / entries..=(area + new_clusters - 1) / entries);
+        let table_entries = blocks.last().map_or(0, |b| b + 1);
+        let table_clusters = (table_entries * 8).div_ceil(cluster_size);
+        let needed = blocks.len() as u64 + table_clusters;
+        if needed <= new_clusters {
             break (blocks, table_clusters);
         }
-        new_clusters = blocks + table_clusters;
+        new_clusters = needed;
     };
     if table_clusters * cluster_size > super::header::MAX_REFTABLE_BYTES {
         return Err(Qcow2Error::RefcountTableFull);
     }
     let first_new = area;
-    let end_new = area + blocks + table_clusters;
+    let end_new = area + blocks.len() as u64 + table_clusters;
     let refcount = |c: u64| -> u64 {
         if (first_new..end_new).contains(&c) {
             1
@@ -53,7 +65,7 @@ pub(super) fn rebuild_refcounts(
     };
     let mut table = vec![0u8; (table_clusters * cluster_size) as usize];
     let mut block = vec![0u8; cluster_size as usize];
-    for b in 0..blocks {
+    for (k, b) in blocks.iter().enumerate() {
         block.fill(0);
         for i in 0..entries {
             let value = refcount(b * entries + i);
@@ -61,11 +73,12 @@ pub(super) fn rebuild_refcounts(
                 write_entry(&mut block, order, i, value);
             }
         }
-        let at = HostCluster(first_new + b).offset(bits);
+        let at = HostCluster(first_new + k as u64).offset(bits);
         node.meta_file.write_all_at(&block, at.0)?;
-        table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&at.0.to_be_bytes());
+        let slot = (b * 8) as usize;
+        table[slot..slot + 8].copy_from_slice(&at.0.to_be_bytes());
     }
-    let table_offset = HostCluster(first_new + blocks).offset(bits);
+    let table_offset = HostCluster(first_new + blocks.len() as u64).offset(bits);
     node.meta_file.write_all_at(&table, table_offset.0)?;
     node.meta_file.sync_data()?;
     // The new structure is complete on disk before the header points to it.
@@ -98,8 +111,9 @@ pub(super) fn rebuild_refcounts(
         map,
     )?;
     log::info!(
-        "{}: rebuilt the refcount structure ({blocks} blocks, table at {:#x})",
+        "{}: rebuilt the refcount structure ({} blocks, table at {:#x})",
         node.path.display(),
+        blocks.len(),
         table_offset.0
     );
     Ok(())
