@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
@@ -55,6 +56,21 @@ enum Addr {
     },
     /// The start of an indirect table.
     Table(u8),
+    /// One of a few buffer places: 64 KiB apart in region 1, or across a region boundary, at
+    /// the edge of the hole, at the end of memory.
+    Slot(u8),
+}
+
+const SLOTS: usize = 16;
+
+fn slot(k: u8) -> u64 {
+    match usize::from(k) % SLOTS {
+        k @ 0..=11 => REGIONS[1].0 + k as u64 * 0x1_0000,
+        12 => REGIONS[0].1 - 8,
+        13 => REGIONS[1].0 + REGIONS[1].1 - 8,
+        14 => REGIONS[2].0,
+        _ => REGIONS[2].0 + REGIONS[2].1 - 16,
+    }
 }
 
 impl Addr {
@@ -75,6 +91,7 @@ impl Addr {
                 }
             }
             Addr::Table(i) => TABLES + (u64::from(i) % MAX_TABLES as u64) * TABLE_STRIDE,
+            Addr::Slot(k) => slot(k),
         }
     }
 }
@@ -83,7 +100,17 @@ impl Addr {
 enum Len {
     Raw(u32),
     Bytes(u8),
-    Sectors(u16),
+    /// The status byte alone.
+    Status,
+    /// The header alone.
+    Header,
+    /// Sectors of data, possibly with the header before them and the status byte after them
+    /// in the same descriptor.
+    Sectors {
+        sectors: u16,
+        header: bool,
+        status: bool,
+    },
     /// A multiple of a descriptor's size (indirect tables) or a segment's size.
     Entries(u8),
 }
@@ -93,28 +120,66 @@ impl Len {
         match self {
             Len::Raw(n) => n,
             Len::Bytes(n) => n.into(),
-            Len::Sectors(n) => u32::from(n) * 512,
+            Len::Status => 1,
+            Len::Header => HEADER_SIZE as u32,
+            Len::Sectors {
+                sectors,
+                header,
+                status,
+            } => {
+                u32::from(sectors) * 512
+                    + if header { HEADER_SIZE as u32 } else { 0 }
+                    + u32::from(status)
+            }
             Len::Entries(n) => u32::from(n) * 16,
         }
     }
 }
 
+/// How a descriptor continues the chain.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Link {
+    /// NEXT to the following entry, unless it is the last one given.
+    Chain,
+    /// No NEXT: the chain ends here.
+    End,
+    /// Flags and next index exactly as given (NEXT = 1, WRITE = 2, INDIRECT = 4).
+    Raw { flags: u16, next: u16 },
+}
+
+/// One descriptor table entry; laid out at index `i` of its table.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 struct Desc {
     addr: Addr,
     len: Len,
-    /// NEXT = 1, WRITE = 2, INDIRECT = 4; the other bits are kept as given.
-    flags: u16,
-    next: u16,
+    write: bool,
+    indirect: bool,
+    link: Link,
 }
 
 impl Desc {
-    fn raw(&self) -> RawDescriptor {
+    fn raw(&self, i: usize, count: usize) -> RawDescriptor {
+        let (flags, next) = match self.link {
+            Link::Raw { flags, next } => (flags, next),
+            link => {
+                let mut flags = 0;
+                if self.write {
+                    flags |= VRING_DESC_F_WRITE as u16;
+                }
+                if self.indirect {
+                    flags |= VRING_DESC_F_INDIRECT as u16;
+                }
+                if matches!(link, Link::Chain) && i + 1 < count {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                (flags, (i + 1) as u16)
+            }
+        };
         RawDescriptor::from(SplitDescriptor::new(
             self.addr.resolve(),
             self.len.resolve(),
-            self.flags,
-            self.next,
+            flags,
+            next,
         ))
     }
 }
@@ -218,14 +283,112 @@ impl Limits {
     }
 }
 
+/// A buffer of a well-formed request.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+struct Buf {
+    addr: Addr,
+    len: Len,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Shape {
+    /// Descriptor table entries as given.
+    Table(Vec<Desc>),
+    /// Header (with `segments` after it), readable then writable data buffers, status byte:
+    /// in the descriptor table, or in an indirect table the head points to. Each piece may
+    /// lie anywhere, so checks fail one at a time rather than all at once.
+    Request {
+        request_type: ReqType,
+        sector: u64,
+        header_at: Addr,
+        segments: Vec<(u64, u32, u32)>,
+        readable: Vec<Buf>,
+        writable: Vec<Buf>,
+        status_at: Addr,
+        indirect: bool,
+    },
+}
+
+impl Shape {
+    /// The descriptor table's entries, the indirect table the request uses (if any), and the
+    /// header with its segments to write at the header's address.
+    fn layout(&self) -> (Vec<Desc>, Option<Vec<Desc>>, Option<(u64, Vec<u8>)>) {
+        let (request_type, sector, header_at, segments, readable, writable, status_at, indirect) =
+            match self {
+                Shape::Table(descs) => return (descs.clone(), None, None),
+                Shape::Request {
+                    request_type,
+                    sector,
+                    header_at,
+                    segments,
+                    readable,
+                    writable,
+                    status_at,
+                    indirect,
+                } => (
+                    request_type,
+                    sector,
+                    header_at,
+                    segments,
+                    readable,
+                    writable,
+                    status_at,
+                    indirect,
+                ),
+            };
+        let segments = Content::Segments(segments.clone()).bytes();
+        let mut header = Content::Header {
+            request_type: *request_type,
+            reserved: 0,
+            sector: *sector,
+        }
+        .bytes();
+        header.extend(&segments);
+        let desc = |addr, len, write| Desc {
+            addr,
+            len,
+            write,
+            indirect: false,
+            link: Link::Chain,
+        };
+        let mut chain = vec![desc(*header_at, Len::Raw(header.len() as u32), false)];
+        chain.extend(readable.iter().take(32).map(|b| desc(b.addr, b.len, false)));
+        chain.extend(writable.iter().take(32).map(|b| desc(b.addr, b.len, true)));
+        chain.push(desc(*status_at, Len::Status, true));
+        let header = Some((header_at.resolve(), header));
+        if *indirect {
+            let head = Desc {
+                indirect: true,
+                link: Link::End,
+                ..desc(Addr::Table(0), Len::Raw(16 * chain.len() as u32), false)
+            };
+            (vec![head], Some(chain), header)
+        } else {
+            (chain, None, header)
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+enum Head {
+    First,
+    Raw(u16),
+}
+
 #[derive(Arbitrary, Debug)]
 struct Input {
     limits: Limits,
     /// Queue size 2^(n % 16).
     queue_size_bits: u8,
-    head: u16,
-    table: Vec<Desc>,
+    head: Head,
+    /// The head's chain: a table as given, or a well-formed request laid out by the target.
+    shape: Shape,
+    /// Further indirect tables (a well-formed request in an indirect table takes the first).
     tables: Vec<Vec<Desc>>,
+    /// A header, and segments after it, written where the head descriptor points (if that is
+    /// in memory): requests that get past the header's checks without luck.
+    header: Option<(ReqType, u64)>,
+    segments: Vec<(u64, u32, u32)>,
     writes: Vec<(Addr, Content)>,
 }
 
@@ -523,6 +686,9 @@ fn check_range(limits: &DeviceLimits, sector: u64, offset: u64, len: u64) {
 }
 
 fuzz_target!(|input: Input| {
+    if vubd_fuzz::tracing() {
+        eprintln!("request_parse: {input:?}");
+    }
     let mem = memory();
     let mut scribbles = Scribbles(Vec::new());
     let limits = input.limits.device();
@@ -532,21 +698,42 @@ fuzz_target!(|input: Input| {
     // The rings (descriptor table, avail, used) are zeroed after the iteration.
     scribbles.0.push((GuestAddress(0), mock.end().0 as usize));
     assert!(mock.end().0 <= TABLES);
-    for (i, d) in input.table.iter().take(usize::from(size)).enumerate() {
-        scribbles.write(mem, 16 * i as u64, d.raw().as_slice());
+    let (table, request_table, request_header) = input.shape.layout();
+    let count = table.len().min(usize::from(size));
+    for (i, d) in table.iter().take(count).enumerate() {
+        scribbles.write(mem, 16 * i as u64, d.raw(i, count).as_slice());
     }
-    for (t, table) in input.tables.iter().take(MAX_TABLES).enumerate() {
+    let tables = request_table.iter().chain(input.tables.iter());
+    for (t, table) in tables.take(MAX_TABLES).enumerate() {
         let base = TABLES + t as u64 * TABLE_STRIDE;
-        for (i, d) in table.iter().take(MAX_TABLE_ENTRIES).enumerate() {
-            scribbles.write(mem, base + 16 * i as u64, d.raw().as_slice());
+        let count = table.len().min(MAX_TABLE_ENTRIES);
+        for (i, d) in table.iter().take(count).enumerate() {
+            scribbles.write(mem, base + 16 * i as u64, d.raw(i, count).as_slice());
         }
+    }
+    if let Some((addr, bytes)) = request_header {
+        scribbles.write(mem, addr, &bytes);
+    }
+    if let (Some((request_type, sector)), Some(first)) = (input.header, table.first()) {
+        let mut bytes = Content::Header {
+            request_type,
+            reserved: 0,
+            sector,
+        }
+        .bytes();
+        bytes.extend(Content::Segments(input.segments.clone()).bytes());
+        scribbles.write(mem, first.addr.resolve(), &bytes);
     }
     for (addr, content) in input.writes.iter().take(64) {
         scribbles.write(mem, addr.resolve(), &content.bytes());
     }
     // Make `head` available.
     let avail = mock.avail_addr().0;
-    mem.write_obj(input.head.to_le(), GuestAddress(avail + 4))
+    let head = match input.head {
+        Head::First => 0,
+        Head::Raw(h) => h,
+    };
+    mem.write_obj(head.to_le(), GuestAddress(avail + 4))
         .unwrap();
     mem.write_obj(1u16.to_le(), GuestAddress(avail + 2))
         .unwrap();
@@ -557,7 +744,14 @@ fuzz_target!(|input: Input| {
     };
     let model = Model::new(chain.clone());
     let mut bufs = RequestBuffers::with_limits(&limits);
-    match parse(chain, mem, &limits, &mut bufs) {
+    let result = parse(chain, mem, &limits, &mut bufs);
+    if vubd_fuzz::tracing() {
+        match &result {
+            Ok(req) => eprintln!("request_parse: ok {:?}", req.kind),
+            Err(err) => eprintln!("request_parse: refused ({:?}) {}", err.status, err.reason),
+        }
+    }
+    match result {
         Ok(req) => check_request(mem, &limits, &model, &req, &bufs),
         Err(err) => check_refusal(mem, &model, &err),
     }

@@ -47,6 +47,13 @@ pub fn workdir() -> &'static Path {
     })
 }
 
+/// Whether `VUBD_FUZZ_TRACE` is set: targets then print what each input led to (run a
+/// target over its corpus with `-runs=0` to see what the fuzzer reaches).
+pub fn tracing() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("VUBD_FUZZ_TRACE").is_some())
+}
+
 /// Replace the content of `path` with `bytes`.
 pub fn write_file(path: &Path, bytes: &[u8]) {
     fs::write(path, bytes).expect("writing a scratch file");
