@@ -309,13 +309,29 @@ enum Shape {
     },
 }
 
+/// Where a shape puts things.
+struct Layout {
+    /// The descriptor table's entries.
+    table: Vec<Desc>,
+    /// The indirect table the request uses, if any.
+    indirect: Option<Vec<Desc>>,
+    /// The header, with its segments, and where to write it.
+    header: Option<(u64, Vec<u8>)>,
+}
+
 impl Shape {
     /// The descriptor table's entries, the indirect table the request uses (if any), and the
     /// header with its segments to write at the header's address.
-    fn layout(&self) -> (Vec<Desc>, Option<Vec<Desc>>, Option<(u64, Vec<u8>)>) {
+    fn layout(&self) -> Layout {
         let (request_type, sector, header_at, segments, readable, writable, status_at, indirect) =
             match self {
-                Shape::Table(descs) => return (descs.clone(), None, None),
+                Shape::Table(descs) => {
+                    return Layout {
+                        table: descs.clone(),
+                        indirect: None,
+                        header: None,
+                    }
+                }
                 Shape::Request {
                     request_type,
                     sector,
@@ -362,9 +378,17 @@ impl Shape {
                 link: Link::End,
                 ..desc(Addr::Table(0), Len::Raw(16 * chain.len() as u32), false)
             };
-            (vec![head], Some(chain), header)
+            Layout {
+                table: vec![head],
+                indirect: Some(chain),
+                header,
+            }
         } else {
-            (chain, None, header)
+            Layout {
+                table: chain,
+                indirect: None,
+                header,
+            }
         }
     }
 }
@@ -460,6 +484,9 @@ fn push_run(out: &mut Vec<(usize, usize)>, ptr: usize, len: usize) {
     }
     out.push((ptr, len));
 }
+
+/// A byte stream of the chain: its guest ranges, in order.
+type Stream<'a> = &'a [(u64, u64)];
 
 /// The chain as the reference model sees it: non-empty descriptors, in order.
 struct Model {
@@ -574,7 +601,7 @@ fn check_request(
     let lbs = u64::from(limits.logical_block_size);
 
     // (stream, skip, length) of the data the iovecs must cover.
-    let data: Option<(&[(u64, u64)], u64, u64)> = match req.kind {
+    let data: Option<(Stream, u64, u64)> = match req.kind {
         RequestKind::Read { offset, len } => {
             assert_eq!(rtype, request_type::IN);
             assert_eq!(
@@ -698,7 +725,11 @@ fuzz_target!(|input: Input| {
     // The rings (descriptor table, avail, used) are zeroed after the iteration.
     scribbles.0.push((GuestAddress(0), mock.end().0 as usize));
     assert!(mock.end().0 <= TABLES);
-    let (table, request_table, request_header) = input.shape.layout();
+    let Layout {
+        table,
+        indirect: request_table,
+        header: request_header,
+    } = input.shape.layout();
     let count = table.len().min(usize::from(size));
     for (i, d) in table.iter().take(count).enumerate() {
         scribbles.write(mem, 16 * i as u64, d.raw(i, count).as_slice());
