@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run test bench deps lint clean
+.PHONY: all build run test bench deps lint clean fuzz fuzz-smoke fuzz-seeds
 
 all: build
 
@@ -21,8 +21,26 @@ lint:
 
 # Everything: formatting, lints, unit tests, integration tests against the real binary, and a
 # Linux guest under QEMU (required here, not skipped).
-test: deps lint
+test: deps lint fuzz-smoke
 	VUBD_REQUIRE_GUEST=1 $(CARGO) test --all-targets
+
+# Fuzzing with cargo-fuzz (fuzz/, docs/usage.md "Fuzzing"): every target for FUZZ_SECONDS
+# each, one after another, a line per target (runs, coverage, time). Crashes go to
+# fuzz/artifacts/TARGET/. Installs cargo-fuzz if missing; nightly (with AddressSanitizer) if
+# rustup has it, else stable without a sanitizer. FUZZ_TARGETS picks some targets only.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?=
+fuzz:
+	./scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+# Part of `make test`: the targets still build and survive FUZZ_SMOKE_SECONDS each.
+FUZZ_SMOKE_SECONDS ?= 20
+fuzz-smoke:
+	./scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)
+
+# Regenerate the qcow2 seed images (needs qemu-img and qemu-io: `make deps`).
+fuzz-seeds:
+	./fuzz/seeds.sh
 
 # vubd against qemu-storage-daemon, side by side; writes docs/benchmarks.md and its chart.
 # Options through BENCH_ARGS, e.g. BENCH_ARGS="--dir /var/tmp --cache none" for a real disk.

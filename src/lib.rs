@@ -9,6 +9,8 @@ pub mod cli;
 pub mod control;
 pub mod error;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod iov;
 pub mod ratelimit;
 pub mod socket;

@@ -14,7 +14,7 @@
 //! [`ControlServer`] closes every client and waits for their threads, so that no command runs
 //! once the export is being closed.
 
-mod framer;
+pub(crate) mod framer;
 mod qmp;
 
 use std::collections::HashMap;
@@ -255,7 +255,7 @@ fn apply_deadline(stream: &UnixStream, deadline: Option<Instant>) -> io::Result<
 }
 
 /// The reply to one framed message.
-fn answer(session: &mut Session, frame: Frame) -> Value {
+pub(crate) fn answer(session: &mut Session, frame: Frame) -> Value {
     match frame {
         Frame::Message(bytes) => match serde_json::from_slice::<Value>(&bytes) {
             Ok(request) => session.handle(&request),
