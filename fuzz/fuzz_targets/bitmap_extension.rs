@@ -76,6 +76,9 @@ fn export(node: Arc<Qcow2Node>, read_only: bool) -> Result<Export, vubd::export:
             engine: EngineKind::Sync,
             poll: None,
             node_names: NodeNames::derived("disk"),
+            // vubd's default: bitmaps stored crash-consistently (group commits, atomic
+            // directory switches).
+            bitmaps: vubd::bitmap::Persistence::CrashConsistent,
         },
     )
 }

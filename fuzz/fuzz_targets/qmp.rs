@@ -62,6 +62,7 @@ fn device() -> &'static Arc<Export> {
                 engine: EngineKind::Sync,
                 poll: None,
                 node_names: NodeNames::derived("disk"),
+                bitmaps: vubd::bitmap::Persistence::CrashConsistent,
             },
         )
         .expect("export");

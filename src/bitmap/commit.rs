@@ -49,10 +49,14 @@ pub(super) struct Committer {
 impl Committer {
     /// Start the thread, which commits the flagged clusters of the bitmaps in `list` to
     /// `store` and wakes the queues registered with `gate`.
+    ///
+    /// A commit holds `store_lock` while it writes in place: whoever switches the bitmap
+    /// directory takes it too, so no mark is ever written into a cluster a switch frees.
     pub fn start(
         list: Arc<Mutex<BitmapList>>,
         store: Arc<dyn BitmapStore>,
         gate: Arc<WriteGate>,
+        store_lock: Arc<Mutex<()>>,
     ) -> std::io::Result<Committer> {
         let shared = Arc::new(Shared::default());
         let thread_shared = shared.clone();
@@ -60,7 +64,7 @@ impl Committer {
             .name("vubd-bitmaps".into())
             .spawn(move || {
                 block_signals();
-                run(&thread_shared, &list, &*store, &gate)
+                run(&thread_shared, &list, &*store, &gate, &store_lock)
             })?;
         Ok(Committer {
             shared,
@@ -95,7 +99,13 @@ impl Drop for Committer {
     }
 }
 
-fn run(shared: &Shared, list: &Mutex<BitmapList>, store: &dyn BitmapStore, gate: &WriteGate) {
+fn run(
+    shared: &Shared,
+    list: &Mutex<BitmapList>,
+    store: &dyn BitmapStore,
+    gate: &WriteGate,
+    store_lock: &Mutex<()>,
+) {
     loop {
         let epoch = {
             let mut state = shared.lock();
@@ -109,6 +119,7 @@ fn run(shared: &Shared, list: &Mutex<BitmapList>, store: &dyn BitmapStore, gate:
             state.started += 1;
             state.started
         };
+        let stored = store_lock.lock().unwrap_or_else(|p| p.into_inner());
         let bitmaps = list.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut written = Vec::new();
         for bitmap in bitmaps.iter() {
@@ -143,6 +154,7 @@ fn run(shared: &Shared, list: &Mutex<BitmapList>, store: &dyn BitmapStore, gate:
                 }
             }
         }
+        drop(stored);
         shared.completed.store(epoch, Ordering::Release);
         gate.wake_all();
     }

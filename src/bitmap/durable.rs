@@ -122,6 +122,17 @@ impl DurableTrack {
         true
     }
 
+    /// Whether `bitmap` holds bits the disk may not: a flagged cluster not committed yet, or
+    /// a commit that failed.
+    pub fn behind(&self, bitmap: &DirtyBitmap) -> bool {
+        self.flush.iter().any(|w| w.load(Ordering::Acquire) != 0)
+            || bitmap
+                .words()
+                .iter()
+                .zip(self.durable.iter())
+                .any(|(m, d)| m.load(Ordering::Acquire) != d.load(Ordering::Acquire))
+    }
+
     /// Flag data cluster `c` again (a commit of it failed).
     pub fn flag(&self, c: usize) {
         if let Some(word) = self.flush.get(c / 64) {

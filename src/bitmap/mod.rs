@@ -108,6 +108,8 @@ pub struct BitmapManager {
     /// The last store failed: the disk may lag memory, so the next one rewrites every
     /// bitmap's data.
     stale: AtomicBool,
+    /// Held by a group commit writing marks in place, and by a store switching the directory.
+    store_lock: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for BitmapManager {
@@ -164,11 +166,16 @@ impl BitmapManager {
             }
         }
         let list = Arc::new(Mutex::new(Arc::new(list)));
+        let store_lock = Arc::new(Mutex::new(()));
         let committer = match (&store, persistence, read_only) {
             (Some(store), Persistence::CrashConsistent, false) => Some(
-                Committer::start(list.clone(), store.clone(), gate.clone()).map_err(|e| {
-                    BitmapError::Io(format!("starting the bitmap commit thread: {e}"))
-                })?,
+                Committer::start(
+                    list.clone(),
+                    store.clone(),
+                    gate.clone(),
+                    store_lock.clone(),
+                )
+                .map_err(|e| BitmapError::Io(format!("starting the bitmap commit thread: {e}")))?,
             ),
             _ => None,
         };
@@ -185,6 +192,7 @@ impl BitmapManager {
             stored: Mutex::new(stored),
             committer,
             stale: AtomicBool::new(false),
+            store_lock,
         };
         if !read_only && manager.snapshot().iter().any(|b| b.is_persistent()) {
             match persistence {
@@ -349,6 +357,8 @@ impl BitmapManager {
         if self.read_only {
             return Ok(());
         }
+        // No group commit writes in place while the directory switches.
+        let _switching = self.store_lock.lock().unwrap_or_else(|p| p.into_inner());
         let list = self.snapshot();
         let persistent: Vec<&Arc<DirtyBitmap>> =
             list.iter().filter(|b| b.is_persistent()).collect();
@@ -362,7 +372,10 @@ impl BitmapManager {
             .iter()
             .map(|b| {
                 let fresh = !stored.contains(b.name());
-                let changed = rewrite_all || changed.iter().any(|n| n == b.name());
+                // Memory ahead of the disk (a commit pending or failed): the data is written,
+                // since the new track takes what memory holds as durable.
+                let behind = b.track().is_some_and(|t| t.behind(b));
+                let changed = rewrite_all || behind || changed.iter().any(|n| n == b.name());
                 ((fresh || changed) && !b.is_inconsistent()).then(|| b.to_bytes())
             })
             .collect();

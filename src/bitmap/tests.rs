@@ -296,3 +296,39 @@ fn after_a_failed_store_writes_fail_until_a_store_succeeds() {
     );
     assert!(mark_durably(&m, &mut cursor, 65536, 4096));
 }
+
+#[test]
+fn a_store_rewrites_the_data_of_a_bitmap_whose_marks_did_not_all_reach_the_disk() {
+    let store = Arc::new(MockStore::default());
+    let m = served(&store);
+    let mut cursor = m.cursor();
+    store.fail_write.store(true, Ordering::SeqCst);
+    assert!(
+        !mark_durably(&m, &mut cursor, 0, 4096),
+        "in memory, not on disk"
+    );
+    store.fail_write.store(false, Ordering::SeqCst);
+    // An operation that changes nothing of "p" still stores its data: the new track will take
+    // what memory holds as durable, so the disk must hold it.
+    m.apply(Action::Add {
+        name: "q".into(),
+        granularity: Some(65536),
+        persistent: true,
+        disabled: true,
+    })
+    .unwrap();
+    assert_eq!(
+        store.state.lock().unwrap().entries,
+        vec![
+            ("p".into(), true, false, true),
+            ("q".into(), false, false, true)
+        ]
+    );
+    assert!(m.mark(&mut cursor, 0, 4096).is_none(), "durable now");
+    // With memory and disk in step, the next store keeps the data where it is.
+    m.apply(Action::Remove { name: "q".into() }).unwrap();
+    assert_eq!(
+        store.state.lock().unwrap().entries,
+        vec![("p".into(), true, false, false)]
+    );
+}

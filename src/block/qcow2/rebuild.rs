@@ -45,15 +45,15 @@ pub(super) fn rebuild_refcounts(
         blocks.extend(area / entries..=(area + new_clusters - 1) / entries);
         let table_entries = blocks.last().map_or(0, |b| b + 1);
         let table_clusters = (table_entries * 8).div_ceil(cluster_size);
+        if table_clusters * cluster_size > super::header::MAX_REFTABLE_BYTES {
+            return Err(Qcow2Error::RefcountTableFull);
+        }
         let needed = blocks.len() as u64 + table_clusters;
         if needed <= new_clusters {
             break (blocks, table_clusters);
         }
         new_clusters = needed;
     };
-    if table_clusters * cluster_size > super::header::MAX_REFTABLE_BYTES {
-        return Err(Qcow2Error::RefcountTableFull);
-    }
     let first_new = area;
     let end_new = area + blocks.len() as u64 + table_clusters;
     let refcount = |c: u64| -> u64 {
