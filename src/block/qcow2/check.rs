@@ -106,8 +106,10 @@ fn count_and_compare(
     // zero.
     let mut end = 0;
     let mut fixes = Vec::new();
-    for c in relevant_clusters(meta, &counts) {
-        let expected = counts.get(c);
+    for (c, expected) in relevant_ranges(meta, &counts)
+        .into_iter()
+        .flat_map(|(start, end)| counts.each(start, end))
+    {
         // A refcount that cannot be read (its block is invalid) is as good as none.
         let stored = meta
             .refcounts
@@ -176,9 +178,9 @@ fn count_and_compare(
     Ok((report, counts, rebuild))
 }
 
-/// The clusters of the file that may have a reference or a refcount, in order: the ranges the
-/// counts touched and those the refcount blocks describe.
-fn relevant_clusters(meta: &Meta, counts: &Counts) -> impl Iterator<Item = u64> {
+/// The ranges of the file's clusters that may have a reference or a refcount, in order and
+/// disjoint: those the counts touched and those the refcount blocks describe.
+fn relevant_ranges(meta: &Meta, counts: &Counts) -> Vec<(u64, u64)> {
     let entries = meta.refcounts.block_entries();
     let mut ranges: Vec<(u64, u64)> = counts.ranges().collect();
     for (i, entry) in meta.refcounts.entries().iter().enumerate() {
@@ -195,7 +197,7 @@ fn relevant_clusters(meta: &Meta, counts: &Counts) -> impl Iterator<Item = u64> 
             _ => merged.push((start, end)),
         }
     }
-    merged.into_iter().flat_map(|(start, end)| start..end)
+    merged
 }
 
 /// Fix an L1 entry (`l2_index` None) or L2 entry in place.

@@ -48,6 +48,35 @@ impl Counts {
             })
     }
 
+    /// The counts of the clusters in `[start, end)`, in order, one chunk lookup per chunk.
+    pub fn each(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let chunk_size = 1u64 << CHUNK_BITS;
+        let first = start >> CHUNK_BITS;
+        let last = end.saturating_sub(1) >> CHUNK_BITS;
+        (first..=last)
+            .filter(move |_| start < end)
+            .flat_map(move |k| {
+                let chunk = self.chunks.get(&k);
+                let from = start.max(k * chunk_size);
+                let to = end.min((k + 1) * chunk_size);
+                (from..to).map(move |c| {
+                    let n = chunk.map_or(0, |chunk| chunk[(c & chunk_mask()) as usize]);
+                    (c, u64::from(n))
+                })
+            })
+    }
+
+    /// The clusters something refers to, in order.
+    pub fn in_use(&self) -> impl Iterator<Item = u64> + '_ {
+        self.chunks.iter().flat_map(|(k, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(move |(i, _)| (k << CHUNK_BITS) + i as u64)
+        })
+    }
+
     /// The ranges `[start, end)` of clusters that may have references, in order.
     pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.chunks.keys().map(|k| {

@@ -33,12 +33,7 @@ pub(super) fn rebuild_refcounts(
     // use (the new structure included), then the table. Ranges with nothing in use get no
     // block, so a sparse file costs what it uses.
     let area = node.meta_file.current_size()?.div_ceil(cluster_size);
-    let used_blocks: BTreeSet<u64> = counts
-        .ranges()
-        .flat_map(|(start, end)| start..end)
-        .filter(|c| counts.get(*c) > 0)
-        .map(|c| c / entries)
-        .collect();
+    let used_blocks: BTreeSet<u64> = counts.in_use().map(|c| c / entries).collect();
     let mut new_clusters = 1u64;
     let (blocks, table_clusters) = loop {
         let mut blocks = used_blocks.clone();
