@@ -212,19 +212,25 @@ pub fn vubd_offline(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Create `disk.raw` in `work` (`size_mib` MiB of random data, not holes) and the qcow2
-/// metadata `meta.qcow2` beside it.
-pub fn prepare_image(work: &Path, size_mib: u64) -> Result<(), String> {
+/// Create `disk.raw` in `work` (`size_mib` MiB of random data, not holes; or a sparse file
+/// with `sparse`) and the qcow2 metadata `meta.qcow2` beside it.
+pub fn prepare_image(work: &Path, size_mib: u64, sparse: bool) -> Result<(), String> {
     fs::create_dir_all(work).map_err(|e| format!("{}: {e}", work.display()))?;
     let disk = work.join("disk.raw");
-    let status = Command::new("dd")
-        .args(["if=/dev/urandom", "bs=1M", "status=none"])
-        .arg(format!("of={}", disk.display()))
-        .arg(format!("count={size_mib}"))
-        .status()
-        .map_err(|e| format!("dd: {e}"))?;
-    if !status.success() {
-        return Err("dd failed".into());
+    if sparse {
+        fs::File::create(&disk)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .map_err(|e| format!("{}: {e}", disk.display()))?;
+    } else {
+        let status = Command::new("dd")
+            .args(["if=/dev/urandom", "bs=1M", "status=none"])
+            .arg(format!("of={}", disk.display()))
+            .arg(format!("count={size_mib}"))
+            .status()
+            .map_err(|e| format!("dd: {e}"))?;
+        if !status.success() {
+            return Err("dd failed".into());
+        }
     }
     let meta = work.join("meta.qcow2");
     vubd_offline(&[
@@ -237,7 +243,7 @@ pub fn prepare_image(work: &Path, size_mib: u64) -> Result<(), String> {
 
 /// The bench's image, with one enabled persistent bitmap.
 pub fn prepare(o: &Options, work: &Path) -> Result<(), String> {
-    prepare_image(work, o.size_mib)?;
+    prepare_image(work, o.size_mib, false)?;
     let meta = work.join("meta.qcow2");
     vubd_offline(&[
         "bitmap",

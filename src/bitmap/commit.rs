@@ -1,15 +1,16 @@
-//! Group commit of first marks: one thread per node writes the bitmap data clusters that
-//! writes newly dirtied, syncs once, and lets every write that waited go on.
+//! Group commit of first marks: one thread per node writes the blocks of bitmap data that
+//! writes newly dirtied (4 KiB each, in place), syncs once, and lets every write that waited go
+//! on.
 //!
 //! Epochs: a writer that needs its marks on disk asks for one ([`Committer::request`]) and is
 //! given `started + 1`, the next commit to begin; once `completed` reaches it, its marks are
 //! durable — which the writer confirms by asking its bitmaps again (a commit that failed leaves
 //! them not durable, and the write fails rather than reach the disk unrecorded). The thread
 //! begins a commit by taking `started + 1` under the lock (after which new writers are given
-//! the one after), then takes the flagged clusters, writes them, syncs, records them as
+//! the one after), then takes the flagged blocks, writes them, syncs, records them as
 //! durable, publishes `completed`, and wakes the queues. Every writer that asked while a commit
-//! was being prepared shares its one sync. A failed write or sync flags the clusters again, so
-//! a later commit retries them.
+//! was being prepared shares its one sync. A failed write or sync flags the blocks again, so a
+//! later commit retries them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -47,7 +48,7 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    /// Start the thread, which commits the flagged clusters of the bitmaps in `list` to
+    /// Start the thread, which commits the flagged blocks of the bitmaps in `list` to
     /// `store` and wakes the queues registered with `gate`.
     ///
     /// A commit holds `store_lock` while it writes in place: whoever switches the bitmap
@@ -127,7 +128,7 @@ fn run(
                 continue;
             };
             for c in track.take_flush() {
-                let Some((offset, bytes)) = track.cluster(bitmap, c) else {
+                let Some((offset, bytes)) = track.block(bitmap, c) else {
                     continue;
                 };
                 match store.write_data_cluster(offset, &bytes) {

@@ -3,16 +3,18 @@
 //!
 //! A [`DurableTrack`] shadows one recording persistent bitmap while it is served: `durable` has
 //! the bits the image is known to hold (the bitmap's data clusters are preallocated and written
-//! in place), `flush` one bit per data cluster whose in-memory content is ahead of the disk, and
-//! `clusters` where each data cluster lives in the image.
+//! in place), `flush` one bit per block of data (4 KiB, or the cluster if smaller) whose
+//! in-memory content is ahead of the disk, and `clusters` where each data cluster lives in the
+//! image. A commit writes only the blocks that changed: a first touch costs a 4 KiB write, not
+//! a cluster's.
 //!
 //! The write path asks [`DurableTrack::mark`]: if every granule of the write is durable there is
 //! nothing to do (one load, as for a bitmap kept only in memory); otherwise the granules are set
-//! in memory, their clusters flagged, and the write must wait for the next group commit.
+//! in memory, their blocks flagged, and the write must wait for the next group commit.
 //!
-//! Ordering, which is the whole point: a granule's bit is set in memory *before* its cluster is
-//! flagged, and a cluster is flagged *before* the writer asks for a commit; the committer takes
-//! the flags only after the epoch the writer was given has started, copies the clusters from
+//! Ordering, which is the whole point: a granule's bit is set in memory *before* its block is
+//! flagged, and a block is flagged *before* the writer asks for a commit; the committer takes
+//! the flags only after the epoch the writer was given has started, copies the blocks from
 //! memory after taking their flags, and sets durable bits only after the copies are synced. So
 //! a writer that sees a durable bit knows the disk has it, and a writer given epoch `E` knows
 //! that when `E` completes its granules are on disk — whether `E` or an earlier commit wrote
@@ -22,11 +24,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::DirtyBitmap;
 
+/// log2 of the largest block a commit writes.
+const MAX_BLOCK_BITS: u32 = 12;
+
 /// The durable state of one recording persistent bitmap.
 #[derive(Debug)]
 pub struct DurableTrack {
     /// log2 of the bytes in a data cluster of the image.
     cluster_bits: u32,
+    /// log2 of the bytes in a block, the unit a commit writes.
+    block_bits: u32,
     durable: Box<[AtomicU64]>,
     flush: Box<[AtomicU64]>,
     /// Host offset of each data cluster, in order.
@@ -38,13 +45,16 @@ impl DurableTrack {
     /// exactly what the bitmap holds in memory now.
     pub fn new(bitmap: &DirtyBitmap, cluster_bits: u32, clusters: Vec<u64>) -> Self {
         let words = bitmap.words();
+        let block_bits = cluster_bits.min(MAX_BLOCK_BITS);
+        let blocks = clusters.len() << (cluster_bits - block_bits);
         DurableTrack {
             cluster_bits,
+            block_bits,
             durable: words
                 .iter()
                 .map(|w| AtomicU64::new(w.load(Ordering::Acquire)))
                 .collect(),
-            flush: (0..clusters.len().div_ceil(64))
+            flush: (0..blocks.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             clusters,
@@ -56,6 +66,7 @@ impl DurableTrack {
     pub fn unwritable(bitmap: &DirtyBitmap) -> Self {
         DurableTrack {
             cluster_bits: 9,
+            block_bits: 9,
             durable: (0..bitmap.words().len())
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -64,14 +75,9 @@ impl DurableTrack {
         }
     }
 
-    /// Data clusters the bitmap takes.
-    pub fn cluster_count(&self) -> usize {
-        self.clusters.len()
-    }
-
-    /// Granule words per data cluster.
-    fn words_per_cluster(&self) -> usize {
-        (1usize << self.cluster_bits) / 8
+    /// Granule words per block.
+    fn words_per_block(&self) -> usize {
+        (1usize << self.block_bits) / 8
     }
 
     /// Mark `[offset, offset + len)` in `bitmap`. Returns whether some granule was not durable
@@ -85,11 +91,11 @@ impl DurableTrack {
             return false;
         }
         bitmap.mark(offset, len);
-        // Granule n is bit n % 8 of byte n / 8: its data cluster is byte / cluster size.
-        let shift = self.cluster_bits + 3;
-        for c in (first >> shift)..=(last >> shift) {
-            if let Some(word) = self.flush.get((c / 64) as usize) {
-                word.fetch_or(1 << (c % 64), Ordering::SeqCst);
+        // Granule n is bit n % 8 of byte n / 8: its block is byte / block size.
+        let shift = self.block_bits + 3;
+        for b in (first >> shift)..=(last >> shift) {
+            if let Some(word) = self.flush.get((b / 64) as usize) {
+                word.fetch_or(1 << (b % 64), Ordering::SeqCst);
             }
         }
         true
@@ -133,14 +139,14 @@ impl DurableTrack {
                 .any(|(m, d)| m.load(Ordering::Acquire) != d.load(Ordering::Acquire))
     }
 
-    /// Flag data cluster `c` again (a commit of it failed).
-    pub fn flag(&self, c: usize) {
-        if let Some(word) = self.flush.get(c / 64) {
-            word.fetch_or(1 << (c % 64), Ordering::SeqCst);
+    /// Flag block `b` again (a commit of it failed).
+    pub fn flag(&self, b: usize) {
+        if let Some(word) = self.flush.get(b / 64) {
+            word.fetch_or(1 << (b % 64), Ordering::SeqCst);
         }
     }
 
-    /// Take the flagged clusters (their flags are cleared): what the next commit writes.
+    /// Take the flagged blocks (their flags are cleared): what the next commit writes.
     pub fn take_flush(&self) -> Vec<usize> {
         let mut out = Vec::new();
         for (i, word) in self.flush.iter().enumerate() {
@@ -153,26 +159,33 @@ impl DurableTrack {
         out
     }
 
-    /// Where data cluster `c` lives, and its content as the bitmap holds it now.
-    pub fn cluster(&self, bitmap: &DirtyBitmap, c: usize) -> Option<(u64, Vec<u8>)> {
-        let offset = *self.clusters.get(c)?;
-        let per = self.words_per_cluster();
+    /// Where block `b` lives in the image, and its content as the bitmap holds it now.
+    pub fn block(&self, bitmap: &DirtyBitmap, b: usize) -> Option<(u64, Vec<u8>)> {
+        let per_cluster = self.cluster_bits - self.block_bits;
+        let cluster = *self.clusters.get(b >> per_cluster)?;
+        let offset = cluster + (((b & ((1 << per_cluster) - 1)) as u64) << self.block_bits);
+        let per = self.words_per_block();
         let words = bitmap.words();
         let mut bytes = Vec::with_capacity(per * 8);
-        for w in words.iter().skip(c * per).take(per) {
+        for w in words.iter().skip(b * per).take(per) {
             bytes.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
         }
-        bytes.resize(1 << self.cluster_bits, 0);
+        bytes.resize(1 << self.block_bits, 0);
         Some((offset, bytes))
     }
 
-    /// Data cluster `c` reached the disk holding `bytes` (a copy [`DurableTrack::cluster`]
-    /// made): its bits are durable.
-    pub fn set_durable(&self, c: usize, bytes: &[u8]) {
-        let per = self.words_per_cluster();
+    /// Block `b` reached the disk holding `bytes` (a copy [`DurableTrack::block`] made): its
+    /// bits are durable.
+    pub fn set_durable(&self, b: usize, bytes: &[u8]) {
+        let per = self.words_per_block();
         for (i, chunk) in bytes.as_chunks::<8>().0.iter().enumerate() {
-            if let Some(word) = self.durable.get(c * per + i) {
-                word.fetch_or(u64::from_le_bytes(*chunk), Ordering::Release);
+            let bits = u64::from_le_bytes(*chunk);
+            if let Some(word) = self.durable.get(b * per + i) {
+                // A load first: most words are clean or already durable, and a locked
+                // read-modify-write of each would cost more than the commit's write.
+                if word.load(Ordering::Acquire) & bits != bits {
+                    word.fetch_or(bits, Ordering::Release);
+                }
             }
         }
     }
@@ -197,7 +210,7 @@ mod tests {
         );
         assert_eq!(t.take_flush(), vec![0]);
         assert!(t.take_flush().is_empty(), "flags are taken once");
-        let (offset, bytes) = t.cluster(&b, 0).unwrap();
+        let (offset, bytes) = t.block(&b, 0).unwrap();
         assert_eq!(offset, 0x10000);
         assert_eq!(bytes.len(), 512);
         assert_eq!(bytes[0], 0b101);
@@ -208,8 +221,25 @@ mod tests {
             "a range with one granule (1) that is not"
         );
         assert_eq!(t.take_flush(), vec![0]);
-        let (_, bytes) = t.cluster(&b, 0).unwrap();
+        let (_, bytes) = t.block(&b, 0).unwrap();
         t.set_durable(0, &bytes);
         assert!(!t.mark(&b, 0, 3 * 4096), "a range of durable granules");
+    }
+
+    #[test]
+    fn a_commit_writes_the_4_kib_block_of_a_mark_not_its_cluster() {
+        // 1 GiB disk, 512-byte granules: 256 KiB of data in four 64 KiB clusters.
+        let b = DirtyBitmap::new("b", 9, 1 << 30, true, true);
+        let t = DurableTrack::new(&b, 16, vec![0x10_0000, 0x20_0000, 0x30_0000, 0x40_0000]);
+        // Granule 560000 is bit 0 of byte 70000 of the data: cluster 1, its block 1.
+        let granule = 8 * 70000u64;
+        assert!(t.mark(&b, granule * 512, 512));
+        assert_eq!(t.take_flush(), vec![17]);
+        let (offset, bytes) = t.block(&b, 17).unwrap();
+        assert_eq!(offset, 0x20_0000 + 4096);
+        assert_eq!(bytes.len(), 4096);
+        assert_eq!(bytes[(70000 - 65536 - 4096) as usize], 1);
+        t.set_durable(17, &bytes);
+        assert!(!t.mark(&b, granule * 512, 512));
     }
 }

@@ -50,8 +50,8 @@ pub trait BitmapStore: Send + Sync {
         entries: &[StoreEntry],
         preallocate: bool,
     ) -> Result<Vec<Vec<u64>>, BitmapError>;
-    /// Write one data cluster in place (one [`BitmapStore::store_bitmaps`] returned); durable
-    /// once [`BitmapStore::sync_bitmaps`] returns.
+    /// Write `data` in place inside one data cluster (one [`BitmapStore::store_bitmaps`]
+    /// returned); durable once [`BitmapStore::sync_bitmaps`] returns.
     fn write_data_cluster(&self, offset: u64, data: &[u8]) -> Result<(), BitmapError>;
     /// Make the data clusters written so far durable.
     fn sync_bitmaps(&self) -> Result<(), BitmapError>;
