@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use thiserror::Error;
 
 use crate::bitmap::{BitmapError, BitmapManager, Persistence, WriteGate};
@@ -52,7 +53,11 @@ pub enum ExportError {
 /// A served graph root.
 #[derive(Debug)]
 pub struct Export {
-    root: Arc<dyn BlockDriver>,
+    /// The disk: the format node the export was opened on, owner of the bitmaps.
+    disk: Arc<dyn BlockDriver>,
+    /// Where requests enter: the disk, or a filter inserted over it while a job runs
+    /// (copy-before-write during a backup). Swapped only with the write gate drained.
+    root: ArcSwap<Arc<dyn BlockDriver>>,
     bitmaps: BitmapManager,
     options: ExportOptions,
 }
@@ -75,7 +80,8 @@ impl Export {
             source,
         })?;
         Ok(Export {
-            root,
+            root: ArcSwap::from_pointee(root.clone()),
+            disk: root,
             bitmaps,
             options: ExportOptions {
                 read_only,
@@ -84,9 +90,21 @@ impl Export {
         })
     }
 
-    /// The graph's root node, where requests enter.
-    pub fn root(&self) -> &Arc<dyn BlockDriver> {
-        &self.root
+    /// The graph's root node, where requests enter: the disk, or a filter over it.
+    pub fn root(&self) -> Arc<dyn BlockDriver> {
+        Arc::clone(&self.root.load())
+    }
+
+    /// The disk's format node, under any filter: its files are the export's files.
+    pub fn disk(&self) -> &Arc<dyn BlockDriver> {
+        &self.disk
+    }
+
+    /// Put `root` (a filter over the disk, or the disk itself) where requests enter. Callers
+    /// hold the write gate drained, so that no write is between its mapping and its I/O
+    /// with the old root's hooks skipped.
+    pub fn set_root(&self, root: Arc<dyn BlockDriver>) {
+        self.root.store(Arc::new(root));
     }
 
     /// The root node's dirty bitmaps.
@@ -104,7 +122,7 @@ impl Export {
     }
 
     pub fn size(&self) -> u64 {
-        self.root.size()
+        self.disk.size()
     }
 
     pub fn engine(&self) -> EngineKind {
@@ -117,7 +135,7 @@ impl Export {
 
     /// The file that names the export in messages: the root's first protocol node.
     pub fn path(&self) -> PathBuf {
-        root_path(&*self.root)
+        root_path(&*self.disk)
     }
 
     /// Make everything written so far durable: metadata, then every file.
@@ -125,8 +143,8 @@ impl Export {
         if self.options.read_only {
             return Ok(());
         }
-        self.root.flush_metadata()?;
-        for file in self.root.files() {
+        self.disk.flush_metadata()?;
+        for file in self.disk.files() {
             if !file.read_only() {
                 file.sync_data()?;
             }

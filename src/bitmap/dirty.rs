@@ -232,6 +232,43 @@ impl DirtyBitmap {
         out
     }
 
+    /// The runs of `[offset, offset + len)` (clipped to the disk) as `(length, dirty)`, in
+    /// order, merged, at most `max_runs` of them (the last may then end before the range
+    /// does). NBD's `qemu:dirty-bitmap:NAME` context reports these.
+    pub fn runs(&self, offset: u64, len: u64, max_runs: usize, out: &mut Vec<(u64, bool)>) {
+        let end = offset.saturating_add(len).min(self.size);
+        let g = self.granularity();
+        let mut pos = offset;
+        while pos < end {
+            let granule = pos >> self.granularity_bits;
+            let dirty = self.is_dirty_granule(granule);
+            // Whole words that are all clean or all dirty are skipped at once.
+            let mut next = (granule + 1) * g;
+            while next < end {
+                let n = next >> self.granularity_bits;
+                let word = self
+                    .words
+                    .get((n / 64) as usize)
+                    .map_or(0, |w| w.load(Ordering::Acquire));
+                if n % 64 == 0 && word == if dirty { u64::MAX } else { 0 } {
+                    next += 64 * g;
+                } else if self.is_dirty_granule(n) == dirty {
+                    next += g;
+                } else {
+                    break;
+                }
+            }
+            let run_end = next.min(end);
+            let full = out.len() >= max_runs;
+            match out.last_mut() {
+                Some(last) if last.1 == dirty => last.0 += run_end - pos,
+                _ if full => return,
+                _ => out.push((run_end - pos, dirty)),
+            }
+            pos = run_end;
+        }
+    }
+
     /// Set every granule `other` marks (granularities may differ).
     pub fn merge_from(&self, other: &DirtyBitmap) {
         for (offset, len) in other.extents() {

@@ -25,7 +25,7 @@ mod gate;
 mod store;
 mod transaction;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -57,6 +57,8 @@ pub enum BitmapError {
     NotFound(String),
     #[error("Bitmap '{0}' is inconsistent and cannot be used; try block-dirty-bitmap-remove to delete this bitmap from disk")]
     Inconsistent(String),
+    #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
+    Busy(String),
     #[error("{0}")]
     Invalid(String),
     #[error("Cannot store persistent bitmaps in node '{0}': {1}")]
@@ -74,6 +76,8 @@ pub struct BitmapInfo {
     pub recording: bool,
     pub persistent: bool,
     pub inconsistent: bool,
+    /// In use by an operation (an NBD export): it cannot be changed or removed.
+    pub busy: bool,
 }
 
 type BitmapList = Arc<Vec<Arc<DirtyBitmap>>>;
@@ -110,6 +114,8 @@ pub struct BitmapManager {
     stale: AtomicBool,
     /// Held by a group commit writing marks in place, and by a store switching the directory.
     store_lock: Arc<Mutex<()>>,
+    /// Bitmaps in use by operations (NBD exports), with how many use each.
+    busy: Mutex<HashMap<String, usize>>,
 }
 
 impl std::fmt::Debug for BitmapManager {
@@ -193,6 +199,7 @@ impl BitmapManager {
             committer,
             stale: AtomicBool::new(false),
             store_lock,
+            busy: Mutex::new(HashMap::new()),
         };
         if !read_only && manager.snapshot().iter().any(|b| b.is_persistent()) {
             match persistence {
@@ -279,8 +286,43 @@ impl BitmapManager {
                 recording: b.is_recording(),
                 persistent: b.is_persistent(),
                 inconsistent: b.is_inconsistent(),
+                busy: self.is_busy(b.name()),
             })
             .collect()
+    }
+
+    /// Take `name` for an operation that reads it (an NBD export): until [`Self::release`],
+    /// it cannot be removed, cleared, enabled, disabled or merged into. Returns the bitmap.
+    pub fn acquire(&self, name: &str) -> Result<Arc<DirtyBitmap>, BitmapError> {
+        let _ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let list = self.snapshot();
+        let b = usable(&list, name)?.clone();
+        *self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default() += 1;
+        Ok(b)
+    }
+
+    /// Give back a bitmap taken with [`Self::acquire`].
+    pub fn release(&self, name: &str) {
+        let _ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = busy.get_mut(name) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(name);
+            }
+        }
+    }
+
+    pub(super) fn is_busy(&self, name: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
     }
 
     /// The dirty extents of a bitmap (for `vubd bitmap dump`).

@@ -64,6 +64,17 @@ impl Changes {
 impl BitmapManager {
     /// Run `actions` atomically: all of them or none, with no write in flight meanwhile.
     pub fn transaction(&self, actions: &[Action]) -> Result<(), BitmapError> {
+        self.transaction_with(actions, || {})
+    }
+
+    /// [`Self::transaction`], then `then` once the actions are applied and stored, still with
+    /// no write in flight: what a `transaction` that also starts a job (`blockdev-backup`)
+    /// needs, so that the checkpoint and the job's start split the writes at one point.
+    pub fn transaction_with(
+        &self,
+        actions: &[Action],
+        then: impl FnOnce(),
+    ) -> Result<(), BitmapError> {
         let _ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let staged = self.stage(actions)?;
         let _drained = self
@@ -79,6 +90,7 @@ impl BitmapManager {
             Persistence::OnClose if changes.set => self.persist(true, false)?,
             _ => {}
         }
+        then();
         Ok(())
     }
 
@@ -118,6 +130,7 @@ impl BitmapManager {
                 Action::Remove { name } => {
                     let i =
                         find(&model, name).ok_or_else(|| BitmapError::NotFound(name.clone()))?;
+                    self.require_idle(name)?;
                     if self.read_only && list.iter().any(|b| b.name() == name && b.is_persistent())
                     {
                         return Err(BitmapError::Invalid(format!(
@@ -128,9 +141,11 @@ impl BitmapManager {
                 }
                 Action::Clear { name } | Action::Enable { name } | Action::Disable { name } => {
                     require_usable(&model, name)?;
+                    self.require_idle(name)?;
                 }
                 Action::Merge { target, sources } => {
                     require_usable(&model, target)?;
+                    self.require_idle(target)?;
                     for s in sources {
                         require_usable(&model, s)?;
                     }
@@ -139,6 +154,14 @@ impl BitmapManager {
             created.push(new);
         }
         Ok(created)
+    }
+
+    /// Refuse to change a bitmap an operation uses (QEMU's `BDRV_BITMAP_BUSY` check).
+    fn require_idle(&self, name: &str) -> Result<(), BitmapError> {
+        if self.is_busy(name) {
+            return Err(BitmapError::Busy(name.to_string()));
+        }
+        Ok(())
     }
 
     fn new_bitmap(

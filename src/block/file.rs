@@ -347,6 +347,43 @@ impl FileNode {
         self.file.write_all_at(buf, offset)
     }
 
+    /// Whether the file stores data at `offset` (`false`: a hole, reading as zeroes) and for
+    /// how many bytes from there on, at most `len`, asked with `SEEK_DATA`/`SEEK_HOLE`. A file
+    /// system that cannot tell says data everywhere.
+    pub fn allocation(&self, offset: u64, len: u64) -> io::Result<(u64, bool)> {
+        let seek = |whence: libc::c_int| -> io::Result<Option<u64>> {
+            let at = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: lseek on our own descriptor; it moves the file offset, which vubd never
+            // uses (all I/O is positional).
+            let r = unsafe { libc::lseek(self.fd(), at, whence) };
+            if r >= 0 {
+                return Ok(Some(r as u64));
+            }
+            match io::Error::last_os_error() {
+                // ENXIO: no data (SEEK_DATA) at or after offset, or offset past the end.
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    Err(e)
+                }
+                e => Err(e),
+            }
+        };
+        let end = offset.saturating_add(len);
+        match seek(libc::SEEK_DATA) {
+            Ok(Some(data)) if data > offset => Ok(((data - offset).min(len), false)),
+            Ok(Some(_)) => {
+                let hole = seek(libc::SEEK_HOLE)?.unwrap_or(end);
+                Ok((hole.clamp(offset + 1, end) - offset, true))
+            }
+            Ok(None) => Ok((len, false)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                Ok((len, true))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn sync_data(&self) -> io::Result<()> {
         if let Some(fault) = &self.fault {
             fault.before_sync(self.fd())?;

@@ -10,7 +10,9 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use super::file::FileNode;
-use super::{BlockDriver, BlockError, Extent, GuestIo, HostZeroOp, IoTicket, ZeroOp};
+use super::{
+    Allocation, BlockDriver, BlockError, Extent, GuestIo, HostZeroOp, IoTicket, ZeroOp,
+};
 
 /// What a filter does around its child's requests. Every hook has a pass-through default.
 pub trait Filter: Send + Sync + Debug {
@@ -49,6 +51,35 @@ pub trait Filter: Send + Sync + Debug {
     /// The data I/O of a write of `[offset, offset + len)` is over; `ok` says whether all of
     /// it succeeded. Not called for write-zeroes and discards, which complete when mapped.
     fn after_write(&self, _offset: u64, _len: u64, _ok: bool) {}
+}
+
+/// A shared filter filters the same way: the node holds one reference, its owner another
+/// (a backup job keeps its copy-before-write state to serve readers of the view).
+impl<F: Filter + ?Sized> Filter for Arc<F> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn before_read(&self, child: &dyn BlockDriver, offset: u64, len: u64) -> Result<(), BlockError> {
+        (**self).before_read(child, offset, len)
+    }
+
+    fn before_write(
+        &self,
+        child: &dyn BlockDriver,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BlockError> {
+        (**self).before_write(child, offset, len)
+    }
+
+    fn wants_after_write(&self) -> bool {
+        (**self).wants_after_write()
+    }
+
+    fn after_write(&self, offset: u64, len: u64, ok: bool) {
+        (**self).after_write(offset, len, ok)
+    }
 }
 
 /// A node that runs a [`Filter`] over one child.
@@ -139,6 +170,14 @@ impl<F: Filter> BlockDriver for FilterNode<F> {
 
     fn discard_granularity(&self) -> u64 {
         self.child.discard_granularity()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<(u64, Allocation), BlockError> {
+        self.child.block_status(offset, len)
+    }
+
+    fn allocation_unit(&self) -> Option<u64> {
+        self.child.allocation_unit()
     }
 
     fn data_file(&self) -> Option<&Arc<FileNode>> {

@@ -7,6 +7,7 @@
 //! That split keeps the fast path free of locks: mapping is a short, in-memory step and the
 //! data transfer runs without holding anything.
 
+pub mod cbw;
 pub mod error;
 pub mod fault;
 pub mod file;
@@ -149,6 +150,17 @@ pub struct HostZeroOp {
     pub op: ZeroOp,
 }
 
+/// What a range of a node holds, as NBD's `base:allocation` context reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// Data is stored (it may still read as zeroes).
+    Data,
+    /// Reads as zeroes, with storage allocated.
+    Zero,
+    /// Reads as zeroes, nothing allocated (a hole, an unallocated cluster with no backing).
+    Hole,
+}
+
 /// A format node: what the guest sees as its disk.
 pub trait BlockDriver: Send + Sync + Debug {
     /// The format's name as QEMU spells it (`raw`, `qcow2`).
@@ -205,6 +217,11 @@ pub trait BlockDriver: Send + Sync + Debug {
     /// The smallest unit a discard can free, in bytes.
     fn discard_granularity(&self) -> u64;
 
+    /// The allocation unit of formats that have one (qcow2's cluster size).
+    fn allocation_unit(&self) -> Option<u64> {
+        None
+    }
+
     /// The external data file, for formats that keep guest data apart from metadata.
     fn data_file(&self) -> Option<&Arc<FileNode>> {
         None
@@ -213,6 +230,45 @@ pub trait BlockDriver: Send + Sync + Debug {
     /// Where this node stores persistent dirty bitmaps, if its format can.
     fn bitmap_store(self: Arc<Self>) -> Option<Arc<dyn crate::bitmap::BitmapStore>> {
         None
+    }
+
+    /// What the range starting at `offset` holds: the allocation of its first byte and how
+    /// many bytes from `offset` on (at least 1, at most `len`) share it. Reports the whole
+    /// chain (a backing node answers for clusters its overlay does not have). The default
+    /// says every byte is data, which is always true.
+    fn block_status(&self, _offset: u64, len: u64) -> Result<(u64, Allocation), BlockError> {
+        Ok((len, Allocation::Data))
+    }
+
+    /// Write `buf` at `offset` synchronously (copy-before-write targets, tools), allocating
+    /// where needed; the data is durable only after a flush.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        let iov = [libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec names `buf`, borrowed for this call; a write mapping only reads
+        // from the guest buffers.
+        let guest = unsafe { GuestIo::new(&iov) };
+        let mut extents = Vec::new();
+        let ticket = self.map_write(offset, buf.len() as u64, guest, &mut extents)?;
+        let mut at = 0usize;
+        let mut result = Ok(());
+        for extent in &extents {
+            let piece = &buf[at..at + extent.len as usize];
+            if let Mapping::Data { file, offset } = extent.mapping {
+                let node = &self.files()[file];
+                if let Err(e) = node.write_all_at(piece, offset) {
+                    result = Err(BlockError::from(e)
+                        .with_path(node.path())
+                        .with_offset(offset));
+                    break;
+                }
+            }
+            at += extent.len as usize;
+        }
+        self.release(ticket, result.is_ok());
+        result
     }
 
     /// Read `buf.len()` bytes at `offset` synchronously (copy-on-write sources, tools).
@@ -290,7 +346,7 @@ impl NodeNames {
 }
 
 /// Which backing file a qcow2 node uses.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub enum BackingChoice {
     /// The one the image names (subject to the stored-name policy), in its recorded format.
     #[default]
@@ -299,6 +355,9 @@ pub enum BackingChoice {
     Disabled,
     /// This file, in this format, whatever the image names.
     Use(std::path::PathBuf, Format),
+    /// A node already in the graph (QMP `blockdev-add` with `"backing": NODE`): a fleecing
+    /// image over the disk it takes a point-in-time view of.
+    Node(Arc<dyn BlockDriver>),
 }
 
 /// How to open an image and the nodes under it.

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use super::file::FileNode;
-use super::{BlockDriver, BlockError, Extent, GuestIo, HostZeroOp, IoTicket, Mapping, ZeroOp};
+use super::{
+    Allocation, BlockDriver, BlockError, Extent, GuestIo, HostZeroOp, IoTicket, Mapping, ZeroOp,
+};
 
 /// A raw image: an identity mapping onto one file.
 #[derive(Debug)]
@@ -77,6 +79,14 @@ impl BlockDriver for RawNode {
             op,
         });
         Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<(u64, Allocation), BlockError> {
+        let file = &self.files[0];
+        let (n, data) = file
+            .allocation(offset, len)
+            .map_err(|e| BlockError::from(e).with_path(file.path()).with_offset(offset))?;
+        Ok((n, if data { Allocation::Data } else { Allocation::Hole }))
     }
 
     fn discard_granularity(&self) -> u64 {

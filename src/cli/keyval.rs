@@ -52,7 +52,9 @@ pub fn parse_options(option: &str, text: &str, implied: Option<&str>) -> Result<
     Ok(out)
 }
 
-fn flatten_json(prefix: &str, value: &serde_json::Value, out: &mut Opts) {
+/// Flatten a JSON value into dotted keys, lists as `key.0`, `key.1`, ... (QEMU's keyval form of
+/// the same options), booleans as `on`/`off`.
+pub fn flatten_json(prefix: &str, value: &serde_json::Value, out: &mut Opts) {
     match value {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
@@ -62,6 +64,11 @@ fn flatten_json(prefix: &str, value: &serde_json::Value, out: &mut Opts) {
                     format!("{prefix}.{k}")
                 };
                 flatten_json(&key, v, out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                flatten_json(&format!("{prefix}.{i}"), v, out);
             }
         }
         serde_json::Value::String(s) => {

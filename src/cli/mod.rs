@@ -3,7 +3,7 @@
 
 mod bitmap;
 mod image;
-mod keyval;
+pub(crate) mod keyval;
 mod qsd;
 mod serve;
 mod spec;

@@ -468,7 +468,7 @@ mod tests {
         )
         .unwrap_or_else(|f| panic!("{}", f.message));
         assert_eq!(spec.image, PathBuf::from("a,b.qcow2"));
-        assert_eq!(spec.open.backing, BackingChoice::Disabled);
+        assert!(matches!(spec.open.backing, BackingChoice::Disabled));
         assert!(
             spec.open.read_only,
             "qemu-storage-daemon exports are read-only by default"

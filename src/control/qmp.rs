@@ -358,7 +358,7 @@ impl Session {
                         "count": b.count,
                         "granularity": b.granularity,
                         "recording": b.recording,
-                        "busy": false,
+                        "busy": b.busy,
                         "persistent": b.persistent,
                         "inconsistent": b.inconsistent,
                     })
@@ -384,7 +384,7 @@ impl Session {
     }
 
     fn format_node_info(&self) -> Value {
-        let driver = self.device.root();
+        let driver = self.device.disk();
         let files = driver.files();
         let path = files
             .first()
@@ -404,7 +404,7 @@ impl Session {
 
     fn named_block_nodes(&self) -> Value {
         let names = self.device.node_names();
-        let driver = self.device.root();
+        let driver = self.device.disk();
         let files = driver.files();
         let mut nodes = vec![self.format_node_info()];
         if let Some(file) = files.first() {

@@ -72,7 +72,7 @@ impl BlkDevice {
                 block_size,
             });
         }
-        for file in export.root().files() {
+        for file in export.disk().files() {
             if file.direct_align() > u64::from(block_size) {
                 return Err(DeviceError::DirectAlignment {
                     path: file.path().to_path_buf(),
@@ -84,7 +84,7 @@ impl BlkDevice {
         let limits = DeviceLimits::new(
             size,
             block_size,
-            export.root().discard_granularity(),
+            export.disk().discard_granularity(),
             options.queue_size,
             export.read_only(),
         );

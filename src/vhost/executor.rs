@@ -256,7 +256,7 @@ impl Executor {
 
     /// Start the I/O of a validated request.
     fn execute(&mut self, slot_index: u32, req: Request) {
-        let driver = self.device.export().root().clone();
+        let driver = self.device.export().root();
         let result = match req.kind {
             RequestKind::Read { offset, len } | RequestKind::Write { offset, len } => {
                 let write = matches!(req.kind, RequestKind::Write { .. });
@@ -301,7 +301,7 @@ impl Executor {
 
     /// Push the data transfers of a read or write whose extents are in `self.extents`.
     fn start_transfer(&mut self, slot_index: u32, write: bool) {
-        let files = self.device.export().root().files();
+        let files = self.device.export().disk().files();
         let Slot {
             bufs,
             split_iov,
@@ -367,7 +367,7 @@ impl Executor {
     fn start_sync(&mut self, slot_index: u32) {
         let slot = &mut self.slots[slot_index as usize];
         slot.synced = true;
-        for file in self.device.export().root().files() {
+        for file in self.device.export().disk().files() {
             if file.read_only() {
                 continue;
             }
@@ -383,7 +383,7 @@ impl Executor {
 
     /// Map a discard or write-zeroes and push its fallocate operations.
     fn start_zeroes(&mut self, slot_index: u32, kind: RequestKind) -> Result<(), BlockError> {
-        let driver = self.device.export().root().clone();
+        let driver = self.device.export().root();
         self.zero_ops.clear();
         let slot = &mut self.slots[slot_index as usize];
         for seg in &slot.bufs.segments {
@@ -498,7 +498,7 @@ impl Executor {
                 let Some((file, zero)) = op.zero else {
                     return Err(errno(-result));
                 };
-                let node = &self.device.export().root().files()[file];
+                let node = &self.device.export().disk().files()[file];
                 if !node.note_fallocate_refusal(mode, -result) {
                     return Err(errno(-result));
                 }

@@ -203,10 +203,10 @@ impl Harness {
                 std::thread::sleep(Duration::from_millis(1));
             }
             if bitmaps.mark(&mut self.cursor, offset, len).is_none() {
-                landed = apply(export.root());
+                landed = apply(&export.root());
             }
         } else {
-            landed = apply(export.root());
+            landed = apply(&export.root());
         }
         bitmaps.gate().exit(0);
         if landed {

@@ -46,6 +46,7 @@ mod overlap;
 mod rebuild;
 mod refcount;
 mod snapshot;
+mod status;
 mod units;
 
 use std::fmt;
@@ -58,7 +59,8 @@ use thiserror::Error;
 
 use super::file::FileNode;
 use super::{
-    BlockDriver, BlockError, ErrorKind, Extent, FileId, GuestIo, HostZeroOp, IoTicket, ZeroOp,
+    Allocation, BlockDriver, BlockError, ErrorKind, Extent, FileId, GuestIo, HostZeroOp, IoTicket,
+    ZeroOp,
 };
 use cache::TableCache;
 use entry::EntryFormat;
@@ -441,6 +443,14 @@ impl BlockDriver for Qcow2Node {
 
     fn bitmap_store(self: Arc<Self>) -> Option<Arc<dyn crate::bitmap::BitmapStore>> {
         Some(self)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<(u64, Allocation), BlockError> {
+        self.status(offset, len)
+    }
+
+    fn allocation_unit(&self) -> Option<u64> {
+        Some(self.cluster_size())
     }
 
     fn discard_granularity(&self) -> u64 {

@@ -264,6 +264,16 @@ impl Qcow2Node {
     ) -> Result<Option<Backing>, BlockError> {
         let wrap = |e: Qcow2Error| e.at(path);
         let (backing_path, format, beneath) = match (&options.backing, &header.backing_file) {
+            (BackingChoice::Node(node), _) => {
+                if header.data_file_raw() {
+                    return Err(wrap(Qcow2Error::BackingWithRawDataFile));
+                }
+                return Ok(Some(Backing {
+                    node: node.clone(),
+                    first_file,
+                    size: node.size(),
+                }));
+            }
             (BackingChoice::Use(p, f), _) => (p.clone(), *f, None),
             (BackingChoice::Disabled, _) | (BackingChoice::FromImage, None) => return Ok(None),
             (BackingChoice::FromImage, Some(name)) => {
