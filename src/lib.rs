@@ -12,6 +12,7 @@ pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod iov;
+pub mod nbd;
 pub mod ratelimit;
 pub mod socket;
 pub mod vhost;
