@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod graph;
 pub mod iov;
 pub mod nbd;
 pub mod ratelimit;

@@ -105,7 +105,7 @@ fuzz_target!(|input: &[u8]| {
         };
         stream = &stream[3..];
     }
-    let mut session = Session::new(export.clone());
+    let mut session = Session::new(vubd::graph::Graph::new(export.clone()));
     assert!(session.greeting().is_object());
     if opts & 2 != 0 {
         let reply = session.handle(&serde_json::json!({"execute": "qmp_capabilities"}));

@@ -250,7 +250,7 @@ impl DirtyBitmap {
                     .words
                     .get((n / 64) as usize)
                     .map_or(0, |w| w.load(Ordering::Acquire));
-                if n % 64 == 0 && word == if dirty { u64::MAX } else { 0 } {
+                if n.is_multiple_of(64) && word == if dirty { u64::MAX } else { 0 } {
                     next += 64 * g;
                 } else if self.is_dirty_granule(n) == dirty {
                     next += g;

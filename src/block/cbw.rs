@@ -111,7 +111,9 @@ impl CopyBeforeWrite {
         let mut state = self.lock();
         let id = state.next_reader;
         state.next_reader += 1;
-        state.readers.insert(id, (offset, offset.saturating_add(len)));
+        state
+            .readers
+            .insert(id, (offset, offset.saturating_add(len)));
         drop(state);
         ReadGuard {
             cbw: self.clone(),
@@ -176,10 +178,7 @@ impl CopyBeforeWrite {
                         state.copying.extend(next..end);
                         break Some(next..end);
                     }
-                    state = self
-                        .changed
-                        .wait(state)
-                        .unwrap_or_else(|p| p.into_inner());
+                    state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
             };
             let Some(run) = run else {
@@ -222,10 +221,7 @@ impl CopyBeforeWrite {
             .range(..before)
             .any(|(_, &(s, e))| s < end && start < e)
         {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
         Ok(())
     }

@@ -363,9 +363,7 @@ impl FileNode {
             match io::Error::last_os_error() {
                 // ENXIO: no data (SEEK_DATA) at or after offset, or offset past the end.
                 e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
-                e if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
-                    Err(e)
-                }
+                e if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => Err(e),
                 e => Err(e),
             }
         };

@@ -10,9 +10,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use super::file::FileNode;
-use super::{
-    Allocation, BlockDriver, BlockError, Extent, GuestIo, HostZeroOp, IoTicket, ZeroOp,
-};
+use super::{Allocation, BlockDriver, BlockError, Extent, GuestIo, HostZeroOp, IoTicket, ZeroOp};
 
 /// What a filter does around its child's requests. Every hook has a pass-through default.
 pub trait Filter: Send + Sync + Debug {
@@ -60,7 +58,12 @@ impl<F: Filter + ?Sized> Filter for Arc<F> {
         (**self).name()
     }
 
-    fn before_read(&self, child: &dyn BlockDriver, offset: u64, len: u64) -> Result<(), BlockError> {
+    fn before_read(
+        &self,
+        child: &dyn BlockDriver,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BlockError> {
         (**self).before_read(child, offset, len)
     }
 

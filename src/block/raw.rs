@@ -83,10 +83,19 @@ impl BlockDriver for RawNode {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<(u64, Allocation), BlockError> {
         let file = &self.files[0];
-        let (n, data) = file
-            .allocation(offset, len)
-            .map_err(|e| BlockError::from(e).with_path(file.path()).with_offset(offset))?;
-        Ok((n, if data { Allocation::Data } else { Allocation::Hole }))
+        let (n, data) = file.allocation(offset, len).map_err(|e| {
+            BlockError::from(e)
+                .with_path(file.path())
+                .with_offset(offset)
+        })?;
+        Ok((
+            n,
+            if data {
+                Allocation::Data
+            } else {
+                Allocation::Hole
+            },
+        ))
     }
 
     fn discard_granularity(&self) -> u64 {

@@ -6,12 +6,15 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
+use super::keyval::parse_options;
 use super::spec::{NativeArgs, ServeSpec};
 use super::{qsd, Failure};
 use crate::bitmap::Persistence;
 use crate::block::io::EngineKind;
 use crate::block::open_image;
 use crate::export::{Export, ExportOptions};
+use crate::graph::options::{NbdExportSpec, NbdServerSpec, TlsCredsSpec};
+use crate::graph::Graph;
 use crate::vhost::daemon;
 use crate::vhost::device::{BlkDevice, DeviceOptions};
 use crate::virtio_blk::ID_BYTES;
@@ -64,6 +67,11 @@ pub struct ServeArgs {
     /// qemu-storage-daemon form: a QMP monitor on a chardev (the control socket).
     #[arg(long, value_name = "OPTIONS")]
     monitor: Vec<String>,
+    /// Start the NBD server for backups (addr.type=unix,addr.path=PATH or
+    /// addr.type=inet,addr.host=H,addr.port=P [,tls-creds=ID][,max-connections=N]), as
+    /// qemu-storage-daemon's --nbd-server; NBD exports are --export type=nbd,...
+    #[arg(long, value_name = "OPTIONS")]
+    nbd_server: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -80,13 +88,19 @@ enum EngineArg {
 }
 
 pub fn run(args: ServeArgs) -> Result<i32, Failure> {
-    let mut spec = if !args.blockdev.is_empty() || !args.export.is_empty() {
+    let startup = Startup::parse(&args)?;
+    let mut spec = if !args.blockdev.is_empty() || !startup.vhost_exports.is_empty() {
         if args.native.any_graph_option() {
             return Err(Failure::msg(
                 "use either --image/--socket or --blockdev/--export, not both",
             ));
         }
-        let mut spec = qsd::parse(&args.blockdev, &args.export, &args.object, args.socket_mode)?;
+        let mut spec = qsd::parse(
+            &args.blockdev,
+            &startup.vhost_exports,
+            &startup.other_objects,
+            args.socket_mode,
+        )?;
         spec.control = qsd::monitor_socket(&args.chardev, &args.monitor)?;
         spec
     } else {
@@ -127,8 +141,84 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
             logical_block_size: spec.logical_block_size,
         },
     )?;
-    daemon::serve(Arc::new(device), &spec.socket, spec.control.as_deref())?;
+    let device = Arc::new(device);
+    let graph = Graph::new(device.export().clone());
+    startup.apply(&graph)?;
+    daemon::serve(device, &spec.socket, spec.control.as_deref(), graph)?;
     Ok(0)
+}
+
+/// The NBD side of the command line: TLS objects, the server and its exports, started once
+/// the disk is open (qemu-storage-daemon's `--object tls-creds-x509`, `--nbd-server`,
+/// `--export type=nbd`).
+struct Startup {
+    vhost_exports: Vec<String>,
+    other_objects: Vec<String>,
+    tls: Vec<TlsCredsSpec>,
+    server: Option<NbdServerSpec>,
+    nbd_exports: Vec<NbdExportSpec>,
+}
+
+impl Startup {
+    fn parse(args: &ServeArgs) -> Result<Startup, Failure> {
+        let mut s = Startup {
+            vhost_exports: Vec::new(),
+            other_objects: Vec::new(),
+            tls: Vec::new(),
+            server: None,
+            nbd_exports: Vec::new(),
+        };
+        for e in &args.export {
+            let mut opts = parse_options("--export", e, Some("type"))?;
+            if opts.get("type").map(String::as_str) == Some("nbd") {
+                opts.remove("iothread");
+                s.nbd_exports
+                    .push(NbdExportSpec::parse("--export type=nbd", opts)?);
+            } else {
+                s.vhost_exports.push(e.clone());
+            }
+        }
+        for o in &args.object {
+            let mut opts = parse_options("--object", o, Some("qom-type"))?;
+            if opts.get("qom-type").map(String::as_str) == Some("tls-creds-x509") {
+                opts.remove("qom-type");
+                s.tls
+                    .push(TlsCredsSpec::parse("--object tls-creds-x509", opts)?);
+            } else {
+                s.other_objects.push(o.clone());
+            }
+        }
+        if let Some(n) = &args.nbd_server {
+            let opts = parse_options("--nbd-server", n, None)?;
+            s.server = Some(NbdServerSpec::parse("--nbd-server", opts)?);
+        }
+        if !s.nbd_exports.is_empty() && s.server.is_none() {
+            return Err(Failure::msg(
+                "--export type=nbd needs --nbd-server addr.type=unix,addr.path=PATH (or inet)",
+            ));
+        }
+        Ok(s)
+    }
+
+    fn apply(self, graph: &Graph) -> Result<(), Failure> {
+        let fail = |what: &str, e: crate::graph::GraphError| Failure::msg(format!("{what}: {e}"));
+        for t in self.tls {
+            graph
+                .add_tls_creds(t)
+                .map_err(|e| fail("--object tls-creds-x509", e))?;
+        }
+        if let Some(server) = self.server {
+            graph
+                .start_nbd_server(server)
+                .map_err(|e| fail("--nbd-server", e))?;
+        }
+        for e in self.nbd_exports {
+            graph
+                .add_nbd_export(e)
+                .map_err(|e| fail("--export type=nbd", e))?;
+        }
+        Ok(())
+    }
 }
 
 /// A serial that identifies the image stably: `vubd-` and a hash of its absolute path.

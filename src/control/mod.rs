@@ -14,6 +14,7 @@
 //! [`ControlServer`] closes every client and waits for their threads, so that no command runs
 //! once the export is being closed.
 
+mod backup;
 pub(crate) mod framer;
 mod qmp;
 
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::export::Export;
+use crate::graph::Graph;
 use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
 use framer::{Frame, Framer};
 
@@ -53,7 +54,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The listening control socket.
 pub struct ControlServer {
     listener: UnixListener,
-    device: Arc<Export>,
+    device: Arc<Graph>,
     clients: Arc<Clients>,
     /// The accept loop, once started; joined on drop.
     accept: Mutex<Option<JoinHandle<()>>>,
@@ -87,7 +88,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl ControlServer {
     /// Create the control socket (mode 0600).
-    pub fn bind(path: &Path, device: Arc<Export>) -> Result<ControlServer, SocketError> {
+    pub fn bind(path: &Path, device: Arc<Graph>) -> Result<ControlServer, SocketError> {
         let listener = bind_unix(path, 0o600, "--control")?;
         Ok(ControlServer {
             listener,
@@ -136,7 +137,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(listener: &UnixListener, device: &Arc<Export>, clients: &Arc<Clients>) {
+fn accept_loop(listener: &UnixListener, device: &Arc<Graph>, clients: &Arc<Clients>) {
     let mut failing = false;
     loop {
         match listener.accept() {
@@ -159,7 +160,7 @@ fn accept_loop(listener: &UnixListener, device: &Arc<Export>, clients: &Arc<Clie
 
 impl Clients {
     /// Serve `stream` on a thread of its own, or refuse it if [`MAX_CLIENTS`] are served.
-    fn admit(self: &Arc<Self>, stream: UnixStream, device: &Arc<Export>) {
+    fn admit(self: &Arc<Self>, stream: UnixStream, device: &Arc<Graph>) {
         let mut live = lock(&self.live);
         if self.closing.load(Ordering::Acquire) {
             return;
@@ -267,7 +268,7 @@ pub(crate) fn answer(session: &mut Session, frame: Frame) -> Value {
 
 /// Run one QMP session until the client hangs up, does not negotiate in time, or the server
 /// closes. Malformed messages are answered with an error and the session goes on.
-fn serve_client(mut stream: UnixStream, device: Arc<Export>) {
+fn serve_client(mut stream: UnixStream, device: Arc<Graph>) {
     let mut deadline = Some(Instant::now() + NEGOTIATION_TIMEOUT);
     let mut session = Session::new(device);
     if !matches!(apply_deadline(&stream, deadline), Ok(true))

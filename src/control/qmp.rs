@@ -6,9 +6,11 @@ use serde_json::{json, Map, Value};
 
 use crate::bitmap::{Action, BitmapError};
 use crate::export::Export;
+use crate::graph::options::BackupSpec;
+use crate::graph::{Graph, GraphError};
 
 /// Commands this server implements.
-const COMMANDS: [&str; 12] = [
+const COMMANDS: [&str; 24] = [
     "qmp_capabilities",
     "query-version",
     "query-commands",
@@ -21,16 +23,28 @@ const COMMANDS: [&str; 12] = [
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "transaction",
+    "blockdev-add",
+    "blockdev-del",
+    "blockdev-backup",
+    "query-block-jobs",
+    "block-job-cancel",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+    "object-add",
+    "object-del",
 ];
 
 /// An error reply's class and description.
-struct QmpError {
-    class: &'static str,
-    desc: String,
+pub(super) struct QmpError {
+    pub class: &'static str,
+    pub desc: String,
 }
 
 impl QmpError {
-    fn generic(desc: impl Into<String>) -> Self {
+    pub(super) fn generic(desc: impl Into<String>) -> Self {
         QmpError {
             class: "GenericError",
             desc: desc.into(),
@@ -41,6 +55,21 @@ impl QmpError {
 impl From<BitmapError> for QmpError {
     fn from(e: BitmapError) -> Self {
         QmpError::generic(e.to_string())
+    }
+}
+
+impl From<GraphError> for QmpError {
+    fn from(e: GraphError) -> Self {
+        QmpError {
+            class: e.class(),
+            desc: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::cli::Failure> for QmpError {
+    fn from(f: crate::cli::Failure) -> Self {
+        QmpError::generic(f.message)
     }
 }
 
@@ -55,17 +84,18 @@ pub fn error(class: &str, desc: &str, id: Option<&Value>) -> Value {
 
 /// One client's session.
 pub struct Session {
+    pub(super) graph: Arc<Graph>,
     device: Arc<Export>,
     negotiated: bool,
 }
 
 /// Command arguments, checked as they are taken; leftovers are errors.
-struct Args {
+pub(super) struct Args {
     map: Map<String, Value>,
 }
 
 impl Args {
-    fn new(value: Option<&Value>) -> Result<Args, QmpError> {
+    pub(super) fn new(value: Option<&Value>) -> Result<Args, QmpError> {
         match value {
             None => Ok(Args { map: Map::new() }),
             Some(Value::Object(map)) => Ok(Args { map: map.clone() }),
@@ -75,7 +105,7 @@ impl Args {
         }
     }
 
-    fn string(&mut self, key: &str) -> Result<String, QmpError> {
+    pub(super) fn string(&mut self, key: &str) -> Result<String, QmpError> {
         match self.map.remove(key) {
             Some(Value::String(s)) => Ok(s),
             Some(_) => Err(QmpError::generic(format!(
@@ -85,7 +115,7 @@ impl Args {
         }
     }
 
-    fn opt_bool(&mut self, key: &str) -> Result<Option<bool>, QmpError> {
+    pub(super) fn opt_bool(&mut self, key: &str) -> Result<Option<bool>, QmpError> {
         match self.map.remove(key) {
             Some(Value::Bool(b)) => Ok(Some(b)),
             Some(_) => Err(QmpError::generic(format!(
@@ -108,11 +138,18 @@ impl Args {
         }
     }
 
-    fn take(&mut self, key: &str) -> Option<Value> {
+    pub(super) fn take(&mut self, key: &str) -> Option<Value> {
         self.map.remove(key)
     }
 
-    fn finish(self) -> Result<(), QmpError> {
+    /// The remaining arguments as QEMU's dotted option keys (see `graph::options`).
+    pub(super) fn into_opts(self) -> crate::cli::keyval::Opts {
+        let mut opts = crate::cli::keyval::Opts::new();
+        crate::cli::keyval::flatten_json("", &Value::Object(self.map), &mut opts);
+        opts
+    }
+
+    pub(super) fn finish(self) -> Result<(), QmpError> {
         match self.map.keys().next() {
             Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
             None => Ok(()),
@@ -121,9 +158,10 @@ impl Args {
 }
 
 impl Session {
-    pub fn new(device: Arc<Export>) -> Self {
+    pub fn new(graph: Arc<Graph>) -> Self {
         Session {
-            device,
+            device: graph.export().clone(),
+            graph,
             negotiated: false,
         }
     }
@@ -209,7 +247,11 @@ impl Session {
             "query-commands" => Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()),
             "query-named-block-nodes" => {
                 args.opt_bool("flat")?;
-                self.named_block_nodes()
+                let mut nodes = self.named_block_nodes();
+                if let Value::Array(list) = &mut nodes {
+                    list.extend(self.added_node_infos());
+                }
+                nodes
             }
             "query-block" => json!([{
                 "device": "",
@@ -219,10 +261,10 @@ impl Session {
                 "inserted": self.format_node_info(),
             }]),
             "transaction" => {
-                let actions = self.transaction_actions(&mut args)?;
+                let (actions, backups) = self.transaction_actions(&mut args)?;
                 args.take("properties");
                 args.finish()?;
-                self.device.bitmaps().transaction(&actions)?;
+                self.graph.transaction(&actions, backups)?;
                 return Ok(json!({}));
             }
             "block-dirty-bitmap-add"
@@ -237,10 +279,13 @@ impl Session {
                 return Ok(json!({}));
             }
             other => {
-                return Err(QmpError {
-                    class: "CommandNotFound",
-                    desc: format!("The command {other} has not been found"),
-                })
+                return match self.graph_command(other, args)? {
+                    Some(v) => Ok(v),
+                    None => Err(QmpError {
+                        class: "CommandNotFound",
+                        desc: format!("The command {other} has not been found"),
+                    }),
+                }
             }
         };
         args.finish()?;
@@ -317,7 +362,11 @@ impl Session {
         }
     }
 
-    fn transaction_actions(&self, args: &mut Args) -> Result<Vec<Action>, QmpError> {
+    /// A transaction's actions: bitmap actions, and backups to start at the same point.
+    fn transaction_actions(
+        &self,
+        args: &mut Args,
+    ) -> Result<(Vec<Action>, Vec<BackupSpec>), QmpError> {
         let items = match args.take("actions") {
             Some(Value::Array(items)) => items,
             Some(_) => {
@@ -327,23 +376,26 @@ impl Session {
             }
             None => return Err(QmpError::generic("Parameter 'actions' is missing")),
         };
-        items
-            .iter()
-            .map(|item| {
-                let mut a = Args::new(Some(item))?;
-                let kind = a.string("type")?;
-                if !kind.starts_with("block-dirty-bitmap-") || !COMMANDS.contains(&kind.as_str()) {
-                    return Err(QmpError::generic(format!(
-                        "Parameter 'type' does not accept value '{kind}'"
-                    )));
-                }
-                let mut data = Args::new(a.take("data").as_ref())?;
-                a.finish()?;
-                let action = self.bitmap_action(&kind, &mut data)?;
-                data.finish()?;
-                Ok(action)
-            })
-            .collect()
+        let (mut actions, mut backups) = (Vec::new(), Vec::new());
+        for item in &items {
+            let mut a = Args::new(Some(item))?;
+            let kind = a.string("type")?;
+            let data = a.take("data");
+            a.finish()?;
+            if kind == "blockdev-backup" {
+                backups.push(BackupSpec::parse(Args::new(data.as_ref())?.into_opts())?);
+                continue;
+            }
+            if !kind.starts_with("block-dirty-bitmap-") || !COMMANDS.contains(&kind.as_str()) {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'type' does not accept value '{kind}'"
+                )));
+            }
+            let mut data = Args::new(data.as_ref())?;
+            actions.push(self.bitmap_action(&kind, &mut data)?);
+            data.finish()?;
+        }
+        Ok((actions, backups))
     }
 
     fn bitmap_infos(&self) -> Value {
@@ -367,7 +419,14 @@ impl Session {
         )
     }
 
-    fn node_info(&self, name: &str, drv: &str, path: &str, size: u64, direct: bool) -> Value {
+    pub(super) fn node_info(
+        &self,
+        name: &str,
+        drv: &str,
+        path: &str,
+        size: u64,
+        direct: bool,
+    ) -> Value {
         json!({
             "node-name": name,
             "drv": drv,

@@ -11,7 +11,6 @@ use super::{AddedKind, Graph, GraphError, State};
 use crate::bitmap::Action;
 use crate::block::cbw::{CopyBeforeWrite, ReadGuard};
 use crate::block::filter::FilterNode;
-use crate::block::BlockDriver;
 
 /// Copy granularity when the target has no allocation unit of its own (QEMU's block-copy
 /// default).

@@ -91,6 +91,9 @@ enum AddedKind {
     },
 }
 
+/// A format node and, for added ones, the guard its readers take while it is a backup target.
+type FormatNode = (Arc<dyn BlockDriver>, Option<Arc<ViewGuard>>);
+
 /// What `query-named-block-nodes` reports of an added node.
 #[derive(Clone, Debug)]
 pub struct AddedNodeInfo {
@@ -146,16 +149,14 @@ impl Graph {
     }
 
     /// A format node by name: the disk, or an added one.
-    fn format_node(
-        &self,
-        state: &State,
-        name: &str,
-    ) -> Result<(Arc<dyn BlockDriver>, Option<Arc<ViewGuard>>), GraphError> {
+    fn format_node(&self, state: &State, name: &str) -> Result<FormatNode, GraphError> {
         if name == self.export.node_names().format {
             return Ok((self.export.disk().clone(), None));
         }
         match state.nodes.get(name).map(|n| &n.kind) {
-            Some(AddedKind::Format { driver, view, .. }) => Ok((driver.clone(), Some(view.clone()))),
+            Some(AddedKind::Format { driver, view, .. }) => {
+                Ok((driver.clone(), Some(view.clone())))
+            }
             Some(AddedKind::File(_)) => Err(GraphError::Invalid(format!(
                 "Node '{name}' is a file node; use a format node (qcow2, raw) over it"
             ))),
@@ -183,19 +184,23 @@ impl Graph {
             } => {
                 let (file_spec, file_node) = match file {
                     FileRef::Inline(f) => (f, None),
-                    FileRef::Node(name) => match state.nodes.get(&name).map(|n| (&n.kind, &n.users)) {
-                        Some((AddedKind::File(f), users)) if users.is_empty() => {
-                            (f.clone(), Some(name))
+                    FileRef::Node(name) => {
+                        match state.nodes.get(&name).map(|n| (&n.kind, &n.users)) {
+                            Some((AddedKind::File(f), users)) if users.is_empty() => {
+                                (f.clone(), Some(name))
+                            }
+                            Some((AddedKind::File(_), _)) => {
+                                return Err(GraphError::NodeInUse(name))
+                            }
+                            Some(_) => {
+                                return Err(GraphError::Invalid(format!(
+                                    "blockdev-add: 'file' of '{}' must be a file node",
+                                    spec.name
+                                )))
+                            }
+                            None => return Err(GraphError::NodeNotFound(name)),
                         }
-                        Some((AddedKind::File(_), _)) => return Err(GraphError::NodeInUse(name)),
-                        Some(_) => {
-                            return Err(GraphError::Invalid(format!(
-                                "blockdev-add: 'file' of '{}' must be a file node",
-                                spec.name
-                            )))
-                        }
-                        None => return Err(GraphError::NodeNotFound(name)),
-                    },
+                    }
                 };
                 let (backing_choice, backing_node, backing_name) = match &backing {
                     BackingRef::FromImage => (BackingChoice::FromImage, None, None),

@@ -485,13 +485,21 @@ mod tests {
         assert_eq!(
             spec.bitmaps,
             vec![
-                BitmapRef { node: None, name: "b0".into() },
-                BitmapRef { node: Some("disk".into()), name: "b1".into() }
+                BitmapRef {
+                    node: None,
+                    name: "b0".into()
+                },
+                BitmapRef {
+                    node: Some("disk".into()),
+                    name: "b1".into()
+                }
             ]
         );
         assert!(NbdExportSpec::parse(
             "block-export-add",
-            json(serde_json::json!({"type": "nbd", "id": "e0", "node-name": "n", "writable": true})),
+            json(
+                serde_json::json!({"type": "nbd", "id": "e0", "node-name": "n", "writable": true})
+            ),
         )
         .is_err());
     }

@@ -25,6 +25,7 @@ use super::device::BlkDevice;
 use crate::control::ControlServer;
 use crate::error::Chain;
 use crate::export::ExportError;
+use crate::graph::Graph;
 use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
 use crate::virtio_blk::request::GuestMemory;
 
@@ -60,11 +61,12 @@ pub fn serve(
     device: Arc<BlkDevice>,
     socket: &SocketOptions,
     control: Option<&Path>,
+    graph: Arc<Graph>,
 ) -> Result<(), DaemonError> {
     let listener = bind_unix(&socket.path, socket.mode, "--socket")?;
     let _remove_socket = RemoveOnDrop(socket.path.clone());
     let control = match control {
-        Some(path) => Some(ControlServer::bind(path, device.export().clone())?),
+        Some(path) => Some(ControlServer::bind(path, graph.clone())?),
         None => None,
     };
     let shutdown = Shutdown::install(listener.as_raw_fd())?;
@@ -89,6 +91,7 @@ pub fn serve(
     }
     log::info!("shutting down");
     drop(control);
+    graph.shutdown();
     device.export().close()?;
     Ok(())
 }

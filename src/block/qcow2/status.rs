@@ -30,7 +30,10 @@ impl Qcow2Node {
             let mut first = None;
             let mut run = 0u64;
             for p in pieces(offset, len, self.cluster_bits).take(MAX_CLUSTERS) {
-                let source = match self.l2_entry(&mut meta, p.cluster).map_err(|e| self.err(e))? {
+                let source = match self
+                    .l2_entry(&mut meta, p.cluster)
+                    .map_err(|e| self.err(e))?
+                {
                     L2Entry::Normal { .. } | L2Entry::Compressed { .. } => {
                         Source::Own(Allocation::Data)
                     }

@@ -1,0 +1,147 @@
+//! QMP commands of the runtime graph — nodes, backup jobs, NBD server and exports, TLS
+//! objects — the commands of QEMU's pull-mode backup flow, with QEMU's argument shapes
+//! (parsed by `graph::options`, shared with the command line).
+
+use serde_json::{json, Value};
+
+use super::qmp::{Args, QmpError, Session};
+use crate::graph::options::{BackupSpec, NbdExportSpec, NbdServerSpec, NodeSpec, TlsCredsSpec};
+
+impl Session {
+    /// Run a graph command; `None` if `command` is not one.
+    pub(super) fn graph_command(
+        &self,
+        command: &str,
+        mut args: Args,
+    ) -> Result<Option<Value>, QmpError> {
+        let graph = &self.graph;
+        match command {
+            "blockdev-add" => graph.add_node(NodeSpec::parse(args.into_opts())?)?,
+            "blockdev-del" => {
+                let name = args.string("node-name")?;
+                args.finish()?;
+                graph.delete_node(&name)?
+            }
+            "blockdev-backup" => {
+                graph.transaction(&[], vec![BackupSpec::parse(args.into_opts())?])?
+            }
+            "block-job-cancel" => {
+                let id = args.string("device")?;
+                args.opt_bool("force")?;
+                args.finish()?;
+                graph.cancel_job(&id)?
+            }
+            "query-block-jobs" => {
+                args.finish()?;
+                return Ok(Some(Value::Array(
+                    graph
+                        .jobs()
+                        .into_iter()
+                        .map(|j| {
+                            json!({
+                                "type": "backup", "device": j.id, "len": j.len,
+                                "offset": j.offset, "busy": false, "paused": false,
+                                "speed": 0, "io-status": "ok", "ready": false,
+                                "status": "running", "auto-finalize": true,
+                                "auto-dismiss": true,
+                            })
+                        })
+                        .collect(),
+                )));
+            }
+            "nbd-server-start" => graph
+                .start_nbd_server(NbdServerSpec::parse("nbd-server-start", args.into_opts())?)?,
+            "nbd-server-stop" => {
+                args.finish()?;
+                graph.stop_nbd_server()?
+            }
+            "block-export-add" => {
+                let mut opts = args.into_opts();
+                match opts.get("type").map(String::as_str) {
+                    Some("nbd") => {}
+                    Some(other) => {
+                        return Err(QmpError::generic(format!(
+                            "block-export-add: type '{other}' is not supported at runtime (nbd)"
+                        )))
+                    }
+                    None => return Err(QmpError::generic("Parameter 'type' is missing")),
+                }
+                opts.remove("iothread");
+                graph.add_nbd_export(NbdExportSpec::parse("block-export-add", opts)?)?
+            }
+            "block-export-del" => {
+                let id = args.string("id")?;
+                let hard = match args.take("mode") {
+                    None => false,
+                    Some(Value::String(m)) if m == "safe" => false,
+                    Some(Value::String(m)) if m == "hard" => true,
+                    Some(_) => {
+                        return Err(QmpError::generic(
+                            "Parameter 'mode' does not accept this value (safe, hard)",
+                        ))
+                    }
+                };
+                args.finish()?;
+                graph.delete_nbd_export(&id, hard)?
+            }
+            "query-block-exports" => {
+                args.finish()?;
+                return Ok(Some(Value::Array(
+                    graph
+                        .nbd_exports()
+                        .into_iter()
+                        .map(|e| {
+                            json!({"type": "nbd", "id": e.id, "node-name": e.node,
+                                   "shutting-down": false})
+                        })
+                        .collect(),
+                )));
+            }
+            "object-add" => {
+                let mut opts = args.into_opts();
+                match opts.remove("qom-type").as_deref() {
+                    Some("tls-creds-x509") => {}
+                    Some(other) => {
+                        return Err(QmpError::generic(format!(
+                            "object-add: qom-type '{other}' is not supported (tls-creds-x509)"
+                        )))
+                    }
+                    None => return Err(QmpError::generic("Parameter 'qom-type' is missing")),
+                }
+                graph.add_tls_creds(TlsCredsSpec::parse("object-add", opts)?)?
+            }
+            "object-del" => {
+                let id = args.string("id")?;
+                args.finish()?;
+                graph.delete_object(&id)?
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(json!({})))
+    }
+
+    /// `query-named-block-nodes` entries of the nodes added at runtime.
+    pub(super) fn added_node_infos(&self) -> Vec<Value> {
+        self.graph
+            .added_nodes()
+            .into_iter()
+            .map(|n| {
+                let path = n.filename.display().to_string();
+                let mut info = json!({
+                    "node-name": n.name, "drv": n.driver, "file": path, "ro": n.read_only,
+                    "encrypted": false, "detect_zeroes": "off",
+                    "backing_file_depth": u32::from(n.backing.is_some()),
+                    "write_threshold": 0,
+                    "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+                    "cache": {"writeback": true, "direct": false, "no-flush": false},
+                    "image": {"filename": path, "format": n.driver, "virtual-size": n.size,
+                              "dirty-flag": false},
+                });
+                if let Some(b) = n.backing {
+                    info["backing_file"] = json!(b);
+                }
+                info
+            })
+            .collect()
+    }
+}
