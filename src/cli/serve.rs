@@ -88,6 +88,8 @@ enum EngineArg {
 }
 
 pub fn run(args: ServeArgs) -> Result<i32, Failure> {
+    daemon::block_shutdown_signals()
+        .map_err(|e| Failure::msg(format!("blocking SIGTERM and SIGINT: {e}")))?;
     let startup = Startup::parse(&args)?;
     let mut spec = if !args.blockdev.is_empty() || !startup.vhost_exports.is_empty() {
         if args.native.any_graph_option() {

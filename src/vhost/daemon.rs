@@ -264,6 +264,20 @@ impl ShutdownState {
     }
 }
 
+/// Block SIGTERM and SIGINT in the calling thread and every thread it starts from now on, so
+/// that they reach only the daemon's signal thread (`sigwait`). Call it first thing, before
+/// any thread exists (bitmap commit threads, the NBD server's): a thread that leaves them
+/// unblocked would take the signal's default action, killing the process uncleanly.
+pub fn block_shutdown_signals() -> io::Result<()> {
+    let set = signal_set();
+    // SAFETY: `set` is an initialised sigset; a null old-set pointer is allowed.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers to it.
     unsafe {
