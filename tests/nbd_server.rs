@@ -503,6 +503,30 @@ fn tls_with_client_certificates() {
     // protocol tests).
     let out = run(Command::new("nbdinfo").arg(uri(&sock, "disk")));
     assert!(!out.status.success(), "a plain client got in");
+    // Byte by byte: before STARTTLS every option but STARTTLS and ABORT is NBD_REP_ERR_TLS_REQD,
+    // and NBD_OPT_EXPORT_NAME (which has no error reply) closes the connection.
+    let mut c = Raw::connect(&sock);
+    assert!(c.hello());
+    for opt in [OPT_LIST, OPT_STRUCTURED_REPLY, OPT_INFO, OPT_GO, 99] {
+        c.option(opt, &[]);
+        assert_eq!(c.reply().0, REP_ERR_TLS_REQD, "option {opt}");
+    }
+    c.option(OPT_EXPORT_NAME, b"disk");
+    assert!(c.closed());
+    let mut c = Raw::connect(&sock);
+    assert!(c.hello());
+    c.option(OPT_ABORT, &[]);
+    assert_eq!(c.reply().0, REP_ACK);
+    // STARTTLS is acknowledged; what follows is a TLS handshake (garbage here: closed).
+    let mut c = Raw::connect(&sock);
+    assert!(c.hello());
+    c.option(OPT_STARTTLS, &[]);
+    assert_eq!(c.reply().0, REP_ACK);
+    c.send(&[0u8; 64]);
+    // The server may send a TLS alert first; then it closes.
+    let mut rest = Vec::new();
+    let _ = c.0.read_to_end(&mut rest);
+    assert!(rest.len() < 64, "{rest:?}");
     // A client trusting the CA but with no certificate of its own.
     let nocert = dir.join("nocert");
     fs::create_dir_all(&nocert).unwrap();

@@ -106,3 +106,6 @@ pub(crate) struct ExportEntry {
     pub description: Option<String>,
     pub source: Arc<dyn ExportSource>,
 }
+
+#[cfg(test)]
+mod tests;
