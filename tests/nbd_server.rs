@@ -825,3 +825,43 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     // Say nothing: the server gives up (the read below blocks until it does).
     assert!(c.closed());
 }
+
+#[test]
+fn a_client_that_never_reads_is_dropped_after_the_handshake_timeout() {
+    let dir = TempDir::new("flood");
+    let (_server, sock, _) = unix_server(
+        &dir,
+        ServerOptions {
+            handshake_timeout: std::time::Duration::from_millis(300),
+            max_connections: 1,
+            ..ServerOptions::default()
+        },
+    );
+    // Options whose replies the client never reads: the server's writes block once the
+    // socket buffers are full, and the deadline must still free the slot.
+    let mut flood = Raw::connect(&sock);
+    assert!(flood.hello());
+    let mut writer = flood.0.try_clone().unwrap();
+    let pump = std::thread::spawn(move || {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&OPT_LIST.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        for _ in 0..100_000 {
+            if writer.write_all(&b).is_err() {
+                return;
+            }
+        }
+    });
+    let mut served = false;
+    for _ in 0..500 {
+        let mut c = Raw::connect(&sock);
+        if c.hello() {
+            served = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(served, "the flooding client kept its slot");
+    drop(flood);
+    pump.join().unwrap();
+}
