@@ -503,6 +503,30 @@ fn tls_with_client_certificates() {
     // protocol tests).
     let out = run(Command::new("nbdinfo").arg(uri(&sock, "disk")));
     assert!(!out.status.success(), "a plain client got in");
+    // Byte by byte: before STARTTLS every option but STARTTLS and ABORT is NBD_REP_ERR_TLS_REQD,
+    // and NBD_OPT_EXPORT_NAME (which has no error reply) closes the connection.
+    let mut c = Raw::connect(&sock);
+    assert!(c.hello());
+    for opt in [OPT_LIST, OPT_STRUCTURED_REPLY, OPT_INFO, OPT_GO, 99] {
+        c.option(opt, &[]);
+        assert_eq!(c.reply().0, REP_ERR_TLS_REQD, "option {opt}");
+    }
+    c.option(OPT_EXPORT_NAME, b"disk");
+    assert!(c.closed());
+    let mut c = Raw::connect(&sock);
+    assert!(c.hello());
+    c.option(OPT_ABORT, &[]);
+    assert_eq!(c.reply().0, REP_ACK);
+    // STARTTLS is acknowledged; what follows is a TLS handshake (garbage here: closed).
+    let mut c = Raw::connect(&sock);
+    assert!(c.hello());
+    c.option(OPT_STARTTLS, &[]);
+    assert_eq!(c.reply().0, REP_ACK);
+    c.send(&[0u8; 64]);
+    // The server may send a TLS alert first; then it closes.
+    let mut rest = Vec::new();
+    let _ = c.0.read_to_end(&mut rest);
+    assert!(rest.len() < 64, "{rest:?}");
     // A client trusting the CA but with no certificate of its own.
     let nocert = dir.join("nocert");
     fs::create_dir_all(&nocert).unwrap();
@@ -800,4 +824,44 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     assert!(c.hello());
     // Say nothing: the server gives up (the read below blocks until it does).
     assert!(c.closed());
+}
+
+#[test]
+fn a_client_that_never_reads_is_dropped_after_the_handshake_timeout() {
+    let dir = TempDir::new("flood");
+    let (_server, sock, _) = unix_server(
+        &dir,
+        ServerOptions {
+            handshake_timeout: std::time::Duration::from_millis(300),
+            max_connections: 1,
+            ..ServerOptions::default()
+        },
+    );
+    // Options whose replies the client never reads: the server's writes block once the
+    // socket buffers are full, and the deadline must still free the slot.
+    let mut flood = Raw::connect(&sock);
+    assert!(flood.hello());
+    let mut writer = flood.0.try_clone().unwrap();
+    let pump = std::thread::spawn(move || {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&OPT_LIST.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        for _ in 0..100_000 {
+            if writer.write_all(&b).is_err() {
+                return;
+            }
+        }
+    });
+    let mut served = false;
+    for _ in 0..500 {
+        let mut c = Raw::connect(&sock);
+        if c.hello() {
+            served = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(served, "the flooding client kept its slot");
+    drop(flood);
+    pump.join().unwrap();
 }

@@ -15,9 +15,10 @@ use super::{ExportEntry, ExportSource, TlsCreds};
 /// A byte stream a connection runs over. Generic code sees only this, so plain sockets, TLS
 /// and in-memory streams share every line of the protocol.
 pub(crate) trait Transport: Read + Write + Send {
-    /// Bound how long the next reads may block (the handshake deadline); `None` for no bound.
-    /// Streams that cannot block ignore it.
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Bound how long the next reads and writes may block (the handshake deadline: a client
+    /// that neither sends nor reads must not hold its slot); `None` for no bound. Streams
+    /// that cannot block ignore it.
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 /// Any `Read + Write` stream, without timeouts (tests, the fuzz target).
@@ -39,7 +40,7 @@ impl<S: Write> Write for Plain<S> {
 }
 
 impl<S: Read + Write + Send> Transport for Plain<S> {
-    fn set_read_timeout(&self, _: Option<Duration>) -> io::Result<()> {
+    fn set_timeout(&self, _: Option<Duration>) -> io::Result<()> {
         Ok(())
     }
 }
@@ -90,10 +91,16 @@ impl Write for Socket {
 }
 
 impl Transport for Socket {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
-            Socket::Unix(s) => s.set_read_timeout(timeout),
-            Socket::Tcp(s) => s.set_read_timeout(timeout),
+            Socket::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+            Socket::Tcp(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
         }
     }
 }
@@ -117,7 +124,7 @@ impl Write for Detached {
 }
 
 impl Transport for Detached {
-    fn set_read_timeout(&self, _: Option<Duration>) -> io::Result<()> {
+    fn set_timeout(&self, _: Option<Duration>) -> io::Result<()> {
         Ok(())
     }
 }
@@ -165,7 +172,22 @@ impl Conn {
     pub fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
         self.deadline = deadline;
         if deadline.is_none() {
-            self.stream.set_read_timeout(None)?;
+            self.stream.set_timeout(None)?;
+        }
+        Ok(())
+    }
+
+    /// Before blocking on the stream: bound the wait by what is left of the deadline.
+    fn arm(&mut self) -> io::Result<()> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake not finished in time",
+                ));
+            }
+            self.stream.set_timeout(Some(left))?;
         }
         Ok(())
     }
@@ -175,16 +197,7 @@ impl Conn {
     pub fn read_msg(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         let mut done = 0;
         while done < buf.len() {
-            if let Some(deadline) = self.deadline {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "handshake not finished in time",
-                    ));
-                }
-                self.stream.set_read_timeout(Some(left))?;
-            }
+            self.arm()?;
             match self.stream.read(&mut buf[done..]) {
                 Ok(0) if done == 0 => return Ok(false),
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -222,6 +235,7 @@ impl Conn {
 
     /// Send what is in `out`, then `data`, and flush.
     pub fn send_with(&mut self, data: &[u8]) -> io::Result<()> {
+        self.arm()?;
         if !self.out.is_empty() {
             self.stream.write_all(&self.out)?;
             self.written += self.out.len() as u64;
@@ -254,8 +268,8 @@ impl Conn {
 }
 
 impl Transport for Box<dyn Transport> {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        (**self).set_read_timeout(timeout)
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        (**self).set_timeout(timeout)
     }
 }
 

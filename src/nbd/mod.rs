@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-pub use conn::{serve_stream, Transcript};
+pub use conn::{serve_stream, Transcript, Transmission};
 pub use server::{ListenAddr, NbdServer, ServerOptions};
 pub use tls::TlsCreds;
 
@@ -106,3 +106,6 @@ pub(crate) struct ExportEntry {
     pub description: Option<String>,
     pub source: Arc<dyn ExportSource>,
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,6 +6,7 @@ use std::fs;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +27,7 @@ pub enum ListenAddr {
     /// A UNIX socket path. A stale socket there is replaced; one a live process serves is
     /// refused. Created with mode 0600 and removed when the server stops.
     Unix(PathBuf),
-    /// A host and a port (a number or a service name). Port "0" picks a free port; see
+    /// A host (name or address) and a port number. Port "0" picks a free port; see
     /// [`NbdServer::local_addr`].
     Tcp(String, String),
 }
@@ -67,6 +68,28 @@ impl Default for ServerOptions {
 enum Listener {
     Unix(UnixListener),
     Tcp(TcpListener),
+}
+
+impl Listener {
+    fn try_clone(&self) -> io::Result<Listener> {
+        Ok(match self {
+            Listener::Unix(l) => Listener::Unix(l.try_clone()?),
+            Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
+        })
+    }
+
+    /// Wake a thread blocked in accept() on this socket: on Linux, shutdown() of a listening
+    /// socket makes accept() fail at once (EINVAL). This does not depend on the socket path
+    /// still leading to us, as a connection to ourselves would.
+    fn wake(&self) {
+        let fd = match self {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        };
+        // SAFETY: `fd` belongs to a listener this struct owns, open for the whole call;
+        // shutdown() only changes the socket's state.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
 }
 
 /// A live connection as the table keeps it.
@@ -130,6 +153,8 @@ impl Exports for Shared {
 pub struct NbdServer {
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    /// A second handle on the listening socket, to wake the accept thread.
+    waker: Listener,
     local: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
 }
@@ -185,6 +210,7 @@ impl NbdServer {
             max_connections: options.max_connections,
             handshake_timeout: options.handshake_timeout,
         });
+        let waker = listener.try_clone().map_err(bind_err)?;
         let accept_shared = shared.clone();
         let accept = thread::Builder::new()
             .name("nbd-accept".into())
@@ -197,6 +223,7 @@ impl NbdServer {
         Ok(NbdServer {
             shared,
             accept: Some(accept),
+            waker,
             local,
             unix_path,
         })
@@ -288,21 +315,23 @@ impl NbdServer {
             return;
         };
         self.shared.stopping.store(true, Ordering::SeqCst);
-        // Wake the accept thread, blocked in accept(), with a connection of our own.
-        let _ = match (&self.unix_path, self.local) {
-            (Some(path), _) => UnixStream::connect(path).map(drop),
-            (None, Some(addr)) => {
-                let mut addr = addr;
-                if addr.ip().is_unspecified() {
-                    addr.set_ip(match addr {
-                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                    });
+        self.waker.wake();
+        // Should shutdown() not wake it (not Linux), a connection of our own does.
+        if !accept.is_finished() {
+            let _ = match (&self.unix_path, self.local) {
+                (Some(path), _) => UnixStream::connect(path).map(drop),
+                (None, Some(mut addr)) => {
+                    if addr.ip().is_unspecified() {
+                        addr.set_ip(match addr {
+                            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                        });
+                    }
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map(drop)
                 }
-                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map(drop)
-            }
-            _ => Ok(()),
-        };
+                _ => Ok(()),
+            };
+        }
         let _ = accept.join();
         // No new connection can appear now: close the others and wait for them.
         let threads = {
@@ -399,5 +428,55 @@ fn admit(socket: Socket, shared: &Arc<Shared>) {
             warn!("nbd: cannot start a connection thread: {e}");
             t.conns.remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn server_is_shareable() {
+        assert_send_sync::<NbdServer>();
+    }
+
+    #[test]
+    fn stop_does_not_need_the_socket_path() {
+        let dir = std::env::temp_dir().join(format!("vubd-nbd-stop-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let server =
+            NbdServer::start(ListenAddr::Unix(path.clone()), ServerOptions::default()).unwrap();
+        // Someone removed the socket: stop must still wake the accept thread.
+        fs::remove_file(&path).unwrap();
+        server.stop();
+        let tcp = NbdServer::start(
+            ListenAddr::Tcp("127.0.0.1".into(), "0".into()),
+            ServerOptions::default(),
+        )
+        .unwrap();
+        drop(tcp);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_addresses() {
+        let e = NbdServer::start(
+            ListenAddr::Tcp("127.0.0.1".into(), "http".into()),
+            ServerOptions::default(),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, NbdError::Resolve { .. }), "{e}");
+        let e = NbdServer::start(
+            ListenAddr::Unix("/nonexistent-dir/x.sock".into()),
+            ServerOptions::default(),
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("/nonexistent-dir/x.sock"), "{e}");
     }
 }

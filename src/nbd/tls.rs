@@ -131,7 +131,7 @@ impl Write for TlsStream {
 }
 
 impl Transport for TlsStream {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.inner.sock.set_read_timeout(timeout)
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.sock.set_timeout(timeout)
     }
 }
