@@ -5,7 +5,8 @@
 #   qemu-system-x86     boots the Linux test guest (vhost-user-blk-pci)
 #   linux-image-cloud-amd64, busybox-static   the test guest's kernel and userland
 #   fio                 the guest's I/O verifier
-#   libnbd-bin          nbdinfo, to read dirty bitmaps independently
+#   libnbd-bin          nbdinfo, nbdcopy: NBD clients for bitmaps and backups
+#   openssl             test certificates for NBD over TLS
 #   fonts-dejavu-core   the font `make bench` draws its chart with
 #
 # QEMU comes from bookworm-backports (10.0): the oracle tests rely on qemu-img 10, and
@@ -24,7 +25,7 @@ for p in qemu-utils qemu-system-x86; do
     version_ok "$p" "1:10" || backports="$backports $p"
 done
 main=""
-for p in linux-image-cloud-amd64 busybox-static fio libnbd-bin fonts-dejavu-core; do
+for p in linux-image-cloud-amd64 busybox-static fio libnbd-bin openssl fonts-dejavu-core; do
     dpkg -s "$p" >/dev/null 2>&1 || main="$main $p"
 done
 [ -z "$backports$main" ] && exit 0

@@ -15,7 +15,8 @@
 #        pull-backup.sh QMP_SOCKET NODE WORKDIR inc CHECKPOINT PREVIOUS PREVIOUS_BACKUP
 # Writes WORKDIR/CHECKPOINT.qcow2 (full: a standalone image; inc: an overlay of
 # PREVIOUS_BACKUP) and WORKDIR/CHECKPOINT.map.json (inc: the dirty extents copied).
-# NBD_TLS_DIR=DIR serves the export with TLS (QEMU's x509 layout in DIR; clients need DIR's CA).
+# NBD_TLS_DIR=DIR serves the export with TLS (QEMU's x509 layout in DIR, which clients also use
+# for its CA; NBD_TLS_HOSTNAME, default localhost, is the name the server certificate carries).
 set -euo pipefail
 qmp_socket=$1 node=$2 work=$3 mode=$4 checkpoint=$5
 previous=${6:-} previous_backup=${7:-}
@@ -25,7 +26,7 @@ uri="nbd+unix:///backup?socket=$nbd_socket"
 tls_opts="" tls_object=()
 if [ -n "${NBD_TLS_DIR:-}" ]; then
     uri="nbds+unix:///backup?socket=$nbd_socket&tls-certificates=$NBD_TLS_DIR"
-    tls_opts=', "tls-creds": "tls-client"'
+    tls_opts=", \"tls-creds\": \"tls-client\", \"tls-hostname\": \"${NBD_TLS_HOSTNAME:-localhost}\""
     tls_object=(--object "tls-creds-x509,id=tls-client,dir=$NBD_TLS_DIR,endpoint=client")
 fi
 

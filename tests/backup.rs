@@ -454,3 +454,131 @@ fn the_startup_forms_export_the_disk_over_nbd_and_tcp() {
     assert!(std::fs::read(dir.join("copy.raw")).unwrap() == disk_bytes(&dir));
     vubd.stop();
 }
+
+#[test]
+fn backups_over_tls_admit_only_clients_with_the_ca() {
+    let dir = TempDir::new("backup-tls");
+    raw_with_metadata(&dir, DISK as usize, 7);
+    common::tls::make_certs(dir.path());
+    let image = dir.join("meta.qcow2");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let server_dir = dir.join("server");
+    let control = dir.join("qsd-qmp.sock");
+    let mut vubd = Vubd::start(
+        &dir.join("vubd.sock"),
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--control",
+            control.to_str().unwrap(),
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off",
+                server_dir.display()
+            ),
+            "--nbd-server",
+            &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port},tls-creds=tls0"),
+            "--export",
+            "type=nbd,id=e0,node-name=disk,name=disk",
+        ],
+    );
+    let nbdinfo = |uri: String| {
+        Command::new("nbdinfo")
+            .arg("--size")
+            .arg(uri)
+            .output()
+            .unwrap()
+    };
+    let with_ca = nbdinfo(format!(
+        "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+        dir.join("client").display()
+    ));
+    assert!(
+        with_ca.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_ca.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&with_ca.stdout).trim(),
+        DISK.to_string()
+    );
+    let other_ca = nbdinfo(format!(
+        "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+        dir.join("other").display()
+    ));
+    assert!(!other_ca.status.success(), "a client of another CA got in");
+    let plain = nbdinfo(format!("nbd://127.0.0.1:{port}/disk"));
+    assert!(!plain.status.success(), "a client without TLS got in");
+
+    // The backup flow over TLS: the server stopped and started again by the script.
+    let mut qmp = Qmp::connect(&control);
+    qmp.ok("block-export-del", json!({"id": "e0"}));
+    qmp.ok("nbd-server-stop", json!({}));
+    qmp.ok("object-del", json!({"id": "tls0"}));
+    drop(qmp);
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    run_ops(&mut client, &workload(20, DISK, 14));
+    client.flush(0).unwrap();
+    let at_c0 = disk_bytes(&dir);
+    let work = dir.join("backups");
+    let out = Command::new(script())
+        .args([
+            control.to_str().unwrap(),
+            "disk",
+            work.to_str().unwrap(),
+            "full",
+            "c0",
+        ])
+        .env("NBD_TLS_DIR", &server_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(
+        &restored(dir.path(), &work.join("c0.qcow2")),
+        &at_c0,
+        "full backup over TLS",
+    );
+    let w1 = workload(20, DISK, 15);
+    run_ops(&mut client, &w1);
+    client.flush(0).unwrap();
+    let at_c1 = disk_bytes(&dir);
+    let c0 = work.join("c0.qcow2");
+    let out = Command::new(script())
+        .args([
+            control.to_str().unwrap(),
+            "disk",
+            work.to_str().unwrap(),
+            "inc",
+            "c1",
+            "c0",
+            c0.to_str().unwrap(),
+        ])
+        .env("NBD_TLS_DIR", &server_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        mapped_granules(&work.join("c1.map.json")),
+        granules(&w1, GRANULE)
+    );
+    assert_same(
+        &restored(dir.path(), &work.join("c1.qcow2")),
+        &at_c1,
+        "incremental over TLS",
+    );
+    drop(client);
+    vubd.stop();
+}

@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use vubd::nbd::wire::*;
+
+#[path = "common/tls.rs"]
+mod tls;
 use vubd::nbd::{ExportSource, ListenAddr, NbdError, NbdServer, ServerOptions, TlsCreds};
 
 // ---------------------------------------------------------------------------------------------
@@ -133,14 +136,6 @@ impl Drop for TempDir {
     }
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     out
@@ -200,10 +195,6 @@ fn map_json(text: &str) -> Vec<(u64, u64, u64)> {
 
 #[test]
 fn nbdinfo_reports_the_export() {
-    if !have("nbdinfo") {
-        eprintln!("skipped: nbdinfo not installed");
-        return;
-    }
     let dir = TempDir::new("info");
     let (server, sock, _) = unix_server(&dir, ServerOptions::default());
     let out = run_ok(
@@ -263,10 +254,6 @@ fn nbdinfo_reports_the_export() {
 
 #[test]
 fn nbdinfo_map_matches_the_source() {
-    if !have("nbdinfo") {
-        eprintln!("skipped: nbdinfo not installed");
-        return;
-    }
     let dir = TempDir::new("map");
     let (_server, sock, _) = unix_server(&dir, ServerOptions::default());
     let out = run_ok(
@@ -298,7 +285,7 @@ fn nbdcopy_qemu_img_and_qemu_io_read_the_same_bytes() {
     fs::write(&reference, &source.data).unwrap();
     let u = uri(&sock, "disk");
 
-    if have("nbdcopy") {
+    {
         let out = dir.join("nbdcopy.raw");
         run_ok(Command::new("nbdcopy").arg(&u).arg(&out));
         assert!(
@@ -306,7 +293,7 @@ fn nbdcopy_qemu_img_and_qemu_io_read_the_same_bytes() {
             "nbdcopy copy differs"
         );
     }
-    if have("qemu-img") {
+    {
         let out = dir.join("convert.raw");
         run_ok(
             Command::new("qemu-img")
@@ -325,7 +312,7 @@ fn nbdcopy_qemu_img_and_qemu_io_read_the_same_bytes() {
                 .arg(&reference),
         );
     }
-    if have("qemu-io") {
+    {
         // A data byte, a zero run in a hole, and a read across the end of the data.
         let p = pattern(4096);
         let out = run_ok(
@@ -353,10 +340,6 @@ fn nbdcopy_qemu_img_and_qemu_io_read_the_same_bytes() {
 
 #[test]
 fn tcp_with_a_port_chosen_by_the_kernel() {
-    if !have("nbdinfo") {
-        eprintln!("skipped: nbdinfo not installed");
-        return;
-    }
     let server = NbdServer::start(
         ListenAddr::Tcp("127.0.0.1".into(), "0".into()),
         ServerOptions::default(),
@@ -391,10 +374,6 @@ fn tcp_with_a_port_chosen_by_the_kernel() {
 
 #[test]
 fn several_clients_at_once() {
-    if !have("nbdcopy") {
-        eprintln!("skipped: nbdcopy not installed");
-        return;
-    }
     let dir = TempDir::new("multi");
     let (_server, sock, source) = unix_server(&dir, ServerOptions::default());
     let u = uri(&sock, "disk");
@@ -419,58 +398,10 @@ fn several_clients_at_once() {
 // ---------------------------------------------------------------------------------------------
 // TLS.
 
-/// Make a CA, a server certificate and a client certificate with openssl, in QEMU's and
-/// libnbd's layouts: `server/` (ca-cert.pem, server-cert.pem, server-key.pem), `client/`
-/// (ca-cert.pem, client-cert.pem, client-key.pem), and `other/` (a client of another CA).
-fn make_certs(dir: &TempDir) -> bool {
-    if !have("openssl") {
-        return false;
-    }
-    let script = r#"
-set -e
-mkca() { # dir
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=test CA $1" \
-    -keyout $1/ca-key.pem -out $1/ca-cert.pem \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-}
-sign() { # ca-dir name cn ext
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=$3" -keyout $2-key.pem -out $2.csr 2>/dev/null
-  printf '%s\n' "$4" > $2.ext
-  openssl x509 -req -in $2.csr -CA $1/ca-cert.pem -CAkey $1/ca-key.pem -CAcreateserial \
-    -days 2 -out $2-cert.pem -extfile $2.ext 2>/dev/null
-}
-mkdir -p ca otherca server client other
-mkca ca; mkca otherca
-sign ca srv localhost "subjectAltName=DNS:localhost,IP:127.0.0.1
-extendedKeyUsage=serverAuth
-basicConstraints=CA:FALSE
-keyUsage=digitalSignature,keyEncipherment"
-sign ca cli client "extendedKeyUsage=clientAuth
-basicConstraints=CA:FALSE
-keyUsage=digitalSignature,keyEncipherment"
-sign otherca oth intruder "extendedKeyUsage=clientAuth
-basicConstraints=CA:FALSE
-keyUsage=digitalSignature,keyEncipherment"
-cp ca/ca-cert.pem server/; cp srv-cert.pem server/server-cert.pem; cp srv-key.pem server/server-key.pem
-cp ca/ca-cert.pem client/; cp cli-cert.pem client/client-cert.pem; cp cli-key.pem client/client-key.pem
-cp otherca/ca-cert.pem other/; cp oth-cert.pem other/client-cert.pem; cp oth-key.pem other/client-key.pem
-"#;
-    let out = run(Command::new("sh").arg("-c").arg(script).current_dir(&dir.0));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    true
-}
-
 #[test]
 fn tls_with_client_certificates() {
     let dir = TempDir::new("tls");
-    if !make_certs(&dir) || !have("nbdinfo") {
-        eprintln!("skipped: openssl or nbdinfo not installed");
-        return;
-    }
+    tls::make_certs(&dir.0);
     let creds = TlsCreds::load_x509(&dir.join("server"), true).unwrap();
     let (_server, sock, _) = unix_server(
         &dir,
@@ -491,7 +422,7 @@ fn tls_with_client_certificates() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["TLS"], true);
     assert_eq!(v["exports"][0]["export-size"], SIZE);
-    if have("nbdcopy") {
+    {
         let copy = dir.join("copy.raw");
         run_ok(Command::new("nbdcopy").arg(tls_uri("client")).arg(&copy));
         assert!(fs::read(&copy).unwrap() == MemSource::new().data);
@@ -541,10 +472,7 @@ fn tls_with_client_certificates() {
 #[test]
 fn tls_without_peer_verification() {
     let dir = TempDir::new("tls-noverify");
-    if !make_certs(&dir) || !have("nbdinfo") {
-        eprintln!("skipped: openssl or nbdinfo not installed");
-        return;
-    }
+    tls::make_certs(&dir.0);
     // No ca-cert.pem needed on the server side.
     fs::remove_file(dir.join("server/ca-cert.pem")).unwrap();
     let creds = TlsCreds::load_x509(&dir.join("server"), false).unwrap();
@@ -576,9 +504,7 @@ fn tls_credential_errors_name_the_file() {
         text.contains("server-cert.pem") && text.contains("missing"),
         "{text}"
     );
-    if !make_certs(&dir) {
-        return;
-    }
+    tls::make_certs(&dir.0);
     let server = dir.join("server");
     fs::remove_file(server.join("ca-cert.pem")).unwrap();
     let text = TlsCreds::load_x509(&server, true).unwrap_err().to_string();

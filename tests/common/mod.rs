@@ -31,6 +31,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod qsd;
 pub mod raw_frontend;
+pub mod tls;
 pub mod vhost_msg;
 
 use std::fs;
