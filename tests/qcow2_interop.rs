@@ -176,3 +176,111 @@ fn images_are_locked_against_qemu_and_other_vubd_processes() {
     drop(qsd);
     assert_check_clean(dir.path(), "meta.qcow2");
 }
+
+/// Block status (what NBD's `base:allocation` reports) against `qemu-img map`: data,
+/// zero clusters and unallocated ones, through a backing file, and a raw file's holes.
+#[test]
+fn block_status_agrees_with_qemu_img_map() {
+    use common::qemu::qemu_io;
+    use vubd::block::{open_image, Allocation, Format, OpenOptions};
+    let dir = TempDir::new("block-status");
+    let c = 65536usize;
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
+    );
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "base.qcow2",
+        &[format!("write -P 1 0 {}", 3 * c)],
+    );
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "1M",
+        ],
+    );
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "top.qcow2",
+        &[
+            format!("write -P 2 {} {}", 5 * c, c),
+            format!("write -z {} {}", c, c),
+            format!("write -z {} {}", 8 * c, 2 * c),
+        ],
+    );
+    fs::write(dir.join("sparse.raw"), b"").unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("sparse.raw"))
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 8192], 4 * c as u64).unwrap();
+    for (image, format) in [("top.qcow2", Format::Qcow2), ("sparse.raw", Format::Raw)] {
+        let map = qemu_img(
+            dir.path(),
+            &[
+                "map",
+                "--output=json",
+                "-f",
+                if format == Format::Raw {
+                    "raw"
+                } else {
+                    "qcow2"
+                },
+                image,
+            ],
+        );
+        let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+        let node = open_image(
+            &dir.join(image),
+            format,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut offset = 0u64;
+        while offset < node.size() {
+            let (len, allocation) = node.block_status(offset, node.size() - offset).unwrap();
+            assert!(len > 0);
+            let entry = map
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| {
+                    let s = e["start"].as_u64().unwrap();
+                    s <= offset && offset < s + e["length"].as_u64().unwrap()
+                })
+                .unwrap();
+            let expected_data = entry["data"].as_bool().unwrap();
+            assert_eq!(
+                allocation == Allocation::Data,
+                expected_data,
+                "{image} at {offset:#x}: vubd says {allocation:?}, qemu-img map {entry}"
+            );
+            if !expected_data {
+                assert!(entry["zero"].as_bool().unwrap(), "{entry}");
+            }
+            // vubd's run never crosses a change qemu-img reports.
+            let end = entry["start"].as_u64().unwrap() + entry["length"].as_u64().unwrap();
+            assert!(
+                offset + len <= end || allocation == Allocation::Data && expected_data,
+                "{image}: run {offset:#x}+{len:#x} crosses qemu-img's boundary {end:#x}"
+            );
+            offset += len;
+        }
+    }
+}

@@ -314,6 +314,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn runs_cover_a_range_merged_and_bounded() {
+        const G: u64 = 65536;
+        // 200 granules, the last one cut short by the disk's end.
+        let b = DirtyBitmap::new("b", 16, 200 * G - 512, true, false);
+        b.mark(3 * G, 2 * G);
+        b.mark(64 * G, 130 * G); // whole words dirty
+        let mut runs = Vec::new();
+        b.runs(0, u64::MAX, 100, &mut runs);
+        assert_eq!(
+            runs,
+            vec![
+                (3 * G, false),
+                (2 * G, true),
+                (59 * G, false),
+                (130 * G, true),
+                (6 * G - 512, false)
+            ]
+        );
+        assert_eq!(runs.iter().map(|r| r.0).sum::<u64>(), 200 * G - 512);
+        // From inside a granule, cut to the range asked for.
+        runs.clear();
+        b.runs(4 * G + 100, G, 100, &mut runs);
+        assert_eq!(runs, vec![(G - 100, true), (100, false)]);
+        // At most `max_runs`, in order.
+        runs.clear();
+        b.runs(0, u64::MAX, 2, &mut runs);
+        assert_eq!(runs, vec![(3 * G, false), (2 * G, true)]);
+    }
+
+    #[test]
     fn marks_granules_touched_and_reports_first_marks() {
         let b = DirtyBitmap::new("b", 16, 10 << 20, true, false);
         assert!(b.mark(65536 * 3 + 100, 10));

@@ -246,3 +246,160 @@ impl Filter for CopyBeforeWrite {
         self.ensure_copied(child, offset, len)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::block::file::{FileNode, FileOptions};
+    use crate::block::filter::FilterNode;
+    use crate::block::raw::RawNode;
+    use crate::block::ZeroOp;
+
+    const CLUSTER: u64 = 65536;
+    const SIZE: u64 = 8 * CLUSTER;
+
+    struct Setup {
+        disk: Arc<dyn BlockDriver>,
+        target: Arc<dyn BlockDriver>,
+        cbw: Arc<CopyBeforeWrite>,
+        node: Arc<FilterNode<Arc<CopyBeforeWrite>>>,
+        paths: Vec<PathBuf>,
+    }
+
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    fn old_byte(offset: u64) -> u8 {
+        (offset / 4096) as u8 | 1
+    }
+
+    fn raw(name: &str, content: Vec<u8>, read_only: bool) -> (Arc<dyn BlockDriver>, PathBuf) {
+        let path = std::env::temp_dir().join(format!("vubd-cbw-{}-{name}", std::process::id()));
+        std::fs::write(&path, content).unwrap();
+        let file = FileNode::open(
+            &path,
+            FileOptions {
+                read_only,
+                ..FileOptions::default()
+            },
+        )
+        .unwrap();
+        (Arc::new(RawNode::new(Arc::new(file))), path)
+    }
+
+    fn setup(name: &str, target_read_only: bool) -> Setup {
+        let old: Vec<u8> = (0..SIZE).map(old_byte).collect();
+        let (disk, a) = raw(&format!("{name}-disk"), old, false);
+        let (target, b) = raw(
+            &format!("{name}-target"),
+            vec![0; SIZE as usize],
+            target_read_only,
+        );
+        let cbw = Arc::new(CopyBeforeWrite::new(target.clone(), SIZE, CLUSTER));
+        let node = Arc::new(FilterNode::new(cbw.clone(), disk.clone()));
+        Setup {
+            disk,
+            target,
+            cbw,
+            node,
+            paths: vec![a, b],
+        }
+    }
+
+    fn read(node: &dyn BlockDriver, offset: u64, len: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; len as usize];
+        node.read_at(offset, &mut buf).unwrap();
+        buf
+    }
+
+    fn old(offset: u64, len: u64) -> Vec<u8> {
+        (offset..offset + len).map(old_byte).collect()
+    }
+
+    #[test]
+    fn the_first_write_to_a_cluster_copies_its_old_content_once() {
+        let s = setup("once", false);
+        s.node.write_at(2 * CLUSTER + 512, &[0xee; 4096]).unwrap();
+        assert_eq!(s.cbw.copied_bytes(), CLUSTER);
+        assert_eq!(
+            read(&*s.target, 2 * CLUSTER, CLUSTER),
+            old(2 * CLUSTER, CLUSTER)
+        );
+        assert_eq!(read(&*s.disk, 2 * CLUSTER + 512, 4096), vec![0xee; 4096]);
+        // Copied clusters cost nothing more, and keep the checkpoint's content.
+        s.node.write_at(2 * CLUSTER, &[0xdd; 8192]).unwrap();
+        assert_eq!(s.cbw.copied_bytes(), CLUSTER);
+        assert_eq!(
+            read(&*s.target, 2 * CLUSTER, CLUSTER),
+            old(2 * CLUSTER, CLUSTER)
+        );
+        // Write-zeroes and discards copy first too, every cluster they touch.
+        let mut ops = Vec::new();
+        s.node
+            .map_zeroes(4 * CLUSTER + 100, CLUSTER, ZeroOp::Discard, &mut ops)
+            .unwrap();
+        assert_eq!(s.cbw.copied_bytes(), 3 * CLUSTER);
+        assert_eq!(
+            read(&*s.target, 4 * CLUSTER, 2 * CLUSTER),
+            old(4 * CLUSTER, 2 * CLUSTER)
+        );
+        // Untouched clusters were not copied.
+        assert_eq!(
+            read(&*s.target, 0, 2 * CLUSTER),
+            vec![0; 2 * CLUSTER as usize]
+        );
+    }
+
+    #[test]
+    fn concurrent_writes_to_one_cluster_copy_it_once() {
+        let s = setup("concurrent", false);
+        std::thread::scope(|scope| {
+            for i in 0..8u8 {
+                let node = s.node.clone();
+                scope.spawn(move || node.write_at(CLUSTER + u64::from(i) * 4096, &[i; 4096]));
+            }
+        });
+        assert_eq!(s.cbw.copied_bytes(), CLUSTER);
+        assert_eq!(read(&*s.target, CLUSTER, CLUSTER), old(CLUSTER, CLUSTER));
+    }
+
+    #[test]
+    fn a_copy_lets_the_write_through_only_after_earlier_readers_of_the_view() {
+        let s = setup("readers", false);
+        let reader = s.cbw.reading(3 * CLUSTER, 4096);
+        let node = s.node.clone();
+        let writer = std::thread::spawn(move || node.write_at(3 * CLUSTER, &[0xaa; 4096]));
+        while s.cbw.copied_bytes() < CLUSTER {
+            std::thread::yield_now();
+        }
+        // The copy is in the target, but the reader may still be reading the disk.
+        assert!(
+            !writer.is_finished(),
+            "the write overtook a reader of the view"
+        );
+        assert_eq!(read(&*s.disk, 3 * CLUSTER, 4096), old(3 * CLUSTER, 4096));
+        drop(reader);
+        writer.join().unwrap().unwrap();
+        assert_eq!(read(&*s.disk, 3 * CLUSTER, 4096), vec![0xaa; 4096]);
+        // A reader of other clusters holds nothing back.
+        let _other = s.cbw.reading(0, 4096);
+        s.node.write_at(5 * CLUSTER, &[1; 512]).unwrap();
+    }
+
+    #[test]
+    fn a_failed_copy_fails_the_write_before_it_reaches_the_disk() {
+        let s = setup("failed", true);
+        assert!(s.node.write_at(0, &[0xbb; 4096]).is_err());
+        assert_eq!(read(&*s.disk, 0, 4096), old(0, 4096));
+        assert_eq!(s.cbw.copied_bytes(), 0);
+        // Nothing is left claimed: the next write tries again (and fails again).
+        assert!(s.node.write_at(0, &[0xbb; 4096]).is_err());
+    }
+}
