@@ -7,14 +7,23 @@ use serde_json::{json, Value};
 use super::qmp::{Args, QmpError, Session};
 use crate::graph::options::{BackupSpec, NbdExportSpec, NbdServerSpec, NodeSpec, TlsCredsSpec};
 
+/// A QMP event object, stamped now.
+fn event(name: &str, data: Value) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({"event": name, "data": data,
+           "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()}})
+}
+
 impl Session {
     /// Run a graph command; `None` if `command` is not one.
     pub(super) fn graph_command(
-        &self,
+        &mut self,
         command: &str,
         mut args: Args,
     ) -> Result<Option<Value>, QmpError> {
-        let graph = &self.graph;
+        let graph = self.graph.clone();
         match command {
             "blockdev-add" => graph.add_node(NodeSpec::parse(args.into_opts())?)?,
             "blockdev-del" => {
@@ -29,7 +38,15 @@ impl Session {
                 let id = args.string("device")?;
                 args.opt_bool("force")?;
                 args.finish()?;
-                graph.cancel_job(&id)?
+                let job = graph.jobs().into_iter().find(|j| j.id == id);
+                graph.cancel_job(&id)?;
+                if let Some(j) = job {
+                    self.events.push(event(
+                        "BLOCK_JOB_CANCELLED",
+                        json!({"type": "backup", "device": j.id, "len": j.len,
+                               "offset": j.offset, "speed": 0}),
+                    ));
+                }
             }
             "query-block-jobs" => {
                 args.finish()?;
@@ -82,7 +99,9 @@ impl Session {
                     }
                 };
                 args.finish()?;
-                graph.delete_nbd_export(&id, hard)?
+                graph.delete_nbd_export(&id, hard)?;
+                self.events
+                    .push(event("BLOCK_EXPORT_DELETED", json!({"id": id})));
             }
             "query-block-exports" => {
                 args.finish()?;

@@ -319,6 +319,11 @@ fn serve_client(mut stream: UnixStream, device: Arc<Graph>) {
                 if send(&mut stream, &reply).is_err() {
                     return;
                 }
+                for event in session.take_events() {
+                    if send(&mut stream, &event).is_err() {
+                        return;
+                    }
+                }
             }
         }
     }

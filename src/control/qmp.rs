@@ -87,6 +87,8 @@ pub struct Session {
     pub(super) graph: Arc<Graph>,
     device: Arc<Export>,
     negotiated: bool,
+    /// Events the last command caused, sent after its reply.
+    pub(super) events: Vec<Value>,
 }
 
 /// Command arguments, checked as they are taken; leftovers are errors.
@@ -163,7 +165,15 @@ impl Session {
             device: graph.export().clone(),
             graph,
             negotiated: false,
+            events: Vec::new(),
         }
+    }
+
+    /// The events the last command caused (QEMU's `BLOCK_JOB_CANCELLED` after
+    /// `block-job-cancel`, `BLOCK_EXPORT_DELETED` after `block-export-del`), to send after its
+    /// reply. They go to the client that caused them.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.events)
     }
 
     /// Whether `qmp_capabilities` has succeeded.
