@@ -6,6 +6,7 @@
 //! adds the guest-visible geometry.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,12 @@ pub enum ExportError {
     },
 }
 
+/// A queue's cached view of an export's root (see [`Export::current_root`]).
+pub struct RootCursor {
+    generation: u64,
+    root: Arc<dyn BlockDriver>,
+}
+
 /// A served graph root.
 #[derive(Debug)]
 pub struct Export {
@@ -58,6 +65,8 @@ pub struct Export {
     /// Where requests enter: the disk, or a filter inserted over it while a job runs
     /// (copy-before-write during a backup). Swapped only with the write gate drained.
     root: ArcSwap<Arc<dyn BlockDriver>>,
+    /// Moves after every swap of `root`, so that queues re-read it only then.
+    root_generation: AtomicU64,
     bitmaps: BitmapManager,
     options: ExportOptions,
 }
@@ -81,6 +90,7 @@ impl Export {
         })?;
         Ok(Export {
             root: ArcSwap::from_pointee(root.clone()),
+            root_generation: AtomicU64::new(0),
             disk: root,
             bitmaps,
             options: ExportOptions {
@@ -105,6 +115,25 @@ impl Export {
     /// with the old root's hooks skipped.
     pub fn set_root(&self, root: Arc<dyn BlockDriver>) {
         self.root.store(Arc::new(root));
+        self.root_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// A queue's view of the root, for [`Export::current_root`].
+    pub fn root_cursor(&self) -> RootCursor {
+        RootCursor {
+            generation: self.root_generation.load(Ordering::Acquire),
+            root: self.root(),
+        }
+    }
+
+    /// The root as `cursor` last saw it, re-read only if it was swapped since: one atomic load
+    /// on the request path, as the disk alone cost before filters could be swapped in.
+    #[inline]
+    pub fn current_root<'a>(&self, cursor: &'a mut RootCursor) -> &'a Arc<dyn BlockDriver> {
+        if self.root_generation.load(Ordering::Acquire) != cursor.generation {
+            *cursor = self.root_cursor();
+        }
+        &cursor.root
     }
 
     /// The root node's dirty bitmaps.

@@ -22,6 +22,7 @@ use crate::block::io::transfer::{bounce_transfer, fill_zero, finish_short_transf
 use crate::block::io::{Engine, InlinePolicy, Op};
 use crate::block::{BlockError, Extent, GuestIo, HostZeroOp, Mapping, ZeroOp};
 use crate::error::Chain;
+use crate::export::RootCursor;
 use crate::iov::Cursor;
 use crate::ratelimit::RateLimitedLog;
 use crate::virtio_blk::request::{self, GuestMemory, Request, RequestKind};
@@ -47,6 +48,7 @@ pub struct Executor {
     /// Writes waiting for the group commit (epoch) that makes their bitmap marks durable.
     committing: VecDeque<(u32, Request, u64)>,
     bitmap_cursor: BitmapCursor,
+    root: RootCursor,
     slots: Vec<Slot>,
     free: Vec<u32>,
     /// Finished requests, `(head, used length)`, not yet on the used ring.
@@ -67,6 +69,7 @@ impl Executor {
     ) -> std::io::Result<Self> {
         let export = device.export();
         let bitmap_cursor = export.bitmaps().cursor();
+        let root = export.root_cursor();
         let depth = u32::from(device.queue_size());
         let engine = Engine::new(export.engine(), depth * 2, completion_fd)?;
         let slots = (0..depth).map(|_| Slot::new(device.limits())).collect();
@@ -78,6 +81,7 @@ impl Executor {
             deferred: VecDeque::new(),
             committing: VecDeque::new(),
             bitmap_cursor,
+            root,
             slots,
             free: (0..depth).rev().collect(),
             done: Vec::with_capacity(depth as usize),
@@ -256,7 +260,7 @@ impl Executor {
 
     /// Start the I/O of a validated request.
     fn execute(&mut self, slot_index: u32, req: Request) {
-        let driver = self.device.export().root();
+        let driver = self.device.export().current_root(&mut self.root).clone();
         let result = match req.kind {
             RequestKind::Read { offset, len } | RequestKind::Write { offset, len } => {
                 let write = matches!(req.kind, RequestKind::Write { .. });
@@ -383,7 +387,7 @@ impl Executor {
 
     /// Map a discard or write-zeroes and push its fallocate operations.
     fn start_zeroes(&mut self, slot_index: u32, kind: RequestKind) -> Result<(), BlockError> {
-        let driver = self.device.export().root();
+        let driver = self.device.export().current_root(&mut self.root).clone();
         self.zero_ops.clear();
         let slot = &mut self.slots[slot_index as usize];
         for seg in &slot.bufs.segments {
@@ -526,7 +530,9 @@ impl Executor {
             export.bitmaps().gate().exit(self.index);
         }
         let ticket = std::mem::take(&mut slot.ticket);
-        export.root().release(ticket, !slot.io.failed);
+        export
+            .current_root(&mut self.root)
+            .release(ticket, !slot.io.failed);
         if let Some(mem) = slot.mem.take() {
             write_status(&mem, slot.status, status);
         }
