@@ -344,6 +344,17 @@ fn a_backup_read_under_a_write_load_is_the_disk_at_the_checkpoint() {
         json!({"node": "disk", "name": "c0"}),
     );
     assert_eq!(qmp.ok("query-block-jobs", json!({})), json!([]));
+    // QEMU's events for the teardown reached the client that asked, in order.
+    let events: Vec<(&str, &Value)> = qmp
+        .events
+        .iter()
+        .map(|e| (e["event"].as_str().unwrap(), &e["data"]))
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0], ("BLOCK_EXPORT_DELETED", &json!({"id": "e0"})));
+    assert_eq!(events[1].0, "BLOCK_JOB_CANCELLED");
+    assert_eq!(events[1].1["device"], "bk");
+    assert_eq!(events[1].1["type"], "backup");
     drop(client);
     vubd.stop();
     assert_check_clean(dir.path(), "meta.qcow2");

@@ -11,6 +11,8 @@ pub struct Qmp {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
     pub greeting: Value,
+    /// Events received so far, in order (they arrive between replies).
+    pub events: Vec<Value>,
 }
 
 impl Qmp {
@@ -32,6 +34,7 @@ impl Qmp {
             writer: stream,
             reader,
             greeting: Value::Null,
+            events: Vec::new(),
         };
         qmp.greeting = qmp.read();
         qmp
@@ -62,6 +65,7 @@ impl Qmp {
             if v.get("event").is_none() {
                 return Some(v);
             }
+            self.events.push(v);
         }
     }
 
