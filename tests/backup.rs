@@ -116,50 +116,41 @@ fn full_and_two_incrementals(dir: &TempDir, daemon: &Daemon, node: &str, who: &s
     let (qmp, work) = (qmp.to_str().unwrap(), dir.join("backups"));
     let work = work.to_str().unwrap();
     let mut client = BlkioClient::connect(daemon.socket(), 1).unwrap();
-    run_ops(&mut client, &workload(30, DISK, 11));
-    client.flush(0).unwrap();
-    let at_c0 = disk_bytes(dir);
-    pull_backup(&[qmp, node, work, "full", "c0"]);
-    let c0 = dir.join("backups/c0.qcow2");
-    assert_same(
-        &restored(dir.path(), &c0),
-        &at_c0,
-        &format!("{who}: full backup at c0"),
-    );
-
-    let w1 = workload(25, DISK, 12);
-    run_ops(&mut client, &w1);
-    client.flush(0).unwrap();
-    let at_c1 = disk_bytes(dir);
-    pull_backup(&[qmp, node, work, "inc", "c1", "c0", c0.to_str().unwrap()]);
-    assert_eq!(
-        mapped_granules(&dir.join("backups/c1.map.json")),
-        granules(&w1, GRANULE),
-        "{who}: the c0 bitmap exported at c1 lists exactly the granules written since c0"
-    );
-    let c1 = dir.join("backups/c1.qcow2");
-    assert_same(
-        &restored(dir.path(), &c1),
-        &at_c1,
-        &format!("{who}: restore at c1"),
-    );
-
-    let w2 = workload(25, DISK, 13);
-    run_ops(&mut client, &w2);
-    client.flush(0).unwrap();
-    let at_c2 = disk_bytes(dir);
-    pull_backup(&[qmp, node, work, "inc", "c2", "c1", c1.to_str().unwrap()]);
-    assert_eq!(
-        mapped_granules(&dir.join("backups/c2.map.json")),
-        granules(&w2, GRANULE),
-        "{who}: the c1 bitmap lists exactly the granules written since c1"
-    );
-    let c2 = dir.join("backups/c2.qcow2");
-    assert_same(
-        &restored(dir.path(), &c2),
-        &at_c2,
-        &format!("{who}: restore at c2"),
-    );
+    for (i, seed) in [11u64, 12, 13].into_iter().enumerate() {
+        let writes = workload(25, DISK, seed);
+        run_ops(&mut client, &writes);
+        client.flush(0).unwrap();
+        let at_checkpoint = disk_bytes(dir);
+        let name = format!("c{i}");
+        let backup = dir.join(&format!("backups/{name}.qcow2"));
+        if i == 0 {
+            pull_backup(&[qmp, node, work, "full", &name]);
+        } else {
+            let (previous, previous_backup) = (
+                format!("c{}", i - 1),
+                dir.join(&format!("backups/c{}.qcow2", i - 1)),
+            );
+            pull_backup(&[
+                qmp,
+                node,
+                work,
+                "inc",
+                &name,
+                &previous,
+                previous_backup.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                mapped_granules(&dir.join(&format!("backups/{name}.map.json"))),
+                granules(&writes, GRANULE),
+                "{who}: the {previous} bitmap exported at {name} lists exactly the granules written since {previous}"
+            );
+        }
+        assert_same(
+            &restored(dir.path(), &backup),
+            &at_checkpoint,
+            &format!("{who}: restore at {name}"),
+        );
+    }
     // The script removed the consumed checkpoints; c2 records on.
     let mut q = daemon.qmp();
     let names: Vec<String> = q

@@ -76,36 +76,16 @@ impl Graph {
 
     fn file(&self, node: &Node) -> Result<FileSpec, Failure> {
         let what = format!("--blockdev driver=file ({})", node_label(node));
-        let mut t = Taker::new(what.clone(), node.opts.clone());
+        let mut t = Taker::new(what, node.opts.clone());
         t.take("driver");
         t.take("node-name");
-        let filename = t
-            .take("filename")
-            .ok_or_else(|| Failure::msg(format!("{what}: filename is required")))?;
-        let direct = t.take_bool("cache.direct")?.unwrap_or(false);
-        let read_only = t.take_bool("read-only")?.unwrap_or(false);
-        let no_locking = match t.take("locking").as_deref() {
-            None | Some("on") | Some("auto") => false,
-            Some("off") => true,
-            Some(v) => {
-                return Err(Failure::msg(format!(
-                    "{what}: locking={v}: expected on, off or auto"
-                )))
-            }
-        };
-        t.ignore(&[
-            "aio",
-            "discard",
-            "cache.no-flush",
-            "detect-zeroes",
-            "auto-read-only",
-        ]);
+        let file = crate::graph::options::file_spec(&mut t)?;
         t.finish()?;
         Ok(FileSpec {
-            filename: PathBuf::from(filename),
-            direct,
-            read_only,
-            no_locking,
+            filename: file.filename,
+            direct: file.direct,
+            read_only: file.read_only,
+            no_locking: !file.locking,
             node_name: node.opts.get("node-name").cloned(),
         })
     }

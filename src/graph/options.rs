@@ -111,7 +111,9 @@ fn required(t: &mut Taker, key: &str) -> Result<String, Failure> {
         .ok_or_else(|| Failure::msg(format!("{}: '{key}' is required", t.what)))
 }
 
-fn file_spec(t: &mut Taker) -> Result<FileSpec, Failure> {
+/// A `file` node's options (`filename`, `cache.direct`, `read-only`, `locking`; QEMU's tuning
+/// knobs accepted), shared with the qemu-storage-daemon command line.
+pub(crate) fn file_spec(t: &mut Taker) -> Result<FileSpec, Failure> {
     let filename = PathBuf::from(required(t, "filename")?);
     let direct = t.take_bool("cache.direct")?.unwrap_or(false);
     let read_only = t.take_bool("read-only")?.unwrap_or(false);
