@@ -20,13 +20,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use common::bitmaps::{granules, nbd_dirty_granules, qsd_export, run_ops, workload};
+use common::bitmaps::{granules, nbd_dirty_granules, qsd_export, run_ops, serve_meta, workload};
 use common::blkio_client::BlkioClient;
 use common::load::{self, Clock};
 use common::qemu::{assert_check_clean, info_json, try_run_in};
 use common::qmp::Qmp;
 use common::qsd::Daemon;
-use common::{raw_with_metadata, TempDir, Vubd};
+use common::{raw_with_metadata, TempDir};
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 32 * MIB;
@@ -231,19 +231,9 @@ fn a_backup_read_under_a_write_load_is_the_disk_at_the_checkpoint() {
     let dir = TempDir::new("backup-under-load");
     raw_with_metadata(&dir, DISK as usize, 4);
     let control = dir.join("qmp.sock");
-    let image = dir.join("meta.qcow2");
-    let mut vubd = Vubd::start(
-        &dir.join("vubd.sock"),
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--format",
-            "qcow2",
-            "--num-queues",
-            "2",
-            "--control",
-            control.to_str().unwrap(),
-        ],
+    let mut vubd = serve_meta(
+        &dir,
+        &["--num-queues", "2", "--control", control.to_str().unwrap()],
     );
     let mut qmp = Qmp::connect(&control);
     qmp.ok(
@@ -356,16 +346,8 @@ fn a_crash_during_a_backup_leaves_the_disk_and_its_bitmaps_consistent() {
     let dir = TempDir::new("backup-crash");
     raw_with_metadata(&dir, DISK as usize, 5);
     let control = dir.join("qmp.sock");
-    let image = dir.join("meta.qcow2");
-    let args = [
-        "--image",
-        image.to_str().unwrap(),
-        "--format",
-        "qcow2",
-        "--control",
-        control.to_str().unwrap(),
-    ];
-    let mut vubd = Vubd::start(&dir.join("vubd.sock"), &args);
+    let args = ["--control", control.to_str().unwrap()];
+    let mut vubd = serve_meta(&dir, &args);
     let mut qmp = Qmp::connect(&control);
     start_backup(&mut qmp, &dir, None);
     let clock = Clock::default();
@@ -415,7 +397,7 @@ fn a_crash_during_a_backup_leaves_the_disk_and_its_bitmaps_consistent() {
     assert!(acknowledged > 0);
     // The disk serves again; the scratch fleecing image is simply deleted.
     std::fs::remove_file(dir.join("fleece.qcow2")).unwrap();
-    let mut again = Vubd::start(&dir.join("vubd.sock"), &args);
+    let mut again = serve_meta(&dir, &args);
     let mut client = BlkioClient::connect(&again.socket, 1).unwrap();
     client.read(0, 0, 4096).unwrap();
     drop(client);
@@ -426,15 +408,10 @@ fn a_crash_during_a_backup_leaves_the_disk_and_its_bitmaps_consistent() {
 fn the_startup_forms_export_the_disk_over_nbd() {
     let dir = TempDir::new("backup-startup");
     raw_with_metadata(&dir, DISK as usize, 6);
-    let image = dir.join("meta.qcow2");
     let nbd = dir.join("nbd.sock");
-    let mut vubd = Vubd::start(
-        &dir.join("vubd.sock"),
+    let mut vubd = serve_meta(
+        &dir,
         &[
-            "--image",
-            image.to_str().unwrap(),
-            "--format",
-            "qcow2",
             "--readonly",
             "--nbd-server",
             &format!("addr.type=unix,addr.path={}", nbd.display()),
@@ -461,20 +438,15 @@ fn backups_over_tls_admit_only_clients_with_the_ca() {
     let dir = TempDir::new("backup-tls");
     raw_with_metadata(&dir, DISK as usize, 7);
     common::tls::make_certs(dir.path());
-    let image = dir.join("meta.qcow2");
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let server_dir = dir.join("server");
     let control = dir.join("qsd-qmp.sock");
-    let mut vubd = Vubd::start(
-        &dir.join("vubd.sock"),
+    let mut vubd = serve_meta(
+        &dir,
         &[
-            "--image",
-            image.to_str().unwrap(),
-            "--format",
-            "qcow2",
             "--control",
             control.to_str().unwrap(),
             "--object",
