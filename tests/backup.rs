@@ -38,8 +38,14 @@ fn script() -> String {
 
 /// Run scripts/pull-backup.sh with `args`; panics with its output if it fails.
 fn pull_backup(args: &[&str]) {
+    pull_backup_with(args, &[]);
+}
+
+/// [`pull_backup`] with environment variables (`NBD_TLS_DIR`).
+fn pull_backup_with(args: &[&str], env: &[(&str, &Path)]) {
     let out = Command::new(script())
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("pull-backup.sh");
     assert!(
@@ -499,22 +505,9 @@ fn backups_over_tls_admit_only_clients_with_the_ca() {
     client.flush(0).unwrap();
     let at_c0 = disk_bytes(&dir);
     let work = dir.join("backups");
-    let out = Command::new(script())
-        .args([
-            control.to_str().unwrap(),
-            "disk",
-            work.to_str().unwrap(),
-            "full",
-            "c0",
-        ])
-        .env("NBD_TLS_DIR", &server_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (qmp, dir_work) = (control.to_str().unwrap(), work.to_str().unwrap());
+    let tls = [("NBD_TLS_DIR", server_dir.as_path())];
+    pull_backup_with(&[qmp, "disk", dir_work, "full", "c0"], &tls);
     assert_same(
         &restored(dir.path(), &work.join("c0.qcow2")),
         &at_c0,
@@ -525,23 +518,17 @@ fn backups_over_tls_admit_only_clients_with_the_ca() {
     client.flush(0).unwrap();
     let at_c1 = disk_bytes(&dir);
     let c0 = work.join("c0.qcow2");
-    let out = Command::new(script())
-        .args([
-            control.to_str().unwrap(),
+    pull_backup_with(
+        &[
+            qmp,
             "disk",
-            work.to_str().unwrap(),
+            dir_work,
             "inc",
             "c1",
             "c0",
             c0.to_str().unwrap(),
-        ])
-        .env("NBD_TLS_DIR", &server_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &tls,
     );
     assert_eq!(
         mapped_granules(&work.join("c1.map.json")),
