@@ -50,7 +50,7 @@ impl ExportSource for Source {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         assert!(offset + buf.len() as u64 <= SIZE, "read past the end");
         if self.bad && offset + buf.len() as u64 > 32768 {
-            return Err(io::Error::from_raw_os_error(if offset % 2 == 0 {
+            return Err(io::Error::from_raw_os_error(if offset.is_multiple_of(2) {
                 libc::ENOSPC
             } else {
                 libc::EBADF
@@ -99,7 +99,7 @@ impl ExportSource for Source {
         let mut p = offset;
         while p < offset + len {
             let n = (4096 - p % 4096).min(offset + len - p);
-            out.push((n, u32::from(index == 0 && (p / 4096) % 2 == 0)));
+            out.push((n, u32::from(index == 0 && (p / 4096).is_multiple_of(2))));
             p += n;
         }
         Ok(())
