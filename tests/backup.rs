@@ -220,7 +220,12 @@ fn start_backup(qmp: &mut Qmp, dir: &TempDir, bitmap: Option<&str>) {
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": dir.join("nbd.sock")}}}),
     );
-    let bitmaps: Vec<&str> = bitmap.into_iter().collect();
+    // The bitmap as `{node, name}` (the script names it alone, looked up through the view's
+    // backing chain).
+    let bitmaps: Vec<Value> = bitmap
+        .map(|b| json!({"node": "disk", "name": b}))
+        .into_iter()
+        .collect();
     qmp.ok(
         "block-export-add",
         json!({"type": "nbd", "id": "e0", "node-name": "fleece", "name": "view",
