@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run test bench deps lint clean fuzz fuzz-smoke fuzz-seeds
+.PHONY: all build run test bench guest-bench deps lint clean fuzz fuzz-smoke fuzz-seeds
 
 all: build
 
@@ -47,6 +47,11 @@ fuzz-seeds:
 BENCH_ARGS ?=
 bench: deps build
 	$(CARGO) run --release --example bench -- $(BENCH_ARGS)
+
+# fio inside a Linux guest under QEMU (KVM if it works, else TCG) against vubd and
+# qemu-storage-daemon; puts its table into docs/benchmarks.md.
+guest-bench: deps build
+	$(CARGO) run --release --example bench -- --only guest $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -6,93 +6,22 @@
 //! (as `make test` sets), where a missing piece is a failure.
 
 mod common;
+#[path = "guest/kit.rs"]
+mod kit;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::data::sha256_hex;
 use common::{create_image, pattern, TempDir, Vubd};
-
-struct GuestKit {
-    qemu: PathBuf,
-    kernel: PathBuf,
-    kernel_version: String,
-}
-
-fn find_kit() -> Result<GuestKit, String> {
-    let qemu = which("qemu-system-x86_64").ok_or("qemu-system-x86_64 not installed")?;
-    which("busybox").ok_or("busybox not installed")?;
-    let mut kernels: Vec<PathBuf> = fs::read_dir("/boot")
-        .map_err(|e| format!("/boot: {e}"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .collect();
-    kernels.sort();
-    for kernel in kernels.into_iter().rev() {
-        let name = kernel.file_name().unwrap().to_str().unwrap().to_string();
-        let version = name.trim_start_matches("vmlinuz-").to_string();
-        if Path::new("/lib/modules")
-            .join(&version)
-            .join("modules.dep")
-            .exists()
-        {
-            return Ok(GuestKit {
-                qemu,
-                kernel,
-                kernel_version: version,
-            });
-        }
-    }
-    Err("no kernel with modules under /boot (apt-get install linux-image-cloud-amd64)".into())
-}
-
-fn which(cmd: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(cmd))
-        .find(|p| p.exists())
-}
-
-/// A cpio archive (newc format) holding one executable file, to append to the initramfs.
-fn cpio_with_file(name: &str, data: &[u8]) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-        let header =
-            format!(
-            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            1, mode, 0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
-        );
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-    }
-    let mut out = Vec::new();
-    entry(&mut out, name, 0o100755, data);
-    entry(&mut out, "TRAILER!!!", 0, &[]);
-    out
-}
+use kit::{find_kit, initrd_with_script, make_initramfs, GuestKit};
 
 /// Boot the guest on `socket`, run `script` in it, and return the console output between the
 /// begin and end markers.
 fn run_guest(kit: &GuestKit, initramfs: &Path, socket: &Path, queues: u32, script: &str) -> String {
-    // The kernel unpacks concatenated archives in order: the base image, then the script.
-    let initrd = initramfs.with_extension("run.cpio");
-    let mut image = fs::read(initramfs).expect("read initramfs");
-    image.extend_from_slice(&cpio_with_file("script.sh", script.as_bytes()));
-    fs::write(&initrd, image).expect("write initrd");
+    let initrd = initrd_with_script(initramfs, script).expect("initrd");
     // The console goes to a file: a pipe nobody reads while the guest runs could fill up.
     let console_path = initramfs.with_extension("console");
     let console_file = fs::File::create(&console_path).expect("console file");
@@ -181,15 +110,7 @@ fn linux_guest_uses_the_disk_and_a_second_boot_sees_its_writes() {
     };
     let dir = TempDir::new("qemu-guest");
     let initramfs = dir.join("initramfs.cpio");
-    let status = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/guest/mkinitramfs.sh"
-    ))
-    .arg(&initramfs)
-    .arg(&kit.kernel_version)
-    .status()
-    .expect("run mkinitramfs.sh");
-    assert!(status.success(), "mkinitramfs.sh failed");
+    make_initramfs(&kit, &initramfs).expect("initramfs");
 
     const DISK: usize = 64 << 20;
     let image = dir.join("disk.raw");

@@ -5,16 +5,22 @@
 //! with io_uring straight on the raw data file. Writes `docs/benchmarks.md` and a chart.
 //!
 //! Then what crash-consistent bitmaps cost against bitmaps saved on close ([`bitmaps`]).
+//! `--only guest` (`make guest-bench`) runs fio inside a Linux guest instead ([`guest`]) and
+//! puts its section into the existing report.
 //!
 //! ```text
 //! cargo run --release --example bench -- [--runtime 5] [--reps 3] [--dir /dev/shm]
 //!     [--disk-dir /var/tmp] [--cache none] [--size-mib 1024] [--vubd-args "..."]
-//!     [--only backends|bitmaps] [--out docs/benchmarks.md]
+//!     [--only backends|bitmaps|guest] [--out docs/benchmarks.md]
 //! ```
 
 mod bitmaps;
 mod chart;
+mod guest;
 mod host;
+#[allow(dead_code)]
+#[path = "../../tests/guest/kit.rs"]
+mod kit;
 mod report;
 mod runner;
 mod workloads;
@@ -48,7 +54,7 @@ pub struct Options {
 
 fn usage() -> String {
     "usage: bench [--runtime S] [--reps N] [--dir DIR] [--disk-dir DIR] [--cache none|writeback] \
-     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps] [--out FILE.md]"
+     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps|guest] [--out FILE.md]"
         .into()
 }
 
@@ -78,7 +84,7 @@ fn parse_args() -> Result<Options, String> {
             "--vubd-args" => o.vubd_args = v.split_whitespace().map(String::from).collect(),
             "--out" => o.out = PathBuf::from(v),
             "--disk-dir" => o.disk_dir = PathBuf::from(v),
-            "--only" if v == "backends" || v == "bitmaps" => o.only = Some(v),
+            "--only" if matches!(v.as_str(), "backends" | "bitmaps" | "guest") => o.only = Some(v),
             _ => return Err(format!("unknown option {a}\n{}", usage())),
         }
     }
@@ -98,6 +104,19 @@ fn run(o: Options) -> Result<(), String> {
     let work = o.dir.join(format!("vubd-bench-{}", std::process::id()));
     let cleanup = Cleanup(work.clone());
     prepare(&o, &work)?;
+    if o.only.as_deref() == Some("guest") {
+        if !have_qsd || !have_fio {
+            return Err("the guest bench needs qemu-storage-daemon and fio (make deps)".into());
+        }
+        let section = guest::run(&o, &work)?;
+        drop(cleanup);
+        print!("{section}");
+        let old = fs::read_to_string(&o.out).unwrap_or_default();
+        let md = replace_section(&old, "## Inside a guest: fio", &section);
+        fs::write(&o.out, md).map_err(|e| format!("{}: {e}", o.out.display()))?;
+        eprintln!("bench: wrote the guest section of {}", o.out.display());
+        return Ok(());
+    }
     let results = match o.only.as_deref() {
         Some("bitmaps") => None,
         _ => Some(measure_backends(&o, &work, have_qsd, have_fio)?),
@@ -185,6 +204,24 @@ fn measure_backends(
         }
     }
     Ok(results)
+}
+
+/// `doc` with the section starting at `heading` (up to the next `## `) replaced by `section`,
+/// or `section` appended.
+fn replace_section(doc: &str, heading: &str, section: &str) -> String {
+    let Some(start) = doc.find(heading) else {
+        let sep = if doc.is_empty() || doc.ends_with("\n\n") {
+            ""
+        } else {
+            "\n"
+        };
+        return format!("{doc}{sep}{section}");
+    };
+    let after = &doc[start + heading.len()..];
+    let end = after
+        .find("\n## ")
+        .map_or(doc.len(), |i| start + heading.len() + i + 1);
+    format!("{}{section}{}", &doc[..start], &doc[end..])
 }
 
 /// Removes the scratch directory when dropped.

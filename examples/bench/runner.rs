@@ -29,6 +29,12 @@ pub struct Running {
     pid: u32,
 }
 
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child.
