@@ -257,7 +257,7 @@ pub fn run(o: &Options, work: &Path) -> Result<String, String> {
         )
     };
     let mut md = String::new();
-    let _ = writeln!(md, "## Inside a guest: fio\n");
+    let _ = writeln!(md, "{}\n", crate::GUEST_HEADING);
     let _ = writeln!(
         md,
         "fio in a Linux guest under QEMU ({}), `vhost-user-blk-pci` with {QUEUES} queues, {QUEUES} jobs \
