@@ -547,3 +547,41 @@ fn backups_over_tls_admit_only_clients_with_the_ca() {
     drop(client);
     vubd.stop();
 }
+
+#[test]
+fn sigterm_during_a_backup_stops_cleanly() {
+    let dir = TempDir::new("backup-sigterm");
+    raw_with_metadata(&dir, DISK as usize, 8);
+    let control = dir.join("qmp.sock");
+    let mut vubd = serve_meta(&dir, &["--control", control.to_str().unwrap()]);
+    let mut qmp = Qmp::connect(&control);
+    qmp.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "c0", "persistent": true}),
+    );
+    start_backup(&mut qmp, &dir, Some("c0"));
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    run_ops(&mut client, &workload(10, DISK, 16));
+    // A client is connected to the export and the job runs when the daemon is told to stop.
+    let nbd = std::process::Command::new("nbdinfo")
+        .arg("--size")
+        .arg(view_uri(&dir))
+        .output()
+        .unwrap();
+    assert!(nbd.status.success());
+    drop(client);
+    vubd.stop();
+    assert_check_clean(dir.path(), "meta.qcow2");
+    let info = info_json(dir.path(), "meta.qcow2");
+    let bitmaps = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap();
+    let names: Vec<&str> = bitmaps
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["c0", "next"], "{info}");
+    assert!(bitmaps
+        .iter()
+        .all(|b| !b["flags"].as_array().unwrap().contains(&json!("in-use"))));
+}
