@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod device;
 mod executor;
 mod exit_event;
+pub mod inflight;
 mod memory;
 pub mod ring;
 mod slot;
