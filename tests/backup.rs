@@ -269,6 +269,24 @@ fn a_backup_read_under_a_write_load_is_the_disk_at_the_checkpoint() {
     client.flush(0).unwrap();
     let at_checkpoint = disk_bytes(&dir);
     start_backup(&mut qmp, &dir, Some("c0"));
+    // Exports QEMU refuses, refused the same way, and leaving no bitmap busy.
+    for (bitmaps, error) in [
+        (json!(["nope"]), "Bitmap 'nope' is not found"),
+        (
+            json!(["c0", "next"]),
+            "Enabled bitmap 'next' incompatible with readonly export",
+        ),
+    ] {
+        let r = qmp.execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "fleece", "writable": false,
+                   "bitmaps": bitmaps}),
+        );
+        assert_eq!(r["error"]["desc"], error, "{r}");
+    }
+    let next = qmp.bitmaps("disk");
+    let next = next.iter().find(|b| b["name"] == "next").unwrap();
+    assert_eq!(next["busy"], false);
     // The view, copied while the load goes on writing the disk: the copy starts once
     // copy-before-write has saved 2 MiB of the checkpoint's data, and the load stops after it.
     let copy = dir.join("copy.raw");

@@ -9,9 +9,9 @@ use std::io;
 use std::sync::Arc;
 
 use super::job::ViewGuard;
-use super::options::{Addr, NbdExportSpec, NbdServerSpec, TlsCredsSpec};
+use super::options::{Addr, BitmapRef, NbdExportSpec, NbdServerSpec, TlsCredsSpec};
 use super::{Added, AddedKind, Graph, GraphError, State};
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{BitmapError, BitmapManager, DirtyBitmap};
 use crate::block::file::AlignedBuf;
 use crate::block::{Allocation, BlockDriver};
 use crate::error::Chain;
@@ -36,6 +36,20 @@ struct ExportRecord {
     node: String,
     /// Bitmaps of the disk taken busy for this export.
     bitmaps: Vec<String>,
+}
+
+/// Bitmaps taken busy for an export being added, given back if it is not.
+struct Taken<'a> {
+    manager: &'a BitmapManager,
+    bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        for (name, _) in &self.bitmaps {
+            self.manager.release(name);
+        }
+    }
 }
 
 /// What `query-block-exports` reports.
@@ -214,9 +228,9 @@ impl Graph {
     /// `block-export-add` / `--export` with `type: nbd`.
     pub fn add_nbd_export(&self, spec: NbdExportSpec) -> Result<(), GraphError> {
         let mut state = self.lock();
-        if state.nbd.server.is_none() {
+        let Some(server) = &state.nbd.server else {
             return Err(GraphError::Nbd("NBD server not running".into()));
-        }
+        };
         if state.nbd.exports.contains_key(&spec.id) {
             return Err(GraphError::Nbd(format!(
                 "Block export id '{}' is already in use",
@@ -224,70 +238,38 @@ impl Graph {
             )));
         }
         let (node, view) = self.format_node(&state, &spec.node)?;
-        let disk = self.export.node_names().format.clone();
-        let reaches_disk = self.backing_chain(&state, &spec.node).contains(&disk);
-        let bitmaps = self.export.bitmaps();
-        let mut taken: Vec<(String, Arc<DirtyBitmap>)> = Vec::new();
-        let give_back = |taken: &[(String, Arc<DirtyBitmap>)]| {
-            for (n, _) in taken {
-                bitmaps.release(n);
-            }
+        let mut taken = Taken {
+            manager: self.export.bitmaps(),
+            bitmaps: Vec::new(),
         };
         for b in &spec.bitmaps {
-            let found = match &b.node {
-                Some(n) if *n == disk => true,
-                Some(n) => {
-                    if let Err(e) = self.format_node(&state, n) {
-                        give_back(&taken);
-                        return Err(e);
-                    }
-                    false
-                }
-                None => reaches_disk,
-            };
-            let bitmap = match found.then(|| bitmaps.acquire(&b.name)) {
-                Some(Ok(bitmap)) => bitmap,
-                Some(Err(crate::bitmap::BitmapError::NotFound(_))) | None => {
-                    give_back(&taken);
-                    return Err(GraphError::Nbd(format!("Bitmap '{}' is not found", b.name)));
-                }
-                Some(Err(e)) => {
-                    give_back(&taken);
-                    return Err(e.into());
-                }
-            };
+            let bitmap = self.exported_bitmap(&state, &spec.node, b)?;
+            taken.bitmaps.push((b.name.clone(), bitmap));
             // A recording bitmap would change under the client's feet (QEMU's check).
-            if bitmap.is_recording() && !node.read_only() {
-                bitmaps.release(&b.name);
-                give_back(&taken);
+            if taken.bitmaps.last().is_some_and(|(_, b)| b.is_recording()) && !node.read_only() {
                 return Err(GraphError::Nbd(format!(
                     "Enabled bitmap '{}' incompatible with readonly export",
                     b.name
                 )));
             }
-            taken.push((b.name.clone(), bitmap));
         }
         let align = if node.files().iter().any(|f| f.is_direct()) {
             DIRECT_ALIGN
         } else {
             1
         };
-        let names: Vec<String> = taken.iter().map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = taken.bitmaps.iter().map(|(n, _)| n.clone()).collect();
         let source = NodeSource {
             node,
             view,
-            bitmaps: taken,
+            bitmaps: taken.bitmaps.clone(),
             align,
         };
-        let server = state.nbd.server.as_ref();
-        if let Some(Err(e)) =
-            server.map(|s| s.add_export(&spec.name, spec.description.clone(), Arc::new(source)))
-        {
-            for n in &names {
-                bitmaps.release(n);
-            }
-            return Err(GraphError::Nbd(e.to_string()));
-        }
+        server
+            .add_export(&spec.name, spec.description.clone(), Arc::new(source))
+            .map_err(|e| GraphError::Nbd(e.to_string()))?;
+        // The export holds the bitmaps now; `forget_export` gives them back.
+        taken.bitmaps.clear();
         if let Some(n) = state.nodes.get_mut(&spec.node) {
             n.users.insert(format!("export {}", spec.id));
         }
@@ -300,6 +282,33 @@ impl Graph {
             },
         );
         Ok(())
+    }
+
+    /// Take the bitmap an export of `node` names, busy: by name, on the disk if `node` is the
+    /// disk or has it in its backing chain; or `{node, name}` with the disk's node.
+    fn exported_bitmap(
+        &self,
+        state: &State,
+        node: &str,
+        b: &BitmapRef,
+    ) -> Result<Arc<DirtyBitmap>, GraphError> {
+        let disk = &self.export.node_names().format;
+        let on_disk = match &b.node {
+            Some(n) if n == disk => true,
+            Some(n) => {
+                self.format_node(state, n)?;
+                false
+            }
+            None => self.backing_chain(state, node).contains(disk),
+        };
+        let not_found = || GraphError::Nbd(format!("Bitmap '{}' is not found", b.name));
+        if !on_disk {
+            return Err(not_found());
+        }
+        self.export.bitmaps().acquire(&b.name).map_err(|e| match e {
+            BitmapError::NotFound(_) => not_found(),
+            e => e.into(),
+        })
     }
 
     /// `block-export-del`: `hard` disconnects clients; otherwise an export with clients is
