@@ -160,21 +160,11 @@ impl DirtyBitmap {
 
     fn mark_range(&self, first: u64, last: u64) -> bool {
         let mut newly = false;
-        let mut g = first;
-        while g <= last {
-            let word = (g / 64) as usize;
-            let lo = g % 64;
-            let hi = (last - word as u64 * 64).min(63);
-            let mask = if hi - lo == 63 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo + 1)) - 1) << lo
-            };
+        for (word, mask) in word_masks(first, last) {
             let w = &self.words[word];
             if w.load(Ordering::Relaxed) & mask != mask {
                 newly |= w.fetch_or(mask, Ordering::AcqRel) & mask != mask;
             }
-            g = word as u64 * 64 + hi + 1;
         }
         newly
     }
@@ -307,6 +297,27 @@ impl DirtyBitmap {
             }
         }
     }
+}
+
+/// The granules `first..=last` as (word index, mask of their bits in that word), word by word.
+#[inline]
+pub(super) fn word_masks(first: u64, last: u64) -> impl Iterator<Item = (usize, u64)> {
+    let mut g = first;
+    std::iter::from_fn(move || {
+        if g > last {
+            return None;
+        }
+        let word = g / 64;
+        let lo = g % 64;
+        let hi = (last - word * 64).min(63);
+        let mask = if hi - lo == 63 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo + 1)) - 1) << lo
+        };
+        g = word * 64 + hi + 1;
+        Some((word as usize, mask))
+    })
 }
 
 #[cfg(test)]

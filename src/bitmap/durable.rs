@@ -22,6 +22,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::dirty::word_masks;
 use super::DirtyBitmap;
 
 /// log2 of the largest block a commit writes.
@@ -110,22 +111,8 @@ impl DurableTrack {
                 & (1 << (first % 64))
                 != 0;
         }
-        let mut g = first;
-        while g <= last {
-            let word = (g / 64) as usize;
-            let lo = g % 64;
-            let hi = (last - word as u64 * 64).min(63);
-            let mask = if hi - lo == 63 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo + 1)) - 1) << lo
-            };
-            if self.durable[word].load(Ordering::Acquire) & mask != mask {
-                return false;
-            }
-            g = word as u64 * 64 + hi + 1;
-        }
-        true
+        word_masks(first, last)
+            .all(|(word, mask)| self.durable[word].load(Ordering::Acquire) & mask == mask)
     }
 
     /// Whether `bitmap` holds bits the disk may not: a flagged cluster not committed yet, or

@@ -30,6 +30,9 @@ use super::{BlockDriver, BlockError};
 
 /// Largest run of clusters copied in one read and one write.
 const MAX_RUN_BYTES: u64 = 1 << 20;
+/// Largest map of copied clusters, as QEMU bounds a dirty bitmap's data (512 MiB: 256 TiB of
+/// disk at 64 KiB clusters).
+pub const MAX_MAP_BYTES: u64 = 512 << 20;
 /// Alignment of the copy buffer: direct I/O on the disk needs it.
 const BUFFER_ALIGN: usize = 4096;
 
@@ -81,11 +84,17 @@ impl Drop for ReadGuard {
 impl CopyBeforeWrite {
     /// A filter for a disk of `size` bytes, copying clusters of `cluster_size` bytes (a power
     /// of two, at least 512) into `target`.
-    pub fn new(target: Arc<dyn BlockDriver>, size: u64, cluster_size: u64) -> Self {
+    ///
+    /// `None` when the map of copied clusters would exceed [`MAX_MAP_BYTES`] (a disk of
+    /// exabytes, say): a larger cluster size in the fleecing image makes it fit.
+    pub fn new(target: Arc<dyn BlockDriver>, size: u64, cluster_size: u64) -> Option<Self> {
         let cluster_bits = cluster_size.max(512).next_power_of_two().trailing_zeros();
         let clusters = size.div_ceil(1 << cluster_bits);
-        let words = clusters.div_ceil(64) as usize;
-        CopyBeforeWrite {
+        let words = clusters.div_ceil(64);
+        if words * 8 > MAX_MAP_BYTES {
+            return None;
+        }
+        Some(CopyBeforeWrite {
             target,
             cluster_bits,
             size,
@@ -93,7 +102,7 @@ impl CopyBeforeWrite {
             state: Mutex::new(CopyState::default()),
             changed: Condvar::new(),
             copied_bytes: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Bytes copied into the target so far.
@@ -302,7 +311,7 @@ mod tests {
             vec![0; SIZE as usize],
             target_read_only,
         );
-        let cbw = Arc::new(CopyBeforeWrite::new(target.clone(), SIZE, CLUSTER));
+        let cbw = Arc::new(CopyBeforeWrite::new(target.clone(), SIZE, CLUSTER).unwrap());
         let node = Arc::new(FilterNode::new(cbw.clone(), disk.clone()));
         Setup {
             disk,
@@ -391,6 +400,13 @@ mod tests {
         // A reader of other clusters holds nothing back.
         let _other = s.cbw.reading(0, 4096);
         s.node.write_at(5 * CLUSTER, &[1; 512]).unwrap();
+    }
+
+    #[test]
+    fn a_disk_too_large_for_the_map_is_refused_not_allocated() {
+        let s = setup("huge", false);
+        assert!(CopyBeforeWrite::new(s.target.clone(), 1 << 50, CLUSTER).is_none());
+        assert!(CopyBeforeWrite::new(s.target.clone(), 1 << 50, 1 << 21).is_some());
     }
 
     #[test]

@@ -99,9 +99,17 @@ impl Graph {
             return Err(GraphError::SizeMismatch);
         }
         let cluster = target.allocation_unit().unwrap_or(DEFAULT_CLUSTER);
+        let cbw = CopyBeforeWrite::new(target, self.export.size(), cluster).ok_or_else(|| {
+            GraphError::Invalid(format!(
+                "blockdev-backup: a disk of {} bytes needs more than {} MiB to track {cluster}-byte \
+                 clusters; create the fleecing image with a larger cluster_size",
+                self.export.size(),
+                crate::block::cbw::MAX_MAP_BYTES >> 20
+            ))
+        })?;
         Ok(Prepared {
             id: spec.job_id.clone(),
-            cbw: Arc::new(CopyBeforeWrite::new(target, self.export.size(), cluster)),
+            cbw: Arc::new(cbw),
             view,
             spec,
         })
