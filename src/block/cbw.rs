@@ -110,10 +110,6 @@ impl CopyBeforeWrite {
         self.copied_bytes.load(Ordering::Relaxed)
     }
 
-    pub fn cluster_size(&self) -> u64 {
-        1 << self.cluster_bits
-    }
-
     /// Register a reader of `[offset, offset + len)` of the view: copies of clusters it may
     /// read from the disk wait for it.
     pub fn reading(self: &Arc<Self>, offset: u64, len: u64) -> ReadGuard {

@@ -354,11 +354,6 @@ impl Graph {
             .collect()
     }
 
-    /// The TCP address the NBD server listens on, if it listens on TCP.
-    pub fn nbd_tcp_addr(&self) -> Option<std::net::SocketAddr> {
-        self.lock().nbd.server.as_ref().and_then(|s| s.local_addr())
-    }
-
     /// `name` and the nodes below it through `backing`.
     fn backing_chain(&self, state: &State, name: &str) -> Vec<String> {
         let mut chain = vec![name.to_string()];
