@@ -112,7 +112,7 @@ pub fn main() -> i32 {
 fn init_logging() {
     // vhost-user-backend and virtio-queue log guest-triggered conditions at error level on
     // every kick; vubd reports those itself, rate-limited.
-    let default = "info,virtio_queue=off,vhost_user_backend=warn";
+    let default = "info,virtio_queue=off";
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format_target(false)
         .init();

@@ -1,23 +1,24 @@
-//! The daemon's lifecycle: the listening socket, one frontend connection after another, and a
-//! clean shutdown on SIGTERM or SIGINT.
+//! The daemon's lifecycle: the listening socket, the frontend connections, and a clean
+//! shutdown on SIGTERM or SIGINT.
 //!
-//! vhost-user-backend's daemon serves a single connection, so vubd builds a fresh backend and
-//! daemon for each frontend that connects (a VMM restarting, or QEMU's `reconnect-ms`), all on
-//! the same [`BlkDevice`]. Signals are blocked in every thread and taken by one dedicated
-//! thread with `sigwait`, which wakes the accept loop or closes the live connection.
+//! Each frontend connection has its own thread and its own [`BlkBackend`] (queues, workers,
+//! in-flight regions, dirty log) on the one [`BlkDevice`]. Up to [`MAX_FRONTENDS`] are served
+//! at once: a VMM restarting (or QEMU's `reconnect-ms`) needs one, a live migration needs two
+//! for a moment — the destination VMM attaches while the source still runs, and the source
+//! stops its rings before the destination starts its own. Signals are blocked in every thread
+//! and taken by one dedicated thread with `sigwait`, which wakes the accept loop and closes the
+//! live connections.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use thiserror::Error;
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::GuestMemoryAtomic;
-use vmm_sys_util::epoll::EventSet;
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::BlkBackend;
@@ -27,7 +28,10 @@ use crate::error::Chain;
 use crate::export::ExportError;
 use crate::graph::Graph;
 use crate::socket::{bind_unix, RemoveOnDrop, SocketError};
-use crate::virtio_blk::request::GuestMemory;
+
+/// Frontends served at once: one VMM, and a second one taking over from it in a live
+/// migration.
+pub const MAX_FRONTENDS: usize = 2;
 
 /// Errors that stop the daemon. Each names what failed.
 #[derive(Debug, Error)]
@@ -40,11 +44,6 @@ pub enum DaemonError {
     Accept(io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
-    #[error("setting up a frontend connection")]
-    Connection(#[source] io::Error),
-    // vhost-user-backend's error implements Display but not std's Error: shown, not chained.
-    #[error("vhost-user: {0}")]
-    VhostUser(vhost_user_backend::Error),
 }
 
 /// Where and how to listen.
@@ -55,8 +54,8 @@ pub struct SocketOptions {
     pub mode: u32,
 }
 
-/// Serve `device` on `socket` until SIGTERM or SIGINT, one connection at a time, with a QMP
-/// control socket at `control` if given.
+/// Serve `device` on `socket` until SIGTERM or SIGINT, with a QMP control socket at `control`
+/// if given.
 pub fn serve(
     device: Arc<BlkDevice>,
     socket: &SocketOptions,
@@ -80,69 +79,77 @@ pub fn serve(
         socket.path.display()
     );
 
-    while !shutdown.requested() {
-        if !shutdown.wait_for_connection(&listener)? {
-            break;
+    let mut connections: Vec<JoinHandle<()>> = Vec::new();
+    loop {
+        connections.retain(|c| !c.is_finished());
+        // With all places taken, the next frontend waits in the listen backlog until one
+        // leaves (a VMM reconnecting while its old connection still drains gets in right after).
+        let listen = connections.len() < MAX_FRONTENDS;
+        match shutdown.wait(&listener, listen)? {
+            Wake::Shutdown => break,
+            Wake::ConnectionEnded => continue,
+            Wake::Connecting => {}
         }
-        serve_connection(&device, &listener, &shutdown)?;
-        if let Err(e) = device.export().flush() {
-            log::error!("flush after disconnect: {}", Chain(&e));
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(_) if shutdown.requested() => break,
+            Err(e) => {
+                log::warn!("accepting a frontend: {e}");
+                continue;
+            }
+        };
+        match start_connection(&device, stream, &shutdown) {
+            Ok(thread) => connections.push(thread),
+            Err(e) => log::error!("setting up a frontend connection: {e}"),
         }
     }
     log::info!("shutting down");
+    shutdown.close_connections();
+    for connection in connections {
+        let _ = connection.join();
+    }
     drop(control);
     graph.shutdown();
     device.export().close()?;
     Ok(())
 }
 
-/// Accept one frontend and serve it until it disconnects or shutdown is requested.
-fn serve_connection(
+/// Serve one frontend on its own thread until it disconnects or shutdown is requested.
+fn start_connection(
     device: &Arc<BlkDevice>,
-    listener: &UnixListener,
+    stream: UnixStream,
     shutdown: &Shutdown,
-) -> Result<(), DaemonError> {
-    let mem = GuestMemoryAtomic::new(GuestMemory::new());
-    let backend = Arc::new(BlkBackend::new(device.clone()).map_err(DaemonError::Connection)?);
-    let mut daemon = VhostUserDaemon::new("vubd".to_string(), backend.clone(), mem)
-        .map_err(DaemonError::VhostUser)?;
-    for (index, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        let worker = backend.worker(index);
-        handler
-            .register_listener(
-                worker.wake_fd().as_raw_fd(),
-                EventSet::IN,
-                backend.wake_event_id(),
-            )
-            .map_err(DaemonError::Connection)?;
-    }
-
-    let clone = listener.try_clone().map_err(DaemonError::Accept)?;
-    let mut listener = Listener::from(clone);
-    match daemon.start(&mut listener) {
-        Ok(()) => {}
-        Err(_) if shutdown.requested() => return Ok(()),
-        Err(e) => {
-            log::warn!("accepting a frontend: {e}");
-            return Ok(());
-        }
-    }
-    log::info!("frontend connected");
-    shutdown.set_connection(daemon.shutdown_handle());
-    match daemon.wait() {
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => {}
-        Err(e) => log::warn!("frontend connection ended: {e}"),
-    }
-    shutdown.set_connection(None);
-    log::info!("frontend disconnected");
-
-    // Stop the queue threads, then wait for the I/O they started.
-    drop(daemon);
-    backend.drain();
-    Ok(())
+) -> io::Result<JoinHandle<()>> {
+    let backend = BlkBackend::new(device.clone())?;
+    let id = shutdown.add_connection(stream.try_clone()?);
+    let device = device.clone();
+    let state = shutdown.state.clone();
+    std::thread::Builder::new()
+        .name("vubd-frontend".into())
+        .spawn(move || {
+            log::info!("frontend connected");
+            let mut handler = BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(backend)));
+            loop {
+                match handler.handle_request() {
+                    Ok(()) => {}
+                    Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => break,
+                    Err(e) => {
+                        if !state.requested.load(Ordering::Acquire) {
+                            log::warn!("frontend connection ended: {e}");
+                        }
+                        break;
+                    }
+                }
+            }
+            // Dropping the handler drops the backend: its queue threads stop and the I/O they
+            // started completes.
+            drop(handler);
+            log::info!("frontend disconnected");
+            if let Err(e) = device.export().flush() {
+                log::error!("flush after disconnect: {}", Chain(&e));
+            }
+            state.remove_connection(id);
+        })
 }
 
 /// Shutdown requests from SIGTERM / SIGINT.
@@ -154,8 +161,17 @@ struct ShutdownState {
     requested: AtomicBool,
     /// Wakes the accept loop.
     wake: EventFd,
+    /// Wakes the accept loop when a connection has ended.
+    connection_ended: EventFd,
     listener_fd: RawFd,
-    connection: Mutex<Option<ShutdownHandle>>,
+    /// The live connections' sockets, to close them on shutdown.
+    connections: Mutex<Connections>,
+}
+
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    streams: Vec<(u64, UnixStream)>,
 }
 
 impl Shutdown {
@@ -165,8 +181,9 @@ impl Shutdown {
         let state = Arc::new(ShutdownState {
             requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK).map_err(DaemonError::Signals)?,
+            connection_ended: EventFd::new(EFD_NONBLOCK).map_err(DaemonError::Signals)?,
             listener_fd,
-            connection: Mutex::new(None),
+            connections: Mutex::new(Connections::default()),
         });
         let set = signal_set();
         // SAFETY: `set` is an initialised sigset; a null old-set pointer is allowed.
@@ -194,41 +211,50 @@ impl Shutdown {
         self.state.requested.load(Ordering::Acquire)
     }
 
-    fn set_connection(&self, handle: Option<ShutdownHandle>) {
-        let mut connection = self
-            .state
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *connection = handle;
-        // A signal that arrived just before the handle was stored must still close it.
+    /// Remember a connection's socket, to close it on shutdown; returns its id.
+    fn add_connection(&self, stream: UnixStream) -> u64 {
+        let mut connections = self.state.lock_connections();
+        let id = connections.next_id;
+        connections.next_id += 1;
+        // A signal that arrived just before must still close it.
         if self.requested() {
-            if let Some(handle) = connection.as_ref() {
-                handle.shutdown();
-            }
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
+        connections.streams.push((id, stream));
+        id
     }
 
-    /// Wait until a frontend is connecting (true) or shutdown is requested (false).
-    fn wait_for_connection(&self, listener: &UnixListener) -> Result<bool, DaemonError> {
+    fn close_connections(&self) {
+        self.state.close_connections();
+    }
+
+    /// Wait until a frontend is connecting (only if `listen`), a connection has ended, or
+    /// shutdown is requested.
+    fn wait(&self, listener: &UnixListener, listen: bool) -> Result<Wake, DaemonError> {
         let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
             libc::pollfd {
                 fd: self.state.wake.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: self.state.connection_ended.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
+        let count: libc::nfds_t = if listen { 3 } else { 2 };
         loop {
             if self.requested() {
-                return Ok(false);
+                return Ok(Wake::Shutdown);
             }
-            // SAFETY: `fds` is a valid array of two pollfds.
-            let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            // SAFETY: `fds` is a valid array of at least `count` pollfds.
+            let ret = unsafe { libc::poll(fds.as_mut_ptr(), count, -1) };
             if ret < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -237,13 +263,24 @@ impl Shutdown {
                 return Err(DaemonError::Accept(e));
             }
             if self.requested() {
-                return Ok(false);
+                return Ok(Wake::Shutdown);
             }
-            if fds[0].revents & libc::POLLIN != 0 {
-                return Ok(true);
+            if fds[1].revents & libc::POLLIN != 0 {
+                let _ = self.state.connection_ended.read();
+                return Ok(Wake::ConnectionEnded);
+            }
+            if listen && fds[2].revents & libc::POLLIN != 0 {
+                return Ok(Wake::Connecting);
             }
         }
     }
+}
+
+/// Why the accept loop woke up.
+enum Wake {
+    Connecting,
+    ConnectionEnded,
+    Shutdown,
 }
 
 impl ShutdownState {
@@ -253,14 +290,24 @@ impl ShutdownState {
         // Wake an accept() that a vanished connection left blocked.
         // SAFETY: shutdown() on our own listening socket fd; it only changes socket state.
         unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
-        if let Some(handle) = self
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            handle.shutdown();
+        self.close_connections();
+    }
+
+    fn lock_connections(&self) -> std::sync::MutexGuard<'_, Connections> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// End every live connection: its thread sees the frontend leave.
+    fn close_connections(&self) {
+        for (_, stream) in &self.lock_connections().streams {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// A connection ended: forget its socket and let the accept loop take the next one.
+    fn remove_connection(&self, id: u64) {
+        self.lock_connections().streams.retain(|(i, _)| *i != id);
+        let _ = self.connection_ended.write(1);
     }
 }
 

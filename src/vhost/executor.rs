@@ -11,10 +11,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::device::BlkDevice;
+use super::dirty_log::DirtyLog;
 use super::slot::{Slot, SlotOp};
 use crate::bitmap::BitmapCursor;
 use crate::block::io::transfer::Transfer;
@@ -57,6 +58,8 @@ pub struct Executor {
     zero_ops: Vec<HostZeroOp>,
     completions: Vec<(u64, i32)>,
     log: RateLimitedLog,
+    /// Live migration's log of the guest memory vubd writes.
+    dirty_log: Arc<DirtyLog>,
 }
 
 impl Executor {
@@ -66,6 +69,7 @@ impl Executor {
         device: Arc<BlkDevice>,
         writeback: Arc<AtomicBool>,
         completion_fd: std::os::fd::RawFd,
+        dirty_log: Arc<DirtyLog>,
     ) -> std::io::Result<Self> {
         let export = device.export();
         let bitmap_cursor = export.bitmaps().cursor();
@@ -89,6 +93,7 @@ impl Executor {
             zero_ops: Vec::new(),
             completions: Vec::new(),
             log: RateLimitedLog::new(),
+            dirty_log,
         })
     }
 
@@ -129,6 +134,11 @@ impl Executor {
         self.engine.wait()
     }
 
+    /// The finished requests not yet taken, in the order they finished.
+    pub fn done(&self) -> &[(u16, u32)] {
+        &self.done
+    }
+
     /// Take the finished requests, in the order they finished.
     pub fn take_done(&mut self) -> std::vec::Drain<'_, (u16, u32)> {
         self.done.drain(..)
@@ -136,8 +146,12 @@ impl Executor {
 
     /// Parse a chain and start its I/O, or answer it at once. The caller checks
     /// [`Executor::has_free_slot`] first.
-    pub fn start(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &Arc<GuestMemory>) {
-        let head = chain.head_index();
+    pub fn start(
+        &mut self,
+        head: u16,
+        chain: impl IntoIterator<Item = Descriptor>,
+        mem: &Arc<GuestMemory>,
+    ) {
         let Some(slot_index) = self.free.pop() else {
             return;
         };
@@ -156,6 +170,7 @@ impl Executor {
                             format_args!("request {head} refused ({:?}): {err}", err.code),
                         );
                         write_status(mem, status, err.code);
+                        self.dirty_log.mark(status.0, 1);
                         self.done.push((head, 1));
                     }
                     None => {
@@ -535,6 +550,9 @@ impl Executor {
             .release(ticket, !slot.io.failed);
         if let Some(mem) = slot.mem.take() {
             write_status(&mem, slot.status, status);
+            // Everything the request may have written: its data (even if it failed part way)
+            // and its status.
+            self.dirty_log.mark_ranges(slot.bufs.writable(), u64::MAX);
         }
         self.free.push(slot_index);
         self.done.push((head, used_len));

@@ -27,7 +27,11 @@
 //! saying together which heads are still in flight: the first `used.idx - used_idx` heads of the
 //! batch list reached the ring, the others did not.
 
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{compiler_fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -64,12 +68,132 @@ pub fn queue_region_size(queue_size: u16) -> u64 {
     (DESC as u64 * u64::from(queue_size) + 2).next_multiple_of(ALIGN)
 }
 
+/// The in-flight file a frontend shares (`SET_INFLIGHT_FD`), mapped: one region per queue.
+pub struct InflightMemory {
+    base: *mut u8,
+    len: usize,
+    stride: usize,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+// SAFETY: shared memory owned by this value, only ever accessed through `QueueRegion`'s atomics.
+unsafe impl Send for InflightMemory {}
+// SAFETY: as above.
+unsafe impl Sync for InflightMemory {}
+
+impl InflightMemory {
+    /// `GET_INFLIGHT_FD`: a new zeroed file for `num_queues` queues of `queue_size`, sealed
+    /// against resizing, and its size.
+    pub fn create(num_queues: u16, queue_size: u16) -> io::Result<(File, u64)> {
+        let size = u64::from(num_queues) * queue_region_size(queue_size);
+        // SAFETY: memfd_create with a valid NUL-terminated name and flags.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vubd-inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)?;
+        let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on our own memfd.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((file, size))
+    }
+
+    /// `SET_INFLIGHT_FD`: map `size` bytes at `offset` of the frontend's `file`, for
+    /// `num_queues` queues of `queue_size`. The file is the frontend's: it must really hold
+    /// what it claims (a short file would raise SIGBUS on the first access).
+    pub fn map(
+        file: &File,
+        offset: u64,
+        size: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> io::Result<Arc<InflightMemory>> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        let stride = queue_region_size(queue_size);
+        let needed = u64::from(num_queues) * stride;
+        if num_queues == 0 || queue_size == 0 || size < needed {
+            return Err(invalid(format!(
+                "inflight region of {size} bytes for {num_queues} queues of {queue_size}"
+            )));
+        }
+        let file_len = file.metadata()?.len();
+        if offset.checked_add(size).is_none_or(|end| end > file_len) {
+            return Err(invalid(format!(
+                "inflight region of {size} bytes at offset {offset} of a file of {file_len} bytes"
+            )));
+        }
+        let len = usize::try_from(size).map_err(|_| invalid(format!("inflight size {size}")))?;
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| invalid(format!("inflight offset {offset}")))?;
+        // SAFETY: a new shared mapping of a file we hold, owned and unmapped by the returned
+        // value; the kernel checks the offset's alignment.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Arc::new(InflightMemory {
+            base: base.cast(),
+            len,
+            stride: stride as usize,
+            num_queues,
+            queue_size,
+        }))
+    }
+
+    /// Queue `index`'s region, keeping the mapping alive.
+    pub fn queue(self: &Arc<Self>, index: usize) -> Option<QueueRegion> {
+        if index >= usize::from(self.num_queues) {
+            return None;
+        }
+        // SAFETY: `index * stride + stride` is within the mapping (checked in `map`), which the
+        // region keeps alive through its `Arc`, and which is only accessed through atomics.
+        let mut region = unsafe {
+            QueueRegion::from_raw(
+                self.base.add(index * self.stride),
+                self.stride,
+                self.queue_size,
+            )
+        }
+        .ok()?;
+        region._mapping = Some(self.clone());
+        Some(region)
+    }
+}
+
+impl Drop for InflightMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping this value created and solely owns.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
 /// One queue's region.
 pub struct QueueRegion {
     base: *mut u8,
     queue_size: u16,
     /// The next request's arrival number.
     counter: u64,
+    /// The mapping the region lives in, if it is one (tests use plain memory).
+    _mapping: Option<Arc<InflightMemory>>,
 }
 
 // SAFETY: the region is shared memory accessed only through atomics; the owner keeps the
@@ -97,6 +221,7 @@ impl QueueRegion {
             base,
             queue_size,
             counter: 0,
+            _mapping: None,
         })
     }
 
@@ -181,6 +306,21 @@ impl QueueRegion {
         }
         compiler_fence(Ordering::SeqCst);
         self.used_idx().store(used_idx, Ordering::Relaxed);
+    }
+
+    /// Whether no backend ever used the region (so there is nothing to recover).
+    pub fn is_fresh(&self) -> bool {
+        self.version().load(Ordering::Relaxed) == 0
+    }
+
+    /// Start the region over at the used ring's index `ring_used_idx`, forgetting what it
+    /// held: for a region that contradicts the ring.
+    pub fn restart_at(&mut self, ring_used_idx: u16) {
+        for head in 0..self.queue_size {
+            self.inflight(head).store(0, Ordering::Relaxed);
+        }
+        self.version().store(0, Ordering::Relaxed);
+        let _ = self.recover(ring_used_idx);
     }
 
     /// When the queue starts on a region (after `SET_INFLIGHT_FD`), with the used ring's index

@@ -1,12 +1,15 @@
 //! The vhost-user side: the device a frontend sees, the backend a connection talks to, the
-//! per-queue ring workers and request executors, and the daemon loop that accepts connections.
+//! per-queue threads, ring workers and request executors, in-flight tracking and dirty logging,
+//! and the daemon loop that accepts connections.
 
 pub mod backend;
+mod chain;
 pub mod daemon;
 pub mod device;
+mod dirty_log;
 mod executor;
-mod exit_event;
 pub mod inflight;
 mod memory;
+mod queue;
 pub mod ring;
 mod slot;

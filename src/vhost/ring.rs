@@ -14,11 +14,14 @@ use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::chain::ChainWalker;
 use super::device::BlkDevice;
+use super::dirty_log::DirtyLog;
 use super::executor::Executor;
+use super::inflight::QueueRegion;
 use crate::ratelimit::RateLimitedLog;
 use crate::virtio_blk::request::GuestMemory;
 
@@ -49,8 +52,15 @@ pub struct QueueWorker {
     /// Signalled by the engine on completions, by the worker to resume later, and by the
     /// write gate when it reopens.
     wake: Arc<EventFd>,
-    /// The vring, kept from the first event so that [`QueueWorker::drain`] can complete requests.
-    vring: Option<Vring>,
+    vring: Vring,
+    /// In-flight tracking (`SET_INFLIGHT_FD`), when the frontend keeps a region for us.
+    inflight: Option<QueueRegion>,
+    /// Heads being published, for the in-flight region.
+    publishing: Vec<u16>,
+    dirty_log: Arc<DirtyLog>,
+    /// Where the frontend wants writes to the used ring logged (`SET_VRING_ADDR`'s
+    /// `log_guest_addr` with `VHOST_VRING_F_LOG`); the ring's own address otherwise.
+    used_log_addr: Option<u64>,
     /// Work is left on the available ring (budget used up or no free slot).
     resume: bool,
     /// Busy-polling: the guest's notifications stay suppressed while the ring is empty.
@@ -65,17 +75,29 @@ impl QueueWorker {
         device: Arc<BlkDevice>,
         mem: GuestMemoryAtomic<GuestMemory>,
         writeback: Arc<AtomicBool>,
+        vring: Vring,
+        dirty_log: Arc<DirtyLog>,
     ) -> std::io::Result<Self> {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         device.export().bitmaps().gate().register_waker(&wake);
-        let exec = Executor::new(index, device.clone(), writeback, wake.as_raw_fd())?;
+        let exec = Executor::new(
+            index,
+            device.clone(),
+            writeback,
+            wake.as_raw_fd(),
+            dirty_log.clone(),
+        )?;
         Ok(QueueWorker {
             index,
             device,
             mem,
             exec,
             wake,
-            vring: None,
+            vring,
+            inflight: None,
+            publishing: Vec::new(),
+            dirty_log,
+            used_log_addr: None,
             resume: false,
             polling: false,
             used_added: false,
@@ -100,10 +122,8 @@ impl QueueWorker {
 
     /// Handle a wake-up: the guest kicked the queue (`kick`), or completions or leftover work
     /// are ready.
-    pub fn handle_event(&mut self, vring: &Vring, kick: bool) {
-        if self.vring.is_none() {
-            self.vring = Some(vring.clone());
-        }
+    pub fn handle_event(&mut self, kick: bool) {
+        let vring = self.vring.clone();
         if !kick {
             // Clear the wake-up being handled (a level-triggered epoll reports it until then);
             // a kick leaves it alone, saving a system call per request.
@@ -164,10 +184,7 @@ impl QueueWorker {
 
     /// Wait for every request in flight to complete and put it on the used ring.
     pub fn drain(&mut self) {
-        let Some(vring) = self.vring.clone() else {
-            // No event was ever handled, so no request was ever started.
-            return;
-        };
+        let vring = self.vring.clone();
         loop {
             {
                 let mut state = vring.get_mut();
@@ -229,7 +246,11 @@ impl QueueWorker {
                 budget -= 1;
                 popped += 1;
                 total += 1;
-                self.exec.start(chain, &mem);
+                let head = chain.head_index();
+                if let Some(region) = &mut self.inflight {
+                    region.record(head);
+                }
+                self.exec.start(head, chain, &mem);
                 if popped == publish_at && self.exec.done_inline_bytes() > 0 {
                     self.publish_done(state);
                 }
@@ -317,6 +338,12 @@ impl QueueWorker {
         // One look at the memory map for the whole batch (`VringState::add_used` would take
         // one per request).
         let mem = self.mem.memory();
+        if let Some(region) = &self.inflight {
+            self.publishing.clear();
+            self.publishing
+                .extend(self.exec.done().iter().map(|(head, _)| *head));
+            region.begin_publish(&self.publishing);
+        }
         for (head, len) in self.exec.take_done() {
             match state.get_queue_mut().add_used(&*mem, head, len) {
                 Ok(()) => self.used_added = true,
@@ -327,6 +354,10 @@ impl QueueWorker {
                 ),
             }
         }
+        if let Some(region) = &self.inflight {
+            region.end_publish(&self.publishing, state.get_queue().next_used());
+        }
+        self.log_used_ring(state);
         // The queue's own check, on the memory the worker uses (`VringState`'s would read the
         // library's map, which may hold memory vubd refused).
         if std::mem::take(&mut self.used_added)
@@ -339,5 +370,87 @@ impl QueueWorker {
                 log::error!("queue {}: notifying the guest: {e}", self.index);
             }
         }
+    }
+}
+
+impl QueueWorker {
+    /// Track this queue's requests in `region` from now on (`SET_INFLIGHT_FD`).
+    pub fn set_inflight(&mut self, region: Option<QueueRegion>) {
+        self.inflight = region;
+    }
+
+    /// Where to log used-ring writes (`SET_VRING_ADDR`).
+    pub fn set_used_log_addr(&mut self, addr: Option<u64>) {
+        self.used_log_addr = addr;
+    }
+
+    /// The ring has just started (its kick arrived). With an in-flight region that a previous
+    /// backend used, resubmit the requests it left in flight, oldest first, and resume the
+    /// available ring after the last request it popped. Returns how many were resubmitted.
+    pub fn start_ring(&mut self) -> usize {
+        let vring = self.vring.clone();
+        let mut state = vring.get_mut();
+        let Some(region) = self.inflight.as_mut().filter(|r| !r.is_fresh()) else {
+            if let Some(region) = &mut self.inflight {
+                // Fresh: start it at the ring's position.
+                let _ = region.recover(state.get_queue().next_used());
+            }
+            return 0;
+        };
+        let used = state.get_queue().next_used();
+        let heads = match region.recover(used) {
+            Ok(heads) => heads,
+            Err(e) => {
+                // A region that contradicts the ring cannot say what to resubmit: the
+                // frontend's own position stands, as without in-flight tracking.
+                log::warn!("queue {}: in-flight region ignored: {e}", self.index);
+                region.restart_at(used);
+                return 0;
+            }
+        };
+        let count = heads.len();
+        let mem = self.mem.memory().into_inner();
+        let queue_size = state.get_queue().size();
+        let table = GuestAddress(state.get_queue().desc_table());
+        for head in &heads {
+            let chain = ChainWalker::new(&mem, table, queue_size, *head);
+            self.exec.start(*head, chain, &mem);
+        }
+        // Every request popped before the crash is on the used ring or was just resubmitted.
+        state
+            .get_queue_mut()
+            .set_next_avail(used.wrapping_add(count as u16));
+        if count > 0 {
+            log::info!(
+                "queue {}: resubmitted {count} requests left in flight",
+                self.index
+            );
+        }
+        self.exec.submit();
+        drop(state);
+        // Finish them, and look at the available ring, from the queue's thread.
+        self.resume = true;
+        let _ = self.wake.write(1);
+        count
+    }
+
+    /// Have the queue's thread look at the available ring (a ring was started or enabled:
+    /// requests may be waiting that no kick will announce).
+    pub fn wake_for_ring(&mut self) {
+        self.resume = true;
+        let _ = self.wake.write(1);
+    }
+
+    /// Log the used ring (entries, index, flags, avail_event) if logging is on: the worker
+    /// has just touched it.
+    fn log_used_ring(&self, state: &State) {
+        if !self.dirty_log.logging() {
+            return;
+        }
+        let queue = state.get_queue();
+        let addr = self.used_log_addr.unwrap_or(queue.used_ring());
+        // flags + idx + ring[size] + avail_event.
+        let len = 4 + 8 * u64::from(queue.size()) + 2;
+        self.dirty_log.mark(addr, len);
     }
 }

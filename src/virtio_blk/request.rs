@@ -13,13 +13,14 @@
 use std::ops::Deref;
 
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{request_type, DeviceLimits, Status, ID_BYTES, SECTOR_SIZE, SEGMENT_FLAG_UNMAP};
 use crate::iov::{total_len, Cursor, GuestRange};
 
-/// The guest memory type the daemon maps (no dirty-page log: vubd does not offer LOG_ALL).
+/// The guest memory type the daemon maps. vm-memory's own dirty tracking is not used: vubd
+/// writes guest memory through raw pointers too, and logs every write itself (`vhost::dirty_log`).
 pub type GuestMemory = GuestMemoryMmap<()>;
 
 /// Size of `struct virtio_blk_req`'s header (`type`, `reserved`, `sector`).
@@ -159,6 +160,12 @@ pub struct RequestBuffers {
 }
 
 impl RequestBuffers {
+    /// The device-writable ranges of the last parsed chain, in order (the data, then the
+    /// status byte): what the device may write into guest memory for it.
+    pub fn writable(&self) -> &[GuestRange] {
+        &self.writable
+    }
+
     /// Buffers sized for common requests; they grow, at most to what `limits` allow, when a
     /// larger request comes, and keep that size for the next one.
     pub fn with_limits(limits: &DeviceLimits) -> Self {
@@ -190,15 +197,15 @@ impl Deref for IoVecs {
 /// Parse and validate one descriptor chain.
 ///
 /// On success the data buffers are in `bufs.iovecs` and the segments in `bufs.segments`.
-pub fn parse<M>(
-    chain: DescriptorChain<M>,
+///
+/// `chain` yields the chain's descriptors in order: a virtio-queue `DescriptorChain` for a
+/// popped request, vubd's own walker for one resubmitted after a restart.
+pub fn parse(
+    chain: impl IntoIterator<Item = Descriptor>,
     mem: &GuestMemory,
     limits: &DeviceLimits,
     bufs: &mut RequestBuffers,
-) -> Result<Request, RequestError>
-where
-    M: Deref<Target = GuestMemory>,
-{
+) -> Result<Request, RequestError> {
     let status = collect_descriptors(chain, mem, bufs)?;
     let fail = |code, reason| RequestError {
         status: Some(status),
@@ -302,14 +309,11 @@ where
 }
 
 /// Sort the chain's descriptors into readable and writable ranges and locate the status byte.
-fn collect_descriptors<M>(
-    chain: DescriptorChain<M>,
+fn collect_descriptors(
+    chain: impl IntoIterator<Item = Descriptor>,
     mem: &GuestMemory,
     bufs: &mut RequestBuffers,
-) -> Result<GuestAddress, RequestError>
-where
-    M: Deref<Target = GuestMemory>,
-{
+) -> Result<GuestAddress, RequestError> {
     bufs.readable.clear();
     bufs.writable.clear();
     let mut misordered = false;

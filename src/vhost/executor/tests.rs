@@ -86,7 +86,14 @@ fn executor(root: Arc<dyn BlockDriver>) -> Executor {
     )
     .unwrap();
     // The synchronous engine signals no eventfd.
-    Executor::new(0, Arc::new(device), Arc::new(AtomicBool::new(true)), -1).unwrap()
+    Executor::new(
+        0,
+        Arc::new(device),
+        Arc::new(AtomicBool::new(true)),
+        -1,
+        Arc::new(DirtyLog::default()),
+    )
+    .unwrap()
 }
 
 fn memory() -> Arc<GuestMemory> {
@@ -119,7 +126,7 @@ fn run(exec: &mut Executor, mem: &Arc<GuestMemory>, descs: &[RawDescriptor]) {
     let queue = MockSplitQueue::new(&**mem, 16);
     let chain = queue.build_desc_chain(descs).unwrap();
     assert!(exec.has_free_slot());
-    exec.start(chain, mem);
+    exec.start(chain.head_index(), chain, mem);
     exec.complete_ready();
 }
 
