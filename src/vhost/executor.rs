@@ -149,14 +149,14 @@ impl Executor {
     pub fn start(
         &mut self,
         head: u16,
-        chain: impl IntoIterator<Item = Descriptor>,
+        mut chain: impl Iterator<Item = Descriptor>,
         mem: &Arc<GuestMemory>,
     ) {
         let Some(slot_index) = self.free.pop() else {
             return;
         };
         let slot = &mut self.slots[slot_index as usize];
-        match request::parse(chain, mem, self.device.limits(), &mut slot.bufs) {
+        match request::parse(&mut chain, mem, self.device.limits(), &mut slot.bufs) {
             Ok(req) => {
                 slot.start(head, &req, mem);
                 self.begin(slot_index, req);

@@ -216,6 +216,11 @@ impl QueueWorker {
     /// Pop and start requests until the ring is empty, the budget is spent or slots run out.
     /// Returns how many were popped.
     fn process_avail(&mut self, state: &mut State) -> usize {
+        if !state.is_enabled() || !state.get_queue().ready() {
+            // A stopped or disabled ring passes no new requests; it is looked at again when
+            // it starts or is enabled.
+            return 0;
+        }
         if self.held_back() {
             // Requests wait on the ring while writes are held back; the gate wakes us.
             self.resume = true;

@@ -201,7 +201,7 @@ impl Deref for IoVecs {
 /// `chain` yields the chain's descriptors in order: a virtio-queue `DescriptorChain` for a
 /// popped request, vubd's own walker for one resubmitted after a restart.
 pub fn parse(
-    chain: impl IntoIterator<Item = Descriptor>,
+    chain: &mut dyn Iterator<Item = Descriptor>,
     mem: &GuestMemory,
     limits: &DeviceLimits,
     bufs: &mut RequestBuffers,
@@ -310,7 +310,7 @@ pub fn parse(
 
 /// Sort the chain's descriptors into readable and writable ranges and locate the status byte.
 fn collect_descriptors(
-    chain: impl IntoIterator<Item = Descriptor>,
+    chain: &mut dyn Iterator<Item = Descriptor>,
     mem: &GuestMemory,
     bufs: &mut RequestBuffers,
 ) -> Result<GuestAddress, RequestError> {
