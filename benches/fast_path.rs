@@ -56,7 +56,7 @@ fn bench_parse(c: &mut Criterion) {
     c.bench_function("parse 4k write", |b| {
         b.iter_batched(
             || chain.clone(),
-            |chain| black_box(parse(chain, &mem, &limits, &mut bufs).is_ok()),
+            |chain| black_box(parse(&mut { chain }, &mem, &limits, &mut bufs).is_ok()),
             BatchSize::SmallInput,
         )
     });

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Byte of "holds permission i" (QEMU's `RAW_LOCK_PERM_BASE`).
 const PERM_BASE: i64 = 100;
@@ -115,20 +116,41 @@ pub fn acquire(file: &File, path: &Path, request: LockRequest) -> Result<(), Loc
             }
         }
     }
+    // A process killed while its I/O was in flight keeps its locks until the kernel has
+    // finished that I/O (io_uring holds the file until then; a few milliseconds were seen
+    // after SIGKILL). A vubd restarted at once by a supervisor would refuse the image: give a
+    // dying holder a moment before calling it a conflict.
+    let started = Instant::now();
+    loop {
+        match conflict(fd, request)? {
+            None => return Ok(()),
+            Some(what) if started.elapsed() >= CONFLICT_GRACE => {
+                return Err(LockError::Conflict { what })
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// How long a conflicting lock may take to go away before it is an error.
+const CONFLICT_GRACE: Duration = Duration::from_millis(500);
+
+/// What another user holds that conflicts with `request`, if anything.
+fn conflict(fd: i32, request: LockRequest) -> Result<Option<String>, LockError> {
     for bit in 0..Permissions::COUNT {
         let name = Permissions::NAMES[usize::from(bit)];
         if request.hold.has(bit) && locked_by_other(fd, SHARED_BASE + i64::from(bit))? {
-            return Err(LockError::Conflict {
-                what: format!("another process does not share the \"{name}\" permission"),
-            });
+            return Ok(Some(format!(
+                "another process does not share the \"{name}\" permission"
+            )));
         }
         if !request.share.has(bit) && locked_by_other(fd, PERM_BASE + i64::from(bit))? {
-            return Err(LockError::Conflict {
-                what: format!("another process holds the \"{name}\" permission"),
-            });
+            return Ok(Some(format!(
+                "another process holds the \"{name}\" permission"
+            )));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn unsupported(e: &io::Error) -> bool {

@@ -440,6 +440,17 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         if usize::from(num_queues) > self.queues.len() || queue_size > self.device.queue_size() {
             return Err(VhostUserError::InvalidParam);
         }
+        // The region is read when a ring starts: swapping it under a running ring would lose
+        // what the old one recorded.
+        if self
+            .queues
+            .iter()
+            .any(|q| q.vring().get_ref().get_queue().ready())
+        {
+            return Err(VhostUserError::InvalidOperation(
+                "SET_INFLIGHT_FD after a ring started",
+            ));
+        }
         let memory =
             InflightMemory::map(&file, offset, size, num_queues, queue_size).map_err(refused)?;
         for (index, queue) in self.queues.iter().enumerate() {

@@ -132,6 +132,16 @@ impl InflightMemory {
                 "inflight region of {size} bytes at offset {offset} of a file of {file_len} bytes"
             )));
         }
+        // A file the frontend could still shrink would raise SIGBUS on vubd's next request.
+        // The files backends hand out (vubd's, libvhost-user's) are sealed; QEMU passes them
+        // back as they are.
+        // SAFETY: F_GET_SEALS on a descriptor we hold.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(invalid(
+                "inflight file is not sealed against shrinking (F_SEAL_SHRINK)".into(),
+            ));
+        }
         let len = usize::try_from(size).map_err(|_| invalid(format!("inflight size {size}")))?;
         let offset = libc::off_t::try_from(offset)
             .map_err(|_| invalid(format!("inflight offset {offset}")))?;

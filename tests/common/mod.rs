@@ -245,3 +245,33 @@ fn read_stderr(child: &mut Child) -> String {
     }
     err
 }
+
+/// Wait until no process holds a lock on `file` (an image a killed vubd served); returns how
+/// long that took. SIGKILL does not always release the lock with the process: an OFD lock goes
+/// with the last reference to the open file, and io_uring requests in flight hold one until
+/// the kernel's deferred ring teardown has cancelled them (measured: up to 5 ms after the
+/// process was reaped, on a loaded 2-core machine). A vubd started meanwhile refuses the image
+/// as "in use by another process"; a supervisor's restart delay covers it, and this stands for
+/// that delay.
+pub fn wait_unlocked(file: &fs::File) -> Duration {
+    use std::os::fd::AsRawFd;
+    let started = Instant::now();
+    loop {
+        // SAFETY: `flock` is plain data, for which all zeroes is a valid value.
+        let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+        // A write lock over the whole file (l_len 0) conflicts with any lock held on it.
+        probe.l_type = libc::F_WRLCK as i16;
+        probe.l_whence = libc::SEEK_SET as i16;
+        // SAFETY: fcntl(F_OFD_GETLK) on an open descriptor, with a valid `flock` to fill.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) };
+        assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+        if probe.l_type == libc::F_UNLCK as i16 {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a lock on the image outlived the killed vubd by 10 s"
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}

@@ -2,12 +2,13 @@
 //! any descriptor chain on it — the way a buggy or hostile guest driver would.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+pub use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
 };
@@ -67,6 +68,16 @@ pub struct Used {
     pub len: u32,
 }
 
+/// How long a frontend made by [`RawFrontend::connect_inflight`] waits for any reply.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The in-flight tracking file a frontend keeps across backend restarts, and how the backend
+/// described it in its `GET_INFLIGHT_FD` reply (what `SET_INFLIGHT_FD` sends back).
+pub struct InflightFd {
+    pub file: File,
+    pub info: VhostUserInflight,
+}
+
 pub struct RawFrontend {
     pub frontend: Frontend,
     pub mem: Mem,
@@ -124,63 +135,23 @@ impl RawFrontend {
         extra_features: u64,
         mem: Mem,
     ) -> vhost::Result<RawFrontend> {
-        frontend.set_owner().expect("set_owner");
-        let offered = frontend.get_features().expect("get_features");
-        let features =
-            (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | extra_features) & offered;
-        frontend.set_features(features).expect("set_features");
-        let protocol = frontend
-            .get_protocol_features()
-            .expect("get_protocol_features");
-        let wanted = VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK;
-        frontend
-            .set_protocol_features(protocol & wanted)
-            .expect("set_protocol_features");
+        let features = negotiate(&mut frontend, extra_features, false);
+        let host = set_memory(&mut frontend, &mem)?;
+        Ok(Self::started(frontend, mem, features, queue_size, host))
+    }
 
-        let infos: Vec<VhostUserMemoryRegionInfo> = mem
-            .iter()
-            .map(|region| VhostUserMemoryRegionInfo::from_guest_region(region).expect("region"))
-            .collect();
-        // Ask for the ack (REPLY_ACK is negotiated above), so that a refused table is an
-        // error here rather than a connection found closed later.
-        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let applied = frontend.set_mem_table(&infos);
-        frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
-        applied?;
-        let first = infos
-            .iter()
-            .find(|i| i.guest_phys_addr == 0)
-            .expect("region at 0");
-        let host = first.userspace_addr;
-
-        frontend
-            .set_vring_num(0, queue_size)
-            .expect("set_vring_num");
-        frontend
-            .set_vring_addr(
-                0,
-                &VringConfigData {
-                    queue_max_size: queue_size,
-                    queue_size,
-                    flags: 0,
-                    desc_table_addr: host + DESC,
-                    used_ring_addr: host + USED,
-                    avail_ring_addr: host + AVAIL,
-                    log_addr: None,
-                },
-            )
-            .expect("set_vring_addr");
-        frontend.set_vring_base(0, 0).expect("set_vring_base");
+    /// Start queue 0 on a connection whose memory table is set (at `host`), from ring index 0.
+    fn started(
+        mut frontend: Frontend,
+        mem: Mem,
+        features: u64,
+        queue_size: u16,
+        host: u64,
+    ) -> Self {
         let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let kick = EventFd::new(0).expect("eventfd");
-        frontend.set_vring_call(0, &call).expect("set_vring_call");
-        frontend.set_vring_kick(0, &kick).expect("set_vring_kick");
-        frontend
-            .set_vring_enable(0, true)
-            .expect("set_vring_enable");
-        Ok(RawFrontend {
+        start_ring(&mut frontend, queue_size, host, 0, &call, &kick);
+        RawFrontend {
             frontend,
             mem,
             features,
@@ -190,7 +161,56 @@ impl RawFrontend {
             avail_idx: 0,
             used_seen: 0,
             next_desc: 0,
-        })
+        }
+    }
+
+    /// Connect the way QEMU starts a vhost-user-blk device with
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`: negotiate it, `GET_INFLIGHT_FD` for queue 0, then
+    /// `SET_INFLIGHT_FD` with what came back, before the memory table and the ring. `inspect`
+    /// sees the file as the backend handed it over, before the backend may use it. Returns the
+    /// frontend and the file it must keep for [`RawFrontend::reconnect`]. Every reply is awaited
+    /// for at most [`REPLY_DEADLINE`], so a stuck backend fails the test instead of hanging it.
+    pub fn connect_inflight(
+        socket: &Path,
+        queue_size: u16,
+        extra_features: u64,
+        mem: Mem,
+        inspect: impl FnOnce(&InflightFd),
+    ) -> (RawFrontend, InflightFd) {
+        let mut frontend = connect_with_deadline(socket);
+        let features = negotiate(&mut frontend, extra_features, true);
+        let asked = VhostUserInflight::new(0, 0, 1, queue_size);
+        let (info, file) = frontend.get_inflight_fd(&asked).expect("GET_INFLIGHT_FD");
+        let inflight = InflightFd { file, info };
+        inspect(&inflight);
+        set_inflight(&mut frontend, &inflight).expect("SET_INFLIGHT_FD");
+        let host = set_memory(&mut frontend, &mem).expect("set_mem_table");
+        let fe = Self::started(frontend, mem, features, queue_size, host);
+        (fe, inflight)
+    }
+
+    /// Reconnect after the backend died, as QEMU does: a new connection with the same guest
+    /// memory, ring addresses and eventfds, `SET_INFLIGHT_FD` with the kept file (no
+    /// `GET_INFLIGHT_FD`), and the ring resuming at `base` — QEMU's choice, the used ring's
+    /// index, when `GET_VRING_BASE` could not reach the dead backend. Does not kick.
+    pub fn reconnect(&mut self, socket: &Path, inflight: &InflightFd, base: u16) {
+        let mut frontend = connect_with_deadline(socket);
+        let features = negotiate(&mut frontend, self.features, true);
+        assert_eq!(
+            features, self.features,
+            "the new backend offers the same features"
+        );
+        set_inflight(&mut frontend, inflight).expect("SET_INFLIGHT_FD on reconnect");
+        let host = set_memory(&mut frontend, &self.mem).expect("set_mem_table on reconnect");
+        start_ring(
+            &mut frontend,
+            self.queue_size,
+            host,
+            base,
+            &self.call,
+            &self.kick,
+        );
+        self.frontend = frontend;
     }
 
     /// Read `size` bytes of config space at `offset`.
@@ -297,11 +317,19 @@ impl RawFrontend {
 
     /// Write `chain` into the descriptor table; returns its head index.
     pub fn write_chain(&mut self, chain: &[Desc]) -> u16 {
+        let head = self.next_desc;
+        self.write_chain_at(head, chain);
+        self.next_desc = (head + chain.len() as u16) % self.queue_size;
+        head
+    }
+
+    /// Write `chain` into consecutive descriptors from `head` (wrapping at the table's end),
+    /// as a driver reusing descriptors the device has returned does.
+    pub fn write_chain_at(&self, head: u16, chain: &[Desc]) {
         assert!(
             chain.len() <= usize::from(self.queue_size),
             "a chain longer than the queue would overwrite itself"
         );
-        let head = self.next_desc;
         for (i, d) in chain.iter().enumerate() {
             let index = (head + i as u16) % self.queue_size;
             let last = i + 1 == chain.len();
@@ -312,8 +340,33 @@ impl RawFrontend {
             let next = (index + 1) % self.queue_size;
             self.write_desc(index, d.addr, d.len, flags, next);
         }
-        self.next_desc = (head + chain.len() as u16) % self.queue_size;
-        head
+    }
+
+    /// The driver's next available ring position (the avail index once published).
+    pub fn next_avail(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Notify the device without changing the ring.
+    pub fn kick(&self) {
+        self.kick.write(1).unwrap();
+    }
+
+    /// The used ring's index, as the device last published it.
+    pub fn used_idx(&self) -> u16 {
+        u16::from_le(
+            self.mem
+                .load::<u16>(GuestAddress(USED + 2), Ordering::Acquire)
+                .unwrap(),
+        )
+    }
+
+    /// The used ring element at position `pos` (a free-running index, taken modulo the size).
+    pub fn used_at(&self, pos: u16) -> Used {
+        let at = USED + 4 + 8 * u64::from(pos % self.queue_size);
+        let id = u32::from_le(self.mem.read_obj(GuestAddress(at)).unwrap());
+        let len = u32::from_le(self.mem.read_obj(GuestAddress(at + 4)).unwrap());
+        Used { id, len }
     }
 
     /// Wait until the device has used `count` more elements, leaving notifications unread.
@@ -389,6 +442,111 @@ impl RawFrontend {
             .write_obj(sector.to_le(), GuestAddress(addr + 8))
             .unwrap();
     }
+}
+
+/// A connection whose replies are awaited for at most [`REPLY_DEADLINE`]: the socket's own
+/// timeouts, since the `vhost` crate's `Frontend` would otherwise block forever on a backend
+/// that stopped answering.
+pub fn connect_with_deadline(socket: &Path) -> Frontend {
+    let stream = UnixStream::connect(socket).expect("connect");
+    stream
+        .set_read_timeout(Some(REPLY_DEADLINE))
+        .expect("read timeout");
+    stream
+        .set_write_timeout(Some(REPLY_DEADLINE))
+        .expect("write timeout");
+    Frontend::from_stream(stream, 1)
+}
+
+/// SET_OWNER and feature negotiation: VERSION_1, the protocol features and `extra_features`
+/// as far as offered; CONFIG, MQ and REPLY_ACK, plus INFLIGHT_SHMFD with `inflight` (which the
+/// backend must offer). Returns the features set.
+pub fn negotiate(frontend: &mut Frontend, extra_features: u64, inflight: bool) -> u64 {
+    frontend.set_owner().expect("set_owner");
+    let offered = frontend.get_features().expect("get_features");
+    let features = (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | extra_features) & offered;
+    frontend.set_features(features).expect("set_features");
+    let protocol = frontend
+        .get_protocol_features()
+        .expect("get_protocol_features");
+    let mut wanted = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    if inflight {
+        assert!(
+            protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+            "the backend does not offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (offers {protocol:?})"
+        );
+        wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    frontend
+        .set_protocol_features(protocol & wanted)
+        .expect("set_protocol_features");
+    features
+}
+
+/// SET_INFLIGHT_FD with `inflight`, waiting for the backend's ack (REPLY_ACK is negotiated),
+/// so that a refused file is an error here.
+pub fn set_inflight(frontend: &mut Frontend, inflight: &InflightFd) -> vhost::Result<()> {
+    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let applied = frontend.set_inflight_fd(&inflight.info, inflight.file.as_raw_fd());
+    frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+    applied
+}
+
+/// SET_MEM_TABLE with every region of `mem`; returns the host address of the region at guest
+/// address 0, which the ring addresses are given in.
+fn set_memory(frontend: &mut Frontend, mem: &Mem) -> vhost::Result<u64> {
+    let infos: Vec<VhostUserMemoryRegionInfo> = mem
+        .iter()
+        .map(|region| VhostUserMemoryRegionInfo::from_guest_region(region).expect("region"))
+        .collect();
+    // Ask for the ack (REPLY_ACK is negotiated), so that a refused table is an error here
+    // rather than a connection found closed later.
+    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let applied = frontend.set_mem_table(&infos);
+    frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+    applied?;
+    let first = infos
+        .iter()
+        .find(|i| i.guest_phys_addr == 0)
+        .expect("region at 0");
+    Ok(first.userspace_addr)
+}
+
+/// Set up and enable queue 0 at [`DESC`], [`AVAIL`] and [`USED`] of the region mapped at
+/// `host`, the device resuming the available ring at `base`.
+fn start_ring(
+    frontend: &mut Frontend,
+    queue_size: u16,
+    host: u64,
+    base: u16,
+    call: &EventFd,
+    kick: &EventFd,
+) {
+    frontend
+        .set_vring_num(0, queue_size)
+        .expect("set_vring_num");
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: queue_size,
+                queue_size,
+                flags: 0,
+                desc_table_addr: host + DESC,
+                used_ring_addr: host + USED,
+                avail_ring_addr: host + AVAIL,
+                log_addr: None,
+            },
+        )
+        .expect("set_vring_addr");
+    frontend.set_vring_base(0, base).expect("set_vring_base");
+    frontend.set_vring_call(0, call).expect("set_vring_call");
+    frontend.set_vring_kick(0, kick).expect("set_vring_kick");
+    frontend
+        .set_vring_enable(0, true)
+        .expect("set_vring_enable");
 }
 
 /// Guest memory in memfds, one per `(guest address, size)` region, shareable with the backend.

@@ -77,7 +77,7 @@ pub(super) fn parse_with(
     let queue = MockSplitQueue::new(mem, 2048);
     let chain = queue.build_desc_chain(descs).unwrap();
     let mut bufs = RequestBuffers::with_limits(limits);
-    (parse(chain, mem, limits, &mut bufs), bufs)
+    (parse(&mut { chain }, mem, limits, &mut bufs), bufs)
 }
 
 pub(super) fn parse_descs(
@@ -567,7 +567,10 @@ fn chains_cut_short_are_dropped_not_answered() {
     let mut q = queue.create_queue::<virtio_queue::Queue>().unwrap();
     let chain = q.pop_descriptor_chain(&mem).unwrap();
     let mut bufs = RequestBuffers::with_limits(&limits());
-    assert_dropped(parse(chain, &mem, &limits(), &mut bufs), Invalid::Truncated);
+    assert_dropped(
+        parse(&mut { chain }, &mem, &limits(), &mut bufs),
+        Invalid::Truncated,
+    );
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
 
     // A loop inside an indirect table: entry 1 chains back to entry 0.
@@ -595,5 +598,8 @@ fn chains_cut_short_are_dropped_not_answered() {
     queue.add_desc_chains(&head, 0).unwrap();
     let mut q = queue.create_queue::<virtio_queue::Queue>().unwrap();
     let chain = q.pop_descriptor_chain(&mem).unwrap();
-    assert_dropped(parse(chain, &mem, &limits(), &mut bufs), Invalid::Truncated);
+    assert_dropped(
+        parse(&mut { chain }, &mem, &limits(), &mut bufs),
+        Invalid::Truncated,
+    );
 }
