@@ -59,8 +59,13 @@ pub fn start_backend(
     let sock = work.join("bench.sock");
     let _ = fs::remove_file(&sock);
     let mut cmd = match backend {
-        Backend::Vubd => {
-            let mut c = pinned(1, "target/release/vubd");
+        Backend::Vubd | Backend::VubdNoMarks => {
+            let binary = if backend == Backend::Vubd {
+                "target/release/vubd".to_string()
+            } else {
+                format!("{}/release/vubd", crate::marking::NO_MARKS_TARGET)
+            };
+            let mut c = pinned(1, &binary);
             c.args(["serve", "--socket"])
                 .arg(&sock)
                 .arg("--image")

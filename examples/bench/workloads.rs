@@ -24,7 +24,7 @@ pub enum Target {
     MbsAtLeast(f64),
 }
 
-const fn workload(
+pub const fn workload(
     label: &'static str,
     rw: &'static str,
     bs: &'static str,
@@ -55,9 +55,9 @@ const DEPTH_1: &[Target] = &[Target::P50AtMost(0.7)];
 const DEPTH_32: &[Target] = &[Target::IopsAtLeast(2.5), Target::CpuAtMost(0.5)];
 const SEQUENTIAL: &[Target] = &[Target::MbsAtLeast(1.5)];
 
-const RANDREAD_QD1: Workload = workload("4k randread qd1", "randread", "4k", 1, DEPTH_1);
+pub const RANDREAD_QD1: Workload = workload("4k randread qd1", "randread", "4k", 1, DEPTH_1);
 const RANDWRITE_QD1: Workload = workload("4k randwrite qd1", "randwrite", "4k", 1, DEPTH_1);
-const RANDWRITE_QD32: Workload = workload("4k randwrite qd32", "randwrite", "4k", 32, DEPTH_32);
+pub const RANDWRITE_QD32: Workload = workload("4k randwrite qd32", "randwrite", "4k", 32, DEPTH_32);
 const READ_64K: Workload = workload("64k read qd8", "read", "64k", 8, SEQUENTIAL);
 const WRITE_64K: Workload = workload("64k write qd8", "write", "64k", 8, SEQUENTIAL);
 
@@ -85,6 +85,9 @@ pub const WORKLOADS: [Workload; 12] = [
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Backend {
     Vubd,
+    /// vubd built without dirty-log marks (`--cfg vubd_no_dirty_marks`), the baseline of the
+    /// marking section.
+    VubdNoMarks,
     Qsd,
     /// fio with io_uring straight on the data file: the limit the issue names.
     FioUring,
@@ -97,6 +100,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Vubd => "vubd",
+            Backend::VubdNoMarks => "vubd without marks",
             Backend::Qsd => "qemu-storage-daemon",
             Backend::FioUring => "fio io_uring",
             Backend::FioSync => "fio psync",

@@ -40,8 +40,12 @@ impl DirtyLog {
         self.on.store(on, Ordering::SeqCst);
     }
 
+    /// Whether writes must be logged. Built with `--cfg vubd_no_dirty_marks` it is always
+    /// false and every mark compiles away: the baseline `make bench` measures the check
+    /// against (`examples/bench/marking.rs`).
+    #[inline]
     pub fn logging(&self) -> bool {
-        self.on.load(Ordering::Acquire)
+        !cfg!(vubd_no_dirty_marks) && self.on.load(Ordering::Acquire)
     }
 
     /// `SET_LOG_BASE`: from now on, log into `size` bytes at `offset` of `file`.
@@ -52,10 +56,18 @@ impl DirtyLog {
     }
 
     /// Log `len` bytes of guest memory at `addr`, written by vubd, if logging is on.
+    #[inline]
     pub fn mark(&self, addr: u64, len: u64) {
-        if !self.logging() || len == 0 {
-            return;
+        if self.logging() && len > 0 {
+            self.mark_logging(addr, len);
         }
+    }
+
+    // Out of line and cold: the request path pays for the check only, and its callers stay
+    // small enough for the compiler to keep inlining vm-memory's accessors into them.
+    #[cold]
+    #[inline(never)]
+    fn mark_logging(&self, addr: u64, len: u64) {
         // The write must be visible before its bit: the frontend reads the log, then the page.
         fence(Ordering::SeqCst);
         if let Some(map) = self.map.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
@@ -65,16 +77,24 @@ impl DirtyLog {
 
     /// Log the first `len` bytes of `ranges` (a request's device-writable buffers), if logging
     /// is on.
-    pub fn mark_ranges(&self, ranges: &[GuestRange], mut len: u64) {
-        if !self.logging() {
-            return;
+    #[inline]
+    pub fn mark_ranges(&self, ranges: &[GuestRange], len: u64) {
+        if self.logging() {
+            self.mark_ranges_logging(ranges, len);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn mark_ranges_logging(&self, ranges: &[GuestRange], mut len: u64) {
         for range in ranges {
             if len == 0 {
                 break;
             }
             let n = range.len.min(len);
-            self.mark(range.addr.0, n);
+            if n > 0 {
+                self.mark_logging(range.addr.0, n);
+            }
             len -= n;
         }
     }

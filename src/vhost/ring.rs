@@ -448,10 +448,16 @@ impl QueueWorker {
 
     /// Log the used ring (entries, index, flags, avail_event) if logging is on: the worker
     /// has just touched it.
+    #[inline]
     fn log_used_ring(&self, state: &State) {
-        if !self.dirty_log.logging() {
-            return;
+        if self.dirty_log.logging() {
+            self.log_used_ring_logging(state);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn log_used_ring_logging(&self, state: &State) {
         let queue = state.get_queue();
         let addr = self.used_log_addr.unwrap_or(queue.used_ring());
         // flags + idx + ring[size] + avail_event.
