@@ -40,6 +40,51 @@ impl Qmp {
         qmp
     }
 
+    /// Connect and negotiate capabilities within `timeout`, for a server that may be stuck
+    /// before its main loop runs: QEMU answers the greeting from its monitor thread but the
+    /// negotiation only from the main loop, which waits for device setup (a vhost-user backend
+    /// that does not answer, say). `Err` says which step got no answer.
+    pub fn connect_within(path: &Path, timeout: Duration) -> Result<Qmp, String> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("connect {}: {e}", path.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        stream.set_read_timeout(Some(left)).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut qmp = Qmp {
+            writer: stream,
+            reader,
+            greeting: Value::Null,
+            events: Vec::new(),
+        };
+        qmp.greeting = qmp
+            .try_read()
+            .ok_or_else(|| format!("no QMP greeting on {} within {timeout:?}", path.display()))?;
+        match qmp.try_execute("qmp_capabilities", json!({})) {
+            Some(r) if r == json!({"return": {}}) => {}
+            Some(r) => return Err(format!("capabilities negotiation: {r}")),
+            None => {
+                return Err(format!(
+                    "no answer to qmp_capabilities on {} within {timeout:?}",
+                    path.display()
+                ))
+            }
+        }
+        qmp.writer
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Ok(qmp)
+    }
+
     /// Connect and negotiate capabilities.
     pub fn connect(path: &Path) -> Qmp {
         let mut qmp = Qmp::connect_raw(path);
