@@ -456,6 +456,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         for (index, queue) in self.queues.iter().enumerate() {
             queue.worker().set_inflight(memory.queue(index));
         }
+        log::info!("in-flight region of the frontend: {num_queues} queues of {queue_size}");
         Ok(())
     }
 
