@@ -775,7 +775,7 @@ fuzz_target!(|input: Input| {
     };
     let model = Model::new(chain.clone());
     let mut bufs = RequestBuffers::with_limits(&limits);
-    let result = parse(chain, mem, &limits, &mut bufs);
+    let result = parse(&mut { chain }, mem, &limits, &mut bufs);
     if vubd_fuzz::tracing() {
         match &result {
             Ok(req) => eprintln!("request_parse: ok {:?}", req.kind),

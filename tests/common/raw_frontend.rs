@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 pub use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -162,6 +162,60 @@ impl RawFrontend {
             used_seen: 0,
             next_desc: 0,
         }
+    }
+
+    /// Like [`RawFrontend::connect`], with the protocol features `extra_protocol` negotiated
+    /// too (the backend must offer them), and every reply awaited for at most
+    /// [`REPLY_DEADLINE`].
+    pub fn connect_protocol(
+        socket: &Path,
+        queue_size: u16,
+        extra_features: u64,
+        extra_protocol: VhostUserProtocolFeatures,
+    ) -> RawFrontend {
+        let mut frontend = connect_with_deadline(socket);
+        let features = negotiate_protocol(&mut frontend, extra_features, extra_protocol);
+        let mem = shared_memory(&[(0, MEM_SIZE)]);
+        let host = set_memory(&mut frontend, &mem).expect("set_mem_table");
+        Self::started(frontend, mem, features, queue_size, host)
+    }
+
+    /// Send queue 0's ring addresses again ([`DESC`], [`AVAIL`], [`USED`]), as QEMU does when
+    /// migration starts or ends: with `log`, `VHOST_VRING_F_LOG` and that guest address for
+    /// the used ring's log. Waits for the backend's ack.
+    pub fn set_ring_addr(&mut self, log: Option<u64>) -> vhost::Result<()> {
+        let host = self
+            .mem
+            .get_host_address(GuestAddress(0))
+            .expect("region at 0") as u64;
+        let config = VringConfigData {
+            queue_max_size: self.queue_size,
+            queue_size: self.queue_size,
+            flags: if log.is_some() {
+                VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+            } else {
+                0
+            },
+            desc_table_addr: host + DESC,
+            used_ring_addr: host + USED,
+            avail_ring_addr: host + AVAIL,
+            log_addr: log,
+        };
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let applied = self.frontend.set_vring_addr(0, &config);
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        applied
+    }
+
+    /// SET_FEATURES with `features` (on a running device, as QEMU sets and clears `LOG_ALL`
+    /// around a migration), waiting for the backend's ack.
+    pub fn set_features(&mut self, features: u64) -> vhost::Result<()> {
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let applied = self.frontend.set_features(features);
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        applied?;
+        self.features = features;
+        Ok(())
     }
 
     /// Connect the way QEMU starts a vhost-user-blk device with
@@ -462,6 +516,21 @@ pub fn connect_with_deadline(socket: &Path) -> Frontend {
 /// as far as offered; CONFIG, MQ and REPLY_ACK, plus INFLIGHT_SHMFD with `inflight` (which the
 /// backend must offer). Returns the features set.
 pub fn negotiate(frontend: &mut Frontend, extra_features: u64, inflight: bool) -> u64 {
+    let extra_protocol = if inflight {
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    } else {
+        VhostUserProtocolFeatures::empty()
+    };
+    negotiate_protocol(frontend, extra_features, extra_protocol)
+}
+
+/// Like [`negotiate`], with `extra_protocol` (which the backend must offer) on top of CONFIG,
+/// MQ and REPLY_ACK.
+pub fn negotiate_protocol(
+    frontend: &mut Frontend,
+    extra_features: u64,
+    extra_protocol: VhostUserProtocolFeatures,
+) -> u64 {
     frontend.set_owner().expect("set_owner");
     let offered = frontend.get_features().expect("get_features");
     let features = (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | extra_features) & offered;
@@ -469,16 +538,15 @@ pub fn negotiate(frontend: &mut Frontend, extra_features: u64, inflight: bool) -
     let protocol = frontend
         .get_protocol_features()
         .expect("get_protocol_features");
-    let mut wanted = VhostUserProtocolFeatures::CONFIG
+    assert!(
+        protocol.contains(extra_protocol),
+        "the backend does not offer {:?} (offers {protocol:?})",
+        extra_protocol - protocol
+    );
+    let wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK;
-    if inflight {
-        assert!(
-            protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
-            "the backend does not offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (offers {protocol:?})"
-        );
-        wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-    }
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | extra_protocol;
     frontend
         .set_protocol_features(protocol & wanted)
         .expect("set_protocol_features");
