@@ -252,7 +252,14 @@ fn replace_section(doc: &str, heading: &str, section: &str) -> String {
     let end = after
         .find("\n## ")
         .map_or(doc.len(), |i| start + heading.len() + i + 1);
-    format!("{}{section}{}", &doc[..start], &doc[end..])
+    let rest = &doc[end..];
+    // A blank line between the section and the heading that follows it.
+    let sep = if !rest.is_empty() && !section.ends_with("\n\n") {
+        "\n"
+    } else {
+        ""
+    };
+    format!("{}{section}{sep}{rest}", &doc[..start])
 }
 
 /// Removes the scratch directory when dropped.
