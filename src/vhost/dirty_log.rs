@@ -17,10 +17,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 use std::sync::RwLock;
 
+use super::shared_file::SharedMapping;
 use crate::iov::GuestRange;
 
 /// Guest bytes per bit of the log.
@@ -101,91 +101,38 @@ impl DirtyLog {
 }
 
 /// The frontend's log, mapped.
-struct LogMap {
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is shared memory owned by the `LogMap` and only accessed through atomics.
-unsafe impl Send for LogMap {}
-// SAFETY: as above.
-unsafe impl Sync for LogMap {}
+struct LogMap(SharedMapping);
 
 impl LogMap {
     fn new(file: &File, offset: u64, size: u64) -> io::Result<LogMap> {
-        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
-        let len = usize::try_from(size)
-            .ok()
-            .filter(|len| *len > 0)
-            .ok_or_else(|| invalid(format!("dirty log of {size} bytes")))?;
         // A log shorter than it claims would raise SIGBUS on the first mark past its end.
-        let end = offset.checked_add(size);
-        let file_len = file.metadata()?.len();
-        if end.is_none_or(|end| end > file_len) {
-            return Err(invalid(format!(
-                "dirty log of {size} bytes at offset {offset} of a file of {file_len} bytes"
-            )));
-        }
-        let offset = libc::off_t::try_from(offset)
-            .map_err(|_| invalid(format!("dirty log offset {offset}")))?;
-        // SAFETY: a new shared mapping of a file we hold; the kernel checks the offset's
-        // alignment, and the mapping is owned (and unmapped) by the returned `LogMap`.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(LogMap {
-            base: base.cast(),
-            len,
-        })
+        SharedMapping::new(file, offset, size, "dirty log").map(LogMap)
     }
 
     fn mark(&self, addr: u64, len: u64) {
         let first = addr / LOG_PAGE;
         let last = addr.saturating_add(len - 1) / LOG_PAGE;
         for page in first..=last {
-            let Some(byte) = usize::try_from(page / 8).ok().filter(|b| *b < self.len) else {
+            let Some(byte) = usize::try_from(page / 8).ok().filter(|b| *b < self.0.len()) else {
                 // Past the log the frontend sized for its memory: nothing to log there.
                 return;
             };
             // SAFETY: `byte` is inside the mapping, which lives as long as `self`; the frontend
             // shares it, so it is only accessed atomically.
-            let cell = unsafe { AtomicU8::from_ptr(self.base.add(byte)) };
+            let cell = unsafe { AtomicU8::from_ptr(self.0.base().add(byte)) };
             cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
         }
-    }
-}
-
-impl Drop for LogMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping this `LogMap` created and solely owns.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
+    use crate::vhost::shared_file::test_memfd;
     use vm_memory::GuestAddress;
 
     fn memfd(len: u64) -> File {
-        // SAFETY: memfd_create with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"log-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a new descriptor nobody else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(len).unwrap();
-        file
+        test_memfd(c"log-test", len)
     }
 
     fn bits(file: &File) -> Vec<u8> {

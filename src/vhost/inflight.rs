@@ -35,6 +35,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use super::shared_file::SharedMapping;
+
 /// The region format version vubd writes.
 pub const VERSION: u16 = 1;
 /// Bytes of a queue region's header.
@@ -70,17 +72,11 @@ pub fn queue_region_size(queue_size: u16) -> u64 {
 
 /// The in-flight file a frontend shares (`SET_INFLIGHT_FD`), mapped: one region per queue.
 pub struct InflightMemory {
-    base: *mut u8,
-    len: usize,
+    mapping: SharedMapping,
     stride: usize,
     num_queues: u16,
     queue_size: u16,
 }
-
-// SAFETY: shared memory owned by this value, only ever accessed through `QueueRegion`'s atomics.
-unsafe impl Send for InflightMemory {}
-// SAFETY: as above.
-unsafe impl Sync for InflightMemory {}
 
 impl InflightMemory {
     /// `GET_INFLIGHT_FD`: a new zeroed file for `num_queues` queues of `queue_size`, sealed
@@ -126,43 +122,12 @@ impl InflightMemory {
                 "inflight region of {size} bytes for {num_queues} queues of {queue_size}"
             )));
         }
-        let file_len = file.metadata()?.len();
-        if offset.checked_add(size).is_none_or(|end| end > file_len) {
-            return Err(invalid(format!(
-                "inflight region of {size} bytes at offset {offset} of a file of {file_len} bytes"
-            )));
-        }
-        // A file the frontend could still shrink would raise SIGBUS on vubd's next request.
+        let mapping = SharedMapping::new(file, offset, size, "inflight region")?;
         // The files backends hand out (vubd's, libvhost-user's) are sealed; QEMU passes them
         // back as they are.
-        // SAFETY: F_GET_SEALS on a descriptor we hold.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(invalid(
-                "inflight file is not sealed against shrinking (F_SEAL_SHRINK)".into(),
-            ));
-        }
-        let len = usize::try_from(size).map_err(|_| invalid(format!("inflight size {size}")))?;
-        let offset = libc::off_t::try_from(offset)
-            .map_err(|_| invalid(format!("inflight offset {offset}")))?;
-        // SAFETY: a new shared mapping of a file we hold, owned and unmapped by the returned
-        // value; the kernel checks the offset's alignment.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        SharedMapping::require_shrink_seal(file, "inflight")?;
         Ok(Arc::new(InflightMemory {
-            base: base.cast(),
-            len,
+            mapping,
             stride: stride as usize,
             num_queues,
             queue_size,
@@ -178,7 +143,7 @@ impl InflightMemory {
         // region keeps alive through its `Arc`, and which is only accessed through atomics.
         let mut region = unsafe {
             QueueRegion::from_raw(
-                self.base.add(index * self.stride),
+                self.mapping.base().add(index * self.stride),
                 self.stride,
                 self.queue_size,
             )
@@ -186,13 +151,6 @@ impl InflightMemory {
         .ok()?;
         region._mapping = Some(self.clone());
         Some(region)
-    }
-}
-
-impl Drop for InflightMemory {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping this value created and solely owns.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 

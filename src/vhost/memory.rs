@@ -171,18 +171,10 @@ fn check_backing(mem: &GuestMemory) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
-    use std::os::fd::FromRawFd;
-    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+    use crate::vhost::shared_file::test_memfd;
 
     fn memfd(len: u64) -> File {
-        // SAFETY: memfd_create with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"memory-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a new descriptor nobody else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(len).unwrap();
-        file
+        test_memfd(c"memory-test", len)
     }
 
     fn map(file: File, offset: u64, len: usize) -> GuestMemory {

@@ -12,4 +12,5 @@ pub mod inflight;
 mod memory;
 mod queue;
 pub mod ring;
+mod shared_file;
 mod slot;
