@@ -16,6 +16,8 @@ use thiserror::Error;
 use crate::bitmap::{BitmapError, BitmapManager, Persistence, WriteGate};
 use crate::block::io::EngineKind;
 use crate::block::{BlockDriver, BlockError, NodeNames};
+use crate::stats::prometheus::ExportMetrics;
+use crate::stats::ExportStats;
 
 /// How an export is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +71,8 @@ pub struct Export {
     root_generation: AtomicU64,
     bitmaps: BitmapManager,
     options: ExportOptions,
+    /// Every queue's I/O statistics.
+    stats: ExportStats,
 }
 
 impl Export {
@@ -97,7 +101,27 @@ impl Export {
                 read_only,
                 ..options
             },
+            stats: ExportStats::default(),
         })
+    }
+
+    /// The I/O statistics of the export's queues.
+    pub fn stats(&self) -> &ExportStats {
+        &self.stats
+    }
+
+    /// What the Prometheus endpoint reports of the export.
+    pub fn metrics(&self) -> ExportMetrics {
+        ExportMetrics {
+            name: self.options.node_names.format.clone(),
+            queues: self.stats.per_queue(),
+            bitmaps: self
+                .bitmaps
+                .infos()
+                .into_iter()
+                .map(|b| (b.name, b.count))
+                .collect(),
+        }
     }
 
     /// The graph's root node, where requests enter: the disk, or a filter over it.

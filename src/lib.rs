@@ -16,5 +16,6 @@ pub mod iov;
 pub mod nbd;
 pub mod ratelimit;
 pub mod socket;
+pub mod stats;
 pub mod vhost;
 pub mod virtio_blk;

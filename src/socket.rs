@@ -16,6 +16,12 @@ pub enum SocketError {
     NotASocket { path: PathBuf, option: &'static str },
     #[error("socket {}", path.display())]
     Io { path: PathBuf, source: io::Error },
+    #[error("{option} {address}")]
+    Listen {
+        option: &'static str,
+        address: String,
+        source: io::Error,
+    },
 }
 
 /// Check that a socket can be created at `path`: nothing is there, or a stale socket

@@ -15,6 +15,7 @@ use crate::block::open_image;
 use crate::export::{Export, ExportOptions};
 use crate::graph::options::{NbdExportSpec, NbdServerSpec, TlsCredsSpec};
 use crate::graph::Graph;
+use crate::stats::endpoint::{MetricsAddr, MetricsEndpoint};
 use crate::vhost::daemon;
 use crate::vhost::device::{BlkDevice, DeviceOptions};
 use crate::virtio_blk::ID_BYTES;
@@ -37,6 +38,11 @@ pub struct ServeArgs {
     /// QMP control socket (mode 0600) for managing dirty bitmaps at runtime.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve statistics in Prometheus text format at GET /metrics, on a UNIX socket (mode
+    /// 0600) or a TCP address.
+    #[arg(long, value_name = "unix:PATH|tcp:ADDRESS:PORT",
+          value_parser = |s: &str| s.parse::<MetricsAddr>())]
+    metrics: Option<MetricsAddr>,
     /// I/O engine: io_uring, synchronous system calls, or io_uring when available.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     io_engine: EngineArg,
@@ -146,6 +152,14 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
     let device = Arc::new(device);
     let graph = Graph::new(device.export().clone());
     startup.apply(&graph)?;
+    let _metrics = match &args.metrics {
+        Some(addr) => {
+            let export = device.export().clone();
+            let render = move || crate::stats::prometheus::render(&[export.metrics()]);
+            Some(MetricsEndpoint::start(addr, render)?)
+        }
+        None => None,
+    };
     daemon::serve(device, &spec.socket, spec.control.as_deref(), graph)?;
     Ok(0)
 }

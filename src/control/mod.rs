@@ -15,6 +15,7 @@
 //! once the export is being closed.
 
 mod backup;
+mod blockstats;
 pub(crate) mod framer;
 mod qmp;
 

@@ -10,12 +10,13 @@ use crate::graph::options::BackupSpec;
 use crate::graph::{Graph, GraphError};
 
 /// Commands this server implements.
-const COMMANDS: [&str; 24] = [
+const COMMANDS: [&str; 25] = [
     "qmp_capabilities",
     "query-version",
     "query-commands",
     "query-named-block-nodes",
     "query-block",
+    "query-blockstats",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
@@ -262,6 +263,10 @@ impl Session {
                     list.extend(self.added_node_infos());
                 }
                 nodes
+            }
+            "query-blockstats" => {
+                args.opt_bool("query-nodes")?;
+                super::blockstats::query(&self.device)
             }
             "query-block" => json!([{
                 "device": "",

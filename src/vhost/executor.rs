@@ -26,8 +26,9 @@ use crate::error::Chain;
 use crate::export::RootCursor;
 use crate::iov::Cursor;
 use crate::ratelimit::RateLimitedLog;
+use crate::stats::{OpKind, QueueStats};
 use crate::virtio_blk::request::{self, GuestMemory, Request, RequestKind};
-use crate::virtio_blk::Status;
+use crate::virtio_blk::{request_type, Status};
 
 /// Whether a request changes the disk (and so passes the write gate and marks bitmaps).
 fn modifies(kind: RequestKind) -> bool {
@@ -35,6 +36,30 @@ fn modifies(kind: RequestKind) -> bool {
         kind,
         RequestKind::Write { .. } | RequestKind::Discard | RequestKind::WriteZeroes
     )
+}
+
+/// What the statistics call a request of `kind` (GET_ID is not counted).
+fn op_kind(kind: RequestKind) -> Option<OpKind> {
+    match kind {
+        RequestKind::Read { .. } => Some(OpKind::Read),
+        RequestKind::Write { .. } => Some(OpKind::Write),
+        RequestKind::Flush => Some(OpKind::Flush),
+        RequestKind::Discard => Some(OpKind::Discard),
+        RequestKind::WriteZeroes => Some(OpKind::WriteZeroes),
+        RequestKind::GetId => None,
+    }
+}
+
+/// What the statistics call a request whose header says `request_type`.
+fn op_kind_of_type(request_type: u32) -> Option<OpKind> {
+    match request_type {
+        request_type::IN => Some(OpKind::Read),
+        request_type::OUT => Some(OpKind::Write),
+        request_type::FLUSH => Some(OpKind::Flush),
+        request_type::DISCARD => Some(OpKind::Discard),
+        request_type::WRITE_ZEROES => Some(OpKind::WriteZeroes),
+        _ => None,
+    }
 }
 
 /// Executes one queue's requests.
@@ -60,6 +85,8 @@ pub struct Executor {
     log: RateLimitedLog,
     /// Live migration's log of the guest memory vubd writes.
     dirty_log: Arc<DirtyLog>,
+    /// This queue's statistics; this executor is their only writer.
+    stats: Arc<QueueStats>,
 }
 
 impl Executor {
@@ -76,6 +103,7 @@ impl Executor {
         let root = export.root_cursor();
         let depth = u32::from(device.queue_size());
         let engine = Engine::new(export.engine(), depth * 2, completion_fd)?;
+        let stats = export.stats().register(index);
         let slots = (0..depth).map(|_| Slot::new(device.limits())).collect();
         Ok(Executor {
             index,
@@ -94,6 +122,7 @@ impl Executor {
             completions: Vec::new(),
             log: RateLimitedLog::new(),
             dirty_log,
+            stats,
         })
     }
 
@@ -159,10 +188,13 @@ impl Executor {
         match request::parse(&mut chain, mem, self.device.limits(), &mut slot.bufs) {
             Ok(req) => {
                 slot.start(head, &req, mem);
+                self.stats.start();
                 self.begin(slot_index, req);
             }
             Err(err) => {
                 self.free.push(slot_index);
+                let refused = request::request_type(mem, &slot.bufs).and_then(op_kind_of_type);
+                self.stats.invalid(refused);
                 match err.status {
                     Some(status) => {
                         self.log.warn(
@@ -540,6 +572,17 @@ impl Executor {
             (Status::Ok, slot.used_len)
         };
         let head = slot.head;
+        if let Some(kind) = op_kind(slot.kind) {
+            let bytes = match slot.kind {
+                RequestKind::Read { len, .. } | RequestKind::Write { len, .. } => len,
+                _ => slot.bufs.segments.iter().map(|s| s.len).sum(),
+            };
+            self.stats
+                .finish(kind, bytes, slot.io.failed, slot.started.elapsed());
+            if let (RequestKind::Write { offset, len }, false) = (slot.kind, slot.io.failed) {
+                self.stats.wrote_up_to(offset + len);
+            }
+        }
         let export = self.device.export();
         if std::mem::take(&mut slot.gated) {
             export.bitmaps().gate().exit(self.index);
@@ -561,6 +604,9 @@ impl Executor {
 
 impl Drop for Executor {
     fn drop(&mut self) {
+        // What this queue counted stays with the export after the connection ends (the drain
+        // before the drop finished every request).
+        self.device.export().stats().retire(self.index, &self.stats);
         // The kernel may still be writing into guest memory that the slots keep mapped: wait.
         while self.engine.in_flight() > 0 {
             if self.engine.wait().is_err() {

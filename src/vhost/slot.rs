@@ -2,6 +2,7 @@
 //! is finished: the parsed request, its buffers, and the engine operations it pushed.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use vm_memory::GuestAddress;
 
@@ -30,6 +31,8 @@ pub(super) struct Slot {
     pub ticket: IoTicket,
     /// The request passed the write gate and must leave it when it completes.
     pub gated: bool,
+    /// When the request started, for its latency.
+    pub started: Instant,
 }
 
 /// The engine operations of one request and how they went.
@@ -96,12 +99,14 @@ impl Slot {
             mem: None,
             ticket: IoTicket::NONE,
             gated: false,
+            started: Instant::now(),
         }
     }
 
     /// Set up for a request just parsed.
     pub fn start(&mut self, head: u16, req: &Request, mem: &Arc<GuestMemory>) {
         self.head = head;
+        self.started = Instant::now();
         self.status = req.status;
         self.kind = req.kind;
         self.used_len = req.used_len;

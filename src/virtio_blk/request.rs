@@ -416,6 +416,14 @@ fn read_bytes(
 
 /// Gather the 16-byte header from the start of the readable ranges, wherever it is cut.
 #[inline]
+/// The request type of the last chain parsed into `bufs`, if its header can be read: what a
+/// refused request asked for, for the statistics.
+pub fn request_type(mem: &GuestMemory, bufs: &RequestBuffers) -> Option<u32> {
+    read_header(mem, &bufs.readable)
+        .ok()
+        .map(|h| u32::from_le(h.request_type))
+}
+
 fn read_header(mem: &GuestMemory, readable: &[GuestRange]) -> Result<RequestHeader, Invalid> {
     // Drivers put the header in a descriptor of its own: one read, no cursor.
     if let Some(first) = readable.first().filter(|r| r.len >= HEADER_SIZE as u64) {
