@@ -14,6 +14,9 @@ pub struct ExportMetrics {
     pub bitmaps: Vec<(String, u64)>,
 }
 
+/// A counter family: name, help, and the count it takes from each kind of request.
+type CounterFamily = (&'static str, &'static str, fn(&super::OpSnapshot) -> u64);
+
 /// A label value, escaped as the format asks.
 fn label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
@@ -51,7 +54,7 @@ fn family(
 /// The text of the `/metrics` page.
 pub fn render(exports: &[ExportMetrics]) -> String {
     let mut out = String::new();
-    let counters: [(&str, &str, fn(&super::OpSnapshot) -> u64); 4] = [
+    let counters: [CounterFamily; 4] = [
         (
             "vubd_requests_total",
             "Requests completed successfully.",
