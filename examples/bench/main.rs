@@ -11,7 +11,7 @@
 //! ```text
 //! cargo run --release --example bench -- [--runtime 5] [--reps 3] [--dir /dev/shm]
 //!     [--disk-dir /var/tmp] [--cache none] [--size-mib 1024] [--vubd-args "..."]
-//!     [--only backends|bitmaps|guest|marking] [--out docs/benchmarks.md]
+//!     [--only backends|bitmaps|guest|overhead] [--out docs/benchmarks.md]
 //! ```
 
 mod bitmaps;
@@ -21,7 +21,7 @@ mod host;
 #[allow(dead_code)]
 #[path = "../../tests/guest/kit.rs"]
 mod kit;
-mod marking;
+mod overhead;
 mod report;
 mod runner;
 mod workloads;
@@ -55,7 +55,7 @@ pub struct Options {
 
 fn usage() -> String {
     "usage: bench [--runtime S] [--reps N] [--dir DIR] [--disk-dir DIR] [--cache none|writeback] \
-     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps|guest|marking] [--out FILE.md]"
+     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps|guest|overhead] [--out FILE.md]"
         .into()
 }
 
@@ -85,7 +85,7 @@ fn parse_args() -> Result<Options, String> {
             "--vubd-args" => o.vubd_args = v.split_whitespace().map(String::from).collect(),
             "--out" => o.out = PathBuf::from(v),
             "--disk-dir" => o.disk_dir = PathBuf::from(v),
-            "--only" if matches!(v.as_str(), "backends" | "bitmaps" | "guest" | "marking") => {
+            "--only" if matches!(v.as_str(), "backends" | "bitmaps" | "guest" | "overhead") => {
                 o.only = Some(v)
             }
             _ => return Err(format!("unknown option {a}\n{}", usage())),
@@ -120,14 +120,14 @@ fn run(o: Options) -> Result<(), String> {
         eprintln!("bench: wrote the guest section of {}", o.out.display());
         return Ok(());
     }
-    if o.only.as_deref() == Some("marking") {
-        let section = marking::run(&o, &work)?;
+    if o.only.as_deref() == Some("overhead") {
+        let section = overhead::run(&o, &work)?;
         drop(cleanup);
         print!("{section}");
         let old = fs::read_to_string(&o.out).unwrap_or_default();
-        let md = replace_section(&old, marking::HEADING, &section);
+        let md = replace_section(&old, overhead::HEADING, &section);
         fs::write(&o.out, md).map_err(|e| format!("{}: {e}", o.out.display()))?;
-        eprintln!("bench: wrote the marking section of {}", o.out.display());
+        eprintln!("bench: wrote the overhead section of {}", o.out.display());
         return Ok(());
     }
     let results = match o.only.as_deref() {
@@ -138,8 +138,8 @@ fn run(o: Options) -> Result<(), String> {
         Some("backends") => None,
         _ => Some(bitmaps::run(&o, &work)?),
     };
-    let marking = match o.only.as_deref() {
-        None => Some(marking::run(&o, &work)?),
+    let overhead = match o.only.as_deref() {
+        None => Some(overhead::run(&o, &work)?),
         _ => None,
     };
     drop(cleanup);
@@ -152,7 +152,7 @@ fn run(o: Options) -> Result<(), String> {
         ),
     };
     md.push_str(bitmaps.as_deref().unwrap_or_default());
-    md.push_str(marking.as_deref().unwrap_or_default());
+    md.push_str(overhead.as_deref().unwrap_or_default());
     // The guest section comes from `--only guest` (`make guest-bench`), which takes longer:
     // a full run keeps the last one.
     let old = fs::read_to_string(&o.out).unwrap_or_default();

@@ -59,11 +59,10 @@ pub fn start_backend(
     let sock = work.join("bench.sock");
     let _ = fs::remove_file(&sock);
     let mut cmd = match backend {
-        Backend::Vubd | Backend::VubdNoMarks => {
-            let binary = if backend == Backend::Vubd {
-                "target/release/vubd".to_string()
-            } else {
-                format!("{}/release/vubd", crate::marking::NO_MARKS_TARGET)
+        Backend::Vubd | Backend::VubdWithout(_) => {
+            let binary = match backend {
+                Backend::VubdWithout(baseline) => format!("{}/release/vubd", baseline.target_dir()),
+                _ => "target/release/vubd".to_string(),
             };
             let mut c = pinned(1, &binary);
             c.args(["serve", "--socket"])

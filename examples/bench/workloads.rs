@@ -82,12 +82,18 @@ pub const WORKLOADS: [Workload; 12] = [
 ];
 
 /// What serves the disk in a run, or for fio, what the virtio path is measured against.
+/// Bookkeeping a baseline build leaves out (`overhead.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Baseline {
+    NoDirtyMarks,
+    NoStats,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Backend {
     Vubd,
-    /// vubd built without dirty-log marks (`--cfg vubd_no_dirty_marks`), the baseline of the
-    /// marking section.
-    VubdNoMarks,
+    /// vubd built without some bookkeeping, a baseline of the overhead section.
+    VubdWithout(Baseline),
     Qsd,
     /// fio with io_uring straight on the data file: the limit the issue names.
     FioUring,
@@ -100,7 +106,8 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Vubd => "vubd",
-            Backend::VubdNoMarks => "vubd without marks",
+            Backend::VubdWithout(Baseline::NoDirtyMarks) => "vubd without dirty-log marks",
+            Backend::VubdWithout(Baseline::NoStats) => "vubd without statistics",
             Backend::Qsd => "qemu-storage-daemon",
             Backend::FioUring => "fio io_uring",
             Backend::FioSync => "fio psync",

@@ -42,7 +42,7 @@ impl DirtyLog {
 
     /// Whether writes must be logged. Built with `--cfg vubd_no_dirty_marks` it is always
     /// false and every mark compiles away: the baseline `make bench` measures the check
-    /// against (`examples/bench/marking.rs`).
+    /// against (`examples/bench/overhead.rs`).
     #[inline]
     pub fn logging(&self) -> bool {
         !cfg!(vubd_no_dirty_marks) && self.on.load(Ordering::Acquire)

@@ -2,12 +2,12 @@
 //! is finished: the parsed request, its buffers, and the engine operations it pushed.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use vm_memory::GuestAddress;
 
 use crate::block::io::{Engine, InlinePolicy, Op};
 use crate::block::{IoTicket, ZeroOp};
+use crate::stats::Stamp;
 use crate::virtio_blk::request::{GuestMemory, Request, RequestBuffers, RequestKind};
 use crate::virtio_blk::DeviceLimits;
 
@@ -32,7 +32,7 @@ pub(super) struct Slot {
     /// The request passed the write gate and must leave it when it completes.
     pub gated: bool,
     /// When the request started, for its latency.
-    pub started: Instant,
+    pub started: Stamp,
 }
 
 /// The engine operations of one request and how they went.
@@ -99,14 +99,14 @@ impl Slot {
             mem: None,
             ticket: IoTicket::NONE,
             gated: false,
-            started: Instant::now(),
+            started: Stamp::now(),
         }
     }
 
     /// Set up for a request just parsed.
     pub fn start(&mut self, head: u16, req: &Request, mem: &Arc<GuestMemory>) {
         self.head = head;
-        self.started = Instant::now();
+        self.started = Stamp::now();
         self.status = req.status;
         self.kind = req.kind;
         self.used_len = req.used_len;
