@@ -101,7 +101,7 @@ impl Export {
                 read_only,
                 ..options
             },
-            stats: ExportStats::default(),
+            stats: ExportStats::with_queues(usize::from(options.writers)),
         })
     }
 

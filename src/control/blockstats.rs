@@ -1,8 +1,10 @@
 //! `query-blockstats` in QEMU's shape (`BlockStats`, `BlockDeviceStats`), so that collectors
 //! written for QEMU and qemu-storage-daemon read vubd's export as they read a QEMU node.
 //!
-//! QEMU accounts a virtio-blk write-zeroes as a write and a discard as an unmap; so does this.
-//! Per-queue figures and write-zeroes on their own are on the Prometheus endpoint.
+//! As QEMU's virtio-blk does, a write-zeroes counts as a write (and moves
+//! `wr_highest_offset`). QEMU does not count discards at all; vubd counts them as unmaps.
+//! vubd counts at the export: `query-nodes: true` gives the same one entry. Per-queue figures
+//! and write-zeroes on their own are on the Prometheus endpoint.
 
 use serde_json::{json, Value};
 

@@ -84,7 +84,8 @@ impl OpKind {
     }
 }
 
-/// Upper bounds of the latency histogram's buckets, in microseconds; a last bucket holds the
+/// Bounds of the latency histogram's buckets, in microseconds: bucket `i` holds latencies
+/// below bound `i` and not below bound `i - 1` (QEMU's half-open bins), a last bucket the
 /// rest. Powers of two from 8 µs to about 1 s cover a memory copy to a stalled disk.
 pub const LATENCY_BOUNDS_US: [u64; 18] = [
     8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131_072, 262_144,
@@ -93,10 +94,10 @@ pub const LATENCY_BOUNDS_US: [u64; 18] = [
 const BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
 
 fn bucket(latency: Duration) -> usize {
-    let us = latency.as_micros();
+    let ns = latency.as_nanos();
     LATENCY_BOUNDS_US
         .iter()
-        .position(|bound| us <= u128::from(*bound))
+        .position(|bound| ns < u128::from(*bound) * 1000)
         .unwrap_or(LATENCY_BOUNDS_US.len())
 }
 
@@ -265,6 +266,18 @@ pub struct ExportStats {
     inner: Mutex<Registry>,
 }
 
+impl ExportStats {
+    /// Statistics of an export with `queues` queues: each is reported, at zero, from the start.
+    pub fn with_queues(queues: usize) -> ExportStats {
+        ExportStats {
+            inner: Mutex::new(Registry {
+                live: Vec::new(),
+                retired: vec![QueueSnapshot::default(); queues],
+            }),
+        }
+    }
+}
+
 impl std::fmt::Debug for ExportStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExportStats").finish_non_exhaustive()
@@ -362,8 +375,14 @@ mod tests {
         let read = total.op(OpKind::Read);
         assert_eq!((read.ops, read.bytes, read.failed), (2, 12288, 0));
         assert_eq!(read.total_ns, 105_000);
-        assert_eq!(read.latency[0], 1, "5 µs is in the first bucket (≤ 8 µs)");
-        assert_eq!(read.latency[4], 1, "100 µs is in the ≤ 128 µs bucket");
+        assert_eq!(read.latency[0], 1, "5 µs is in the first bucket (< 8 µs)");
+        assert_eq!(read.latency[4], 1, "100 µs is in the [64, 128) µs bucket");
+        assert_eq!(
+            bucket(Duration::from_micros(8)),
+            1,
+            "bins are half-open, as QEMU's"
+        );
+        assert_eq!(bucket(Duration::from_nanos(7999)), 0);
         let write = total.op(OpKind::Write);
         assert_eq!((write.ops, write.bytes, write.failed), (0, 0, 1));
         assert_eq!(total.op(OpKind::Discard).invalid, 1);

@@ -579,8 +579,17 @@ impl Executor {
             };
             self.stats
                 .finish(kind, bytes, slot.io.failed, slot.started.elapsed());
-            if let (RequestKind::Write { offset, len }, false) = (slot.kind, slot.io.failed) {
-                self.stats.wrote_up_to(offset + len);
+            // QEMU's `wr_highest_offset`: the end of the furthest successful write, write-zeroes
+            // included.
+            if !slot.io.failed {
+                match slot.kind {
+                    RequestKind::Write { offset, len } => self.stats.wrote_up_to(offset + len),
+                    RequestKind::WriteZeroes => {
+                        let end = slot.bufs.segments.iter().map(|s| s.offset + s.len).max();
+                        self.stats.wrote_up_to(end.unwrap_or(0));
+                    }
+                    _ => {}
+                }
             }
         }
         let export = self.device.export();

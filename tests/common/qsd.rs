@@ -128,18 +128,37 @@ pub struct Daemon {
 impl Daemon {
     /// Start qemu-storage-daemon in `dir` (where QEMU resolves relative file names).
     pub fn qsd(dir: &Path, export: &Export) -> Daemon {
-        Self::start("qemu-storage-daemon", "qemu-storage-daemon", dir, export)
+        Self::start(
+            "qemu-storage-daemon",
+            "qemu-storage-daemon",
+            dir,
+            export,
+            &[],
+        )
     }
 
     /// Start vubd with the same command line qemu-storage-daemon would get.
     pub fn vubd(dir: &Path, export: &Export) -> Daemon {
-        Self::start("vubd (qsd syntax)", vubd_bin(), dir, export)
+        Self::vubd_with(dir, export, &[])
     }
 
-    fn start(name: &'static str, program: &str, dir: &Path, export: &Export) -> Daemon {
+    /// [`Daemon::vubd`] with vubd's own options after qemu-storage-daemon's (`--metrics
+    /// unix:PATH`, say).
+    pub fn vubd_with(dir: &Path, export: &Export, extra: &[&str]) -> Daemon {
+        Self::start("vubd (qsd syntax)", vubd_bin(), dir, export, extra)
+    }
+
+    fn start(
+        name: &'static str,
+        program: &str,
+        dir: &Path,
+        export: &Export,
+        extra: &[&str],
+    ) -> Daemon {
         let child = Command::new(program)
             .current_dir(dir)
             .args(export.args())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
