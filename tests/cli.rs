@@ -153,3 +153,54 @@ fn bad_numbers_are_refused_with_the_option_named() {
         assert!(err.contains(option), "{option} {value}: {err}");
     }
 }
+
+#[test]
+fn logs_are_filtered_per_module_and_can_be_json_lines() {
+    let dir = TempDir::new("cli-log");
+    let image = dir.join("disk.raw");
+    create_image(&image, 1 << 20, 1);
+    let socket = dir.join("vubd.sock");
+    let image = image.to_str().unwrap();
+
+    // JSON lines: every line is an object with the four fields.
+    let mut vubd = Vubd::start(&socket, &["--image", image, "--log-format", "json"]);
+    let stderr = vubd.stop();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!lines.is_empty(), "vubd logged nothing");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for field in ["ts", "level", "target", "msg"] {
+            assert!(v[field].is_string(), "{field} in {line}");
+        }
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"target\":\"vubd::vhost::daemon\"") && l.contains("serving")),
+        "{stderr}"
+    );
+
+    // A level for everything, and one per module.
+    let mut vubd = Vubd::start(&socket, &["--image", image, "--log", "warn"]);
+    let quiet = vubd.stop();
+    assert!(!quiet.contains("INFO"), "--log warn: {quiet}");
+    let mut vubd = Vubd::start(
+        &socket,
+        &["--image", image, "--log", "warn,vubd::vhost::daemon=info"],
+    );
+    let stderr = vubd.stop();
+    assert!(stderr.contains("serving"), "{stderr}");
+    assert!(stderr.contains("shutting down"), "{stderr}");
+
+    // A bad format is refused before anything starts, naming the option.
+    let err = serve_fails(&[
+        "--image",
+        image,
+        "--socket",
+        "x.sock",
+        "--log-format",
+        "xml",
+    ]);
+    assert!(err.contains("--log-format"), "{err}");
+}

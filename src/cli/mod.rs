@@ -8,7 +8,9 @@ mod qsd;
 mod serve;
 mod spec;
 
-use clap::{Parser, Subcommand};
+use std::io::Write as _;
+
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::error::Chain;
 
@@ -18,6 +20,19 @@ use crate::error::Chain;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// What to log: a level (error, warn, info, debug, trace), or levels per module as in
+    /// RUST_LOG (`info,vubd::vhost=debug`). Default: RUST_LOG if set, else `info`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+    /// Log lines as text, or as JSON objects (one per line: ts, level, target, msg).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,7 +100,7 @@ pub fn main() -> i32 {
         args.insert(1, "serve".into());
     }
     let cli = Cli::parse_from(args);
-    init_logging();
+    init_logging(cli.log.as_deref(), cli.log_format);
     if !matches!(cli.command, Command::Serve(_)) {
         // The offline tools print reports: piped into `head`, they should end quietly the way
         // Unix tools do, not panic on EPIPE. (The daemon keeps SIGPIPE ignored: a frontend
@@ -109,13 +124,34 @@ pub fn main() -> i32 {
     }
 }
 
-fn init_logging() {
-    // vhost-user-backend and virtio-queue log guest-triggered conditions at error level on
-    // every kick; vubd reports those itself, rate-limited.
+/// Logging to stderr: `--log`, else RUST_LOG, else `info`. Nothing is logged per request at
+/// `info`; what guests cause is logged rate-limited (`ratelimit`).
+fn init_logging(filter: Option<&str>, format: LogFormat) {
+    // virtio-queue logs guest-triggered conditions at error level on every kick; vubd reports
+    // those itself, rate-limited.
     let default = "info,virtio_queue=off";
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
-        .format_target(false)
-        .init();
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    if let Some(filter) = filter {
+        builder.parse_filters(default).parse_filters(filter);
+    }
+    match format {
+        LogFormat::Text => {
+            builder.format_target(false);
+        }
+        LogFormat::Json => {
+            builder.format(|buf, record| {
+                let line = serde_json::json!({
+                    "ts": buf.timestamp_micros().to_string(),
+                    "level": record.level().as_str(),
+                    "target": record.target(),
+                    "msg": record.args().to_string(),
+                });
+                writeln!(buf, "{line}")
+            });
+        }
+    }
+    builder.init();
 }
 
 /// Parse a byte size: a number with an optional K, M, G, T (powers of 1024) suffix.
