@@ -7,6 +7,8 @@
 #   fio                 the guest's I/O verifier
 #   libnbd-bin          nbdinfo, nbdcopy: NBD clients for bitmaps and backups
 #   openssl             test certificates for NBD over TLS
+#   systemd             systemd-socket-activate and systemd-analyze for the unit tests
+#   curl                what `make run` prints for reading the metrics endpoint
 #   fonts-dejavu-core   the font `make bench` draws its chart with
 #
 # QEMU comes from bookworm-backports (10.0): the oracle tests rely on qemu-img 10, and
@@ -25,7 +27,7 @@ for p in qemu-utils qemu-system-x86; do
     version_ok "$p" "1:10" || backports="$backports $p"
 done
 main=""
-for p in linux-image-cloud-amd64 busybox-static fio libnbd-bin openssl fonts-dejavu-core; do
+for p in linux-image-cloud-amd64 busybox-static fio libnbd-bin openssl systemd curl fonts-dejavu-core; do
     dpkg -s "$p" >/dev/null 2>&1 || main="$main $p"
 done
 [ -z "$backports$main" ] && exit 0

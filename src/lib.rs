@@ -17,5 +17,6 @@ pub mod nbd;
 pub mod ratelimit;
 pub mod socket;
 pub mod stats;
+pub mod systemd;
 pub mod vhost;
 pub mod virtio_blk;

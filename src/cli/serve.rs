@@ -94,6 +94,8 @@ enum EngineArg {
 }
 
 pub fn run(args: ServeArgs) -> Result<i32, Failure> {
+    // First, while vubd has a single thread: it reads and clears the environment.
+    crate::systemd::take_activated_sockets();
     daemon::block_shutdown_signals()
         .map_err(|e| Failure::msg(format!("blocking SIGTERM and SIGINT: {e}")))?;
     let startup = Startup::parse(&args)?;
@@ -115,7 +117,9 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
         ServeSpec::from_flags(&args.native, args.socket_mode)?
     };
     spec.control = spec.control.or(args.control.clone());
-    crate::socket::check_free(&spec.socket.path, "--socket")?;
+    if !crate::systemd::is_activated(&spec.socket.path) {
+        crate::socket::check_free(&spec.socket.path, "--socket")?;
+    }
     let driver = open_image(&spec.image, spec.format, &spec.open)?;
     let serial = args
         .serial

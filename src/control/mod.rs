@@ -59,7 +59,9 @@ pub struct ControlServer {
     clients: Arc<Clients>,
     /// The accept loop, once started; joined on drop.
     accept: Mutex<Option<JoinHandle<()>>>,
-    _remove: RemoveOnDrop,
+    /// The socket file, removed on drop unless systemd owns it (socket activation).
+    remove: Option<RemoveOnDrop>,
+    path: std::path::PathBuf,
 }
 
 /// The clients being served, shared by the accept loop, the client threads and the server.
@@ -90,7 +92,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ControlServer {
     /// Create the control socket (mode 0600).
     pub fn bind(path: &Path, device: Arc<Graph>) -> Result<ControlServer, SocketError> {
-        let listener = bind_unix(path, 0o600, "--control")?;
+        let (listener, remove) = match crate::systemd::activated_socket(path) {
+            Some(listener) => (listener, None),
+            None => (
+                bind_unix(path, 0o600, "--control")?,
+                Some(RemoveOnDrop(path.to_path_buf())),
+            ),
+        };
         Ok(ControlServer {
             listener,
             device,
@@ -99,7 +107,8 @@ impl ControlServer {
                 live: Mutex::new(Live::default()),
             }),
             accept: Mutex::new(None),
-            _remove: RemoveOnDrop(path.to_path_buf()),
+            remove,
+            path: path.to_path_buf(),
         })
     }
 
@@ -119,9 +128,14 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.clients.closing.store(true, Ordering::Release);
-        // Wake the accept loop so that it ends: accept() on a shut-down socket fails.
-        // SAFETY: shutdown() on our own listening socket; it only changes socket state.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        // Wake the accept loop so that it ends: accept() on a shut-down socket fails. A socket
+        // systemd passed stays systemd's, for the next activation: connect to it instead.
+        if self.remove.is_some() {
+            // SAFETY: shutdown() on our own listening socket; it only changes socket state.
+            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        } else {
+            let _ = UnixStream::connect(&self.path);
+        }
         if let Some(thread) = lock(&self.accept).take() {
             let _ = thread.join();
         }
@@ -142,6 +156,7 @@ fn accept_loop(listener: &UnixListener, device: &Arc<Graph>, clients: &Arc<Clien
     let mut failing = false;
     loop {
         match listener.accept() {
+            Ok(_) if clients.closing.load(Ordering::Acquire) => break,
             Ok((stream, _)) => {
                 failing = false;
                 clients.admit(stream, device);

@@ -10,7 +10,7 @@
 //! live connections.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,13 +62,24 @@ pub fn serve(
     control: Option<&Path>,
     graph: Arc<Graph>,
 ) -> Result<(), DaemonError> {
-    let listener = bind_unix(&socket.path, socket.mode, "--socket")?;
-    let _remove_socket = RemoveOnDrop(socket.path.clone());
+    // A socket systemd passed (socket activation) is used as it is, and stays systemd's.
+    let (listener, _remove_socket) = match crate::systemd::activated_socket(&socket.path) {
+        Some(listener) => (listener, None),
+        None => (
+            bind_unix(&socket.path, socket.mode, "--socket")?,
+            Some(RemoveOnDrop(socket.path.clone())),
+        ),
+    };
+    // Accepting never blocks: a frontend that vanished between the wake-up and the accept
+    // leaves the loop waiting for the next event, not stuck in accept().
+    listener
+        .set_nonblocking(true)
+        .map_err(DaemonError::Accept)?;
     let control = match control {
         Some(path) => Some(ControlServer::bind(path, graph.clone())?),
         None => None,
     };
-    let shutdown = Shutdown::install(listener.as_raw_fd())?;
+    let shutdown = Shutdown::install()?;
     if let Some(control) = &control {
         control.start().map_err(DaemonError::Signals)?;
     }
@@ -78,6 +89,12 @@ pub fn serve(
         device.export().size(),
         socket.path.display()
     );
+    // Every socket listens now (the metrics endpoint and the NBD server were started before).
+    crate::systemd::notify(&format!(
+        "READY=1\nSTATUS=serving {} on {}",
+        device.export().path().display(),
+        socket.path.display()
+    ));
 
     let mut connections: Vec<JoinHandle<()>> = Vec::new();
     loop {
@@ -93,6 +110,7 @@ pub fn serve(
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(_) if shutdown.requested() => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 log::warn!("accepting a frontend: {e}");
                 continue;
@@ -104,6 +122,7 @@ pub fn serve(
         }
     }
     log::info!("shutting down");
+    crate::systemd::notify("STOPPING=1");
     shutdown.close_connections();
     for connection in connections {
         let _ = connection.join();
@@ -163,7 +182,6 @@ struct ShutdownState {
     wake: EventFd,
     /// Wakes the accept loop when a connection has ended.
     connection_ended: EventFd,
-    listener_fd: RawFd,
     /// The live connections' sockets, to close them on shutdown.
     connections: Mutex<Connections>,
 }
@@ -177,12 +195,11 @@ struct Connections {
 impl Shutdown {
     /// Block SIGTERM and SIGINT in this thread (and so in every thread it starts) and start the
     /// thread that waits for them.
-    fn install(listener_fd: RawFd) -> Result<Shutdown, DaemonError> {
+    fn install() -> Result<Shutdown, DaemonError> {
         let state = Arc::new(ShutdownState {
             requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK).map_err(DaemonError::Signals)?,
             connection_ended: EventFd::new(EFD_NONBLOCK).map_err(DaemonError::Signals)?,
-            listener_fd,
             connections: Mutex::new(Connections::default()),
         });
         let set = signal_set();
@@ -287,9 +304,6 @@ impl ShutdownState {
     fn request(&self) {
         self.requested.store(true, Ordering::Release);
         let _ = self.wake.write(1);
-        // Wake an accept() that a vanished connection left blocked.
-        // SAFETY: shutdown() on our own listening socket fd; it only changes socket state.
-        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
         self.close_connections();
     }
 
