@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build run test bench guest-bench deps lint clean fuzz fuzz-smoke fuzz-seeds
+.PHONY: all build run test bench guest-bench deps lint clean fuzz fuzz-smoke fuzz-seeds deb
 
 all: build
 
@@ -21,7 +21,7 @@ lint:
 
 # Everything: formatting, lints, unit tests, integration tests against the real binary, and a
 # Linux guest under QEMU (required here, not skipped).
-test: deps lint fuzz-smoke
+test: deps lint fuzz-smoke deb
 	VUBD_REQUIRE_GUEST=1 $(CARGO) test --all-targets
 
 # Fuzzing with cargo-fuzz (fuzz/, docs/usage.md "Fuzzing"): every target for FUZZ_SECONDS
@@ -52,6 +52,14 @@ bench: deps build
 # qemu-storage-daemon; puts its table into docs/benchmarks.md.
 guest-bench: deps build
 	$(CARGO) run --release --example bench -- --only guest $(BENCH_ARGS)
+
+# A Debian package (cargo-deb, installed if missing) with the binary, man pages generated from
+# the command line's definition, the systemd units and the docs; checked by scripts/check-deb.sh.
+deb:
+	command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked
+	$(CARGO) run --quiet --example mangen -- target/man
+	$(CARGO) deb
+	./scripts/check-deb.sh
 
 clean:
 	$(CARGO) clean
