@@ -17,23 +17,11 @@ fn histogram(op: &OpSnapshot) -> Value {
     json!({ "boundaries": boundaries, "bins": op.latency.to_vec() })
 }
 
-fn merged(a: &OpSnapshot, b: &OpSnapshot) -> OpSnapshot {
-    let mut sum = *a;
-    sum.ops += b.ops;
-    sum.bytes += b.bytes;
-    sum.failed += b.failed;
-    sum.invalid += b.invalid;
-    sum.total_ns += b.total_ns;
-    for (x, y) in sum.latency.iter_mut().zip(&b.latency) {
-        *x += y;
-    }
-    sum
-}
-
 /// `BlockDeviceStats` of `total`.
 pub fn device_stats(total: &QueueSnapshot) -> Value {
     let rd = total.op(OpKind::Read);
-    let wr = merged(total.op(OpKind::Write), total.op(OpKind::WriteZeroes));
+    let mut wr = *total.op(OpKind::Write);
+    wr.add(total.op(OpKind::WriteZeroes));
     let flush = total.op(OpKind::Flush);
     let unmap = total.op(OpKind::Discard);
     json!({

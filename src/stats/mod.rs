@@ -224,7 +224,8 @@ pub struct OpSnapshot {
 }
 
 impl OpSnapshot {
-    fn add(&mut self, other: &OpSnapshot) {
+    /// Add `other`'s counts.
+    pub fn add(&mut self, other: &OpSnapshot) {
         self.ops += other.ops;
         self.bytes += other.bytes;
         self.failed += other.failed;
