@@ -469,6 +469,15 @@ fn sigkilled_backend_resubmits_exactly_what_was_in_flight() {
         let lingered = wait_unlocked(&image);
         vubd = start(&socket, &image_path);
         fe.reconnect(&socket, &inflight, ring);
+        // A started ring that is not enabled passes nothing, resubmissions included (they
+        // would complete before the guest could be told, as with QEMU's order of messages).
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            fe.used_idx(),
+            ring,
+            "round {round}: the ring moved before it was enabled"
+        );
+        fe.enable();
         fe.kick();
         let target = fe.next_avail();
         let pending: Vec<u16> = crash

@@ -107,7 +107,14 @@ fn fio_in_a_guest_verifies_clean_across_five_sigkill_restarts_of_vubd() {
         // and the requests cut off by the kill were served again.
         guest
             .wait_round_end(&format!("restart {n}"))
-            .unwrap_or_else(|e| panic!("{e}\n{}", logs.join("\n")));
+            .unwrap_or_else(|e| {
+                let live = vubd.stop();
+                panic!(
+                    "{e}\n{}\n--- vubd {} (running) ---\n{live}",
+                    logs.join("\n"),
+                    n + 1
+                )
+            });
     }
     guest.send_line("stop");
     let ended = guest.wait_for(&[GUEST_END], END_TIMEOUT);

@@ -146,12 +146,17 @@ impl BlkBackend {
         self.table = table;
     }
 
-    /// A ring started (its kick arrived) or was enabled: resubmit what a previous backend left
-    /// in flight, watch its kicks, and look at its available ring.
-    fn ring_changed(&self, index: usize, started: bool) -> Result<()> {
+    /// A ring started (its kick arrived) or was enabled or disabled: once it runs (started
+    /// and enabled), resubmit what a previous backend left in flight, watch its kicks, and
+    /// look at its available ring.
+    fn ring_changed(&self, index: usize) -> Result<()> {
         let queue = &self.queues[index];
-        if started {
-            queue.worker().start_ring();
+        let running = {
+            let state = queue.vring().get_ref();
+            state.get_queue().ready() && state.is_enabled()
+        };
+        if running {
+            queue.worker().ring_running();
         }
         queue
             .update_kick()
@@ -212,7 +217,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
                 }
             }
             if enable_all {
-                self.ring_changed(index, false)?;
+                self.ring_changed(index)?;
             }
         }
         Ok(())
@@ -296,6 +301,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         queue.unwatch_kick();
         let mut worker = queue.worker();
         worker.drain();
+        worker.ring_stopped();
         let vring = queue.vring();
         vring.set_queue_ready(false);
         let next_avail = vring.queue_next_avail();
@@ -308,24 +314,32 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         let queue = self.queue(u32::from(index))?.clone();
         // Out of the epoll set before the old descriptor closes.
         queue.unwatch_kick();
-        let start = {
+        {
             let _worker = queue.worker();
             let vring = queue.vring();
             let has_kick = fd.is_some();
             vring.set_kick(fd);
-            let start = has_kick && !vring.get_ref().get_queue().ready();
-            if start {
+            if has_kick && !vring.get_ref().get_queue().ready() {
                 vring.set_queue_ready(true);
             }
-            start
-        };
-        self.ring_changed(usize::from(index), start)
+        }
+        self.ring_changed(usize::from(index))
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         let queue = self.queue(u32::from(index))?;
-        let _worker = queue.worker();
-        queue.vring().set_call(fd);
+        let mut worker = queue.worker();
+        let vring = queue.vring();
+        let has_call = fd.is_some();
+        vring.set_call(fd);
+        // QEMU sends the call descriptor after the kick: requests that completed in between
+        // are on the used ring with nobody told, and a guest waiting for them would wait
+        // forever. Give it the notification it is owed.
+        if has_call && worker.take_missed_signal() {
+            if let Err(e) = vring.signal_used_queue() {
+                log::warn!("queue {index}: notifying the guest: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -361,7 +375,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             }
             queue.vring().set_enabled(enable);
         }
-        self.ring_changed(index as usize, false)
+        self.ring_changed(index as usize)
     }
 
     fn get_config(

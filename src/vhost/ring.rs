@@ -61,6 +61,11 @@ pub struct QueueWorker {
     /// Where the frontend wants writes to the used ring logged (`SET_VRING_ADDR`'s
     /// `log_guest_addr` with `VHOST_VRING_F_LOG`); the ring's own address otherwise.
     used_log_addr: Option<u64>,
+    /// The ring has run since it last started: what its in-flight region listed was
+    /// resubmitted.
+    recovered: bool,
+    /// A notification was due while the ring had no call descriptor.
+    missed_signal: bool,
     /// Work is left on the available ring (budget used up or no free slot).
     resume: bool,
     /// Busy-polling: the guest's notifications stay suppressed while the ring is empty.
@@ -98,6 +103,8 @@ impl QueueWorker {
             publishing: Vec::new(),
             dirty_log,
             used_log_addr: None,
+            recovered: false,
+            missed_signal: false,
             resume: false,
             polling: false,
             used_added: false,
@@ -371,6 +378,9 @@ impl QueueWorker {
                 .needs_notification(&*mem)
                 .unwrap_or(true)
         {
+            // No call descriptor yet (a frontend may send it after starting the ring): the
+            // notification is owed, and given when the descriptor comes.
+            self.missed_signal = state.get_call().is_none();
             if let Err(e) = state.signal_used_queue() {
                 log::error!("queue {}: notifying the guest: {e}", self.index);
             }
@@ -389,10 +399,29 @@ impl QueueWorker {
         self.used_log_addr = addr;
     }
 
-    /// The ring has just started (its kick arrived). With an in-flight region that a previous
-    /// backend used, resubmit the requests it left in flight, oldest first, and resume the
-    /// available ring after the last request it popped. Returns how many were resubmitted.
-    pub fn start_ring(&mut self) -> usize {
+    /// The ring runs (started and enabled): the first time since it started, resubmit what
+    /// its in-flight region lists ([`QueueWorker::start_ring`]).
+    pub fn ring_running(&mut self) {
+        if !std::mem::replace(&mut self.recovered, true) {
+            self.start_ring();
+        }
+    }
+
+    /// Whether a notification was due while the ring had no call descriptor (and so is owed
+    /// to the guest now that it has one); clears it.
+    pub fn take_missed_signal(&mut self) -> bool {
+        std::mem::take(&mut self.missed_signal)
+    }
+
+    /// The ring stopped (`GET_VRING_BASE`): recover again when it next runs.
+    pub fn ring_stopped(&mut self) {
+        self.recovered = false;
+    }
+
+    /// With an in-flight region that a previous backend used, resubmit the requests it left
+    /// in flight, oldest first, and resume the available ring after the last request it
+    /// popped. Returns how many were resubmitted.
+    fn start_ring(&mut self) -> usize {
         let vring = self.vring.clone();
         let mut state = vring.get_mut();
         let Some(region) = self.inflight.as_mut().filter(|r| !r.is_fresh()) else {

@@ -151,6 +151,9 @@ impl RawFrontend {
         let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let kick = EventFd::new(0).expect("eventfd");
         start_ring(&mut frontend, queue_size, host, 0, &call, &kick);
+        frontend
+            .set_vring_enable(0, true)
+            .expect("set_vring_enable");
         RawFrontend {
             frontend,
             mem,
@@ -246,7 +249,8 @@ impl RawFrontend {
     /// Reconnect after the backend died, as QEMU does: a new connection with the same guest
     /// memory, ring addresses and eventfds, `SET_INFLIGHT_FD` with the kept file (no
     /// `GET_INFLIGHT_FD`), and the ring resuming at `base` — QEMU's choice, the used ring's
-    /// index, when `GET_VRING_BASE` could not reach the dead backend. Does not kick.
+    /// index, when `GET_VRING_BASE` could not reach the dead backend. Leaves the ring started
+    /// but not yet enabled (call [`RawFrontend::enable`]), and does not kick.
     pub fn reconnect(&mut self, socket: &Path, inflight: &InflightFd, base: u16) {
         let mut frontend = connect_with_deadline(socket);
         let features = negotiate(&mut frontend, self.features, true);
@@ -404,6 +408,13 @@ impl RawFrontend {
     /// Notify the device without changing the ring.
     pub fn kick(&self) {
         self.kick.write(1).unwrap();
+    }
+
+    /// `SET_VRING_ENABLE` of queue 0.
+    pub fn enable(&mut self) {
+        self.frontend
+            .set_vring_enable(0, true)
+            .expect("set_vring_enable");
     }
 
     /// The used ring's index, as the device last published it.
@@ -582,8 +593,9 @@ fn set_memory(frontend: &mut Frontend, mem: &Mem) -> vhost::Result<u64> {
     Ok(first.userspace_addr)
 }
 
-/// Set up and enable queue 0 at [`DESC`], [`AVAIL`] and [`USED`] of the region mapped at
-/// `host`, the device resuming the available ring at `base`.
+/// Set up and start queue 0 at [`DESC`], [`AVAIL`] and [`USED`] of the region mapped at
+/// `host`, the device resuming the available ring at `base`, in QEMU's order (kick, then
+/// call); the caller enables it.
 fn start_ring(
     frontend: &mut Frontend,
     queue_size: u16,
@@ -610,11 +622,8 @@ fn start_ring(
         )
         .expect("set_vring_addr");
     frontend.set_vring_base(0, base).expect("set_vring_base");
-    frontend.set_vring_call(0, call).expect("set_vring_call");
     frontend.set_vring_kick(0, kick).expect("set_vring_kick");
-    frontend
-        .set_vring_enable(0, true)
-        .expect("set_vring_enable");
+    frontend.set_vring_call(0, call).expect("set_vring_call");
 }
 
 /// Guest memory in memfds, one per `(guest address, size)` region, shareable with the backend.
