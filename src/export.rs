@@ -22,6 +22,8 @@ use crate::stats::ExportStats;
 /// How an export is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportOptions {
+    /// The block export's id: names it in statistics and QMP.
+    pub id: String,
     /// Refuse writes, whatever the graph allows.
     pub read_only: bool,
     /// How many queues write through the export (each gets its own slot in the write gate).
@@ -105,6 +107,11 @@ impl Export {
         })
     }
 
+    /// The block export's id.
+    pub fn id(&self) -> &str {
+        &self.options.id
+    }
+
     /// The I/O statistics of the export's queues.
     pub fn stats(&self) -> &ExportStats {
         &self.stats
@@ -113,7 +120,8 @@ impl Export {
     /// What the Prometheus endpoint reports of the export.
     pub fn metrics(&self) -> ExportMetrics {
         ExportMetrics {
-            name: self.options.node_names.format.clone(),
+            name: self.options.id.clone(),
+            node: self.options.node_names.format.clone(),
             queues: self.stats.per_queue(),
             bitmaps: self
                 .bitmaps
@@ -225,7 +233,8 @@ impl Export {
     }
 }
 
-fn root_path(root: &dyn BlockDriver) -> PathBuf {
+/// The file that names a graph in messages: its first protocol node.
+pub(crate) fn root_path(root: &dyn BlockDriver) -> PathBuf {
     root.files()
         .first()
         .map(|f| f.path().to_path_buf())

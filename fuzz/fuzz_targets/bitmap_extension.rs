@@ -71,6 +71,7 @@ fn export(node: Arc<Qcow2Node>, read_only: bool) -> Result<Export, vubd::export:
     Export::new(
         node,
         ExportOptions {
+            id: "disk".into(),
             read_only,
             writers: 1,
             engine: EngineKind::Sync,

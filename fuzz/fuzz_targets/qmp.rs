@@ -57,6 +57,7 @@ fn device() -> &'static Arc<Export> {
         let export = Export::new(
             Arc::new(node),
             ExportOptions {
+                id: "disk".into(),
                 read_only: false,
                 writers: 1,
                 engine: EngineKind::Sync,
@@ -114,7 +115,14 @@ fuzz_target!(|input: &[u8]| {
         };
         stream = &stream[3..];
     }
-    let graph = vubd::graph::Graph::new(export.clone());
+    let graph = vubd::graph::Graph::new(vubd::graph::disk::ExportSettings {
+        engine: EngineKind::Sync,
+        poll: None,
+        bitmaps: vubd::bitmap::Persistence::CrashConsistent,
+        queue_size: 256,
+        socket_mode: 0o600,
+    });
+    graph.add_export(export.clone()).expect("the disk");
     let mut session = Session::new(graph.clone());
     assert!(session.greeting().is_object());
     if opts & 2 != 0 {

@@ -67,6 +67,13 @@ impl BitmapManager {
         self.transaction_with(actions, || {})
     }
 
+    /// Whether `actions` would be accepted now, without applying them (a transaction over
+    /// several disks checks each before applying any).
+    pub fn check(&self, actions: &[Action]) -> Result<(), BitmapError> {
+        let _ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        self.stage(actions).map(drop)
+    }
+
     /// [`Self::transaction`], then `then` once the actions are applied and stored, still with
     /// no write in flight: what a `transaction` that also starts a job (`blockdev-backup`)
     /// needs, so that the checkpoint and the job's start split the writes at one point.

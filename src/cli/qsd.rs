@@ -10,18 +10,18 @@
 //! ```
 //!
 //! The subset vubd implements: `file`, `raw` and `qcow2` nodes (children by node name or
-//! inline as `file.driver=...`), one `vhost-user-blk` export on a UNIX socket, and iothread
-//! objects. Options are `key=value` lists (`,,` is a literal comma) or JSON objects. Any
+//! inline as `file.driver=...`), `vhost-user-blk` exports on UNIX sockets (any number, each
+//! its own disk), and iothread objects. Options are `key=value` lists (`,,` is a literal comma) or JSON objects. Any
 //! option outside that subset is an error naming it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::keyval::{parse_options, Opts, Taker};
-use super::spec::ServeSpec;
+use super::spec::DiskSpec;
 use super::Failure;
 use crate::block::{BackingChoice, Format, Locking, NodeNames, OpenOptions};
-use crate::vhost::daemon::SocketOptions;
+use crate::graph::options::VhostExportSpec;
 
 /// A block node definition.
 #[derive(Clone, Debug)]
@@ -114,13 +114,12 @@ fn node_label(node: &Node) -> String {
         .unwrap_or_else(|| "inline".into())
 }
 
-/// Build the serving spec from qemu-storage-daemon options.
+/// The disks of a qemu-storage-daemon command line: one per vhost-user-blk `--export`.
 pub fn parse(
     blockdevs: &[String],
     exports: &[String],
     objects: &[String],
-    socket_mode: u32,
-) -> Result<ServeSpec, Failure> {
+) -> Result<Vec<DiskSpec>, Failure> {
     for object in objects {
         let opts = parse_options("--object", object, Some("qom-type"))?;
         match opts.get("qom-type").map(String::as_str) {
@@ -165,59 +164,26 @@ pub fn parse(
             )));
         }
     }
-    let [export] = exports else {
-        return Err(Failure::msg(if exports.is_empty() {
-            "--export type=vhost-user-blk,... is required with --blockdev".to_string()
-        } else {
-            "vubd serves one export per process; give one --export".to_string()
-        }));
-    };
-    let mut e = Taker::new("--export".into(), parse_options("--export", export, None)?);
-    match e.take("type").as_deref() {
+    exports
+        .iter()
+        .map(|export| disk_spec(&graph, export))
+        .collect()
+}
+
+/// One `--export type=vhost-user-blk` and the graph below its node.
+fn disk_spec(graph: &Graph, export: &str) -> Result<DiskSpec, Failure> {
+    let mut opts = parse_options("--export", export, None)?;
+    match opts.remove("type").as_deref() {
         Some("vhost-user-blk") => {}
         Some(t) => {
             return Err(Failure::msg(format!(
-                "--export type={t}: vubd exports vhost-user-blk only"
+                "--export type={t}: vubd exports vhost-user-blk and nbd"
             )))
         }
         None => return Err(Failure::msg("--export: type=vhost-user-blk is required")),
     }
-    e.take("id");
-    let node_name = e
-        .take("node-name")
-        .ok_or_else(|| Failure::msg("--export: node-name is required"))?;
-    match e.take("addr.type").as_deref() {
-        Some("unix") | None => {}
-        Some(t) => {
-            return Err(Failure::msg(format!(
-                "--export addr.type={t}: only unix sockets are supported"
-            )))
-        }
-    }
-    let socket = e
-        .take("addr.path")
-        .ok_or_else(|| Failure::msg("--export: addr.path is required"))?;
-    let writable = e.take_bool("writable")?.unwrap_or(false);
-    let num_queues = match e.take("num-queues") {
-        Some(v) => v
-            .parse::<u16>()
-            .ok()
-            .filter(|n| (1..=64).contains(n))
-            .ok_or_else(|| Failure::msg(format!("--export num-queues={v}: expected 1 to 64")))?,
-        None => 1,
-    };
-    let logical_block_size = match e.take("logical-block-size").as_deref() {
-        None | Some("512") => 512,
-        Some("4096") => 4096,
-        Some(v) => {
-            return Err(Failure::msg(format!(
-                "--export logical-block-size={v}: expected 512 or 4096"
-            )))
-        }
-    };
-    e.ignore(&["iothread", "fixed-iothread", "writethrough"]);
-    e.finish()?;
-
+    let export = VhostExportSpec::parse("--export", opts, false)?;
+    let node_name = export.node.clone();
     let node = graph
         .nodes
         .get(&node_name)
@@ -225,7 +191,7 @@ pub fn parse(
         .ok_or_else(|| Failure::msg(format!("--export: no block node named '{node_name}'")))?;
     let what = format!("--blockdev driver={} (node-name={node_name})", node.driver);
     let mut open = OpenOptions {
-        read_only: !writable,
+        read_only: !export.writable,
         ..OpenOptions::default()
     };
     let mut node_names = NodeNames::derived(&node_name);
@@ -271,7 +237,7 @@ pub fn parse(
                 open.backing = match graph.child(&mut t, "backing")? {
                     None if has_backing_key => BackingChoice::Disabled,
                     None => BackingChoice::FromImage,
-                    Some(b) => backing_choice(&graph, &b)?,
+                    Some(b) => backing_choice(graph, &b)?,
                 };
                 if let Some(v) = t.take("l2-cache-size").or_else(|| t.take("cache-size")) {
                     open.l2_cache_bytes = Some(
@@ -299,18 +265,13 @@ pub fn parse(
             )))
         }
     };
-    Ok(ServeSpec {
+    Ok(DiskSpec {
         image,
         format,
         open,
-        socket: SocketOptions {
-            path: PathBuf::from(socket),
-            mode: socket_mode,
-        },
-        num_queues,
-        logical_block_size,
         node_names,
-        control: None,
+        export,
+        socket_option: "--export addr.path",
     })
 }
 
@@ -427,15 +388,18 @@ mod tests {
             ]),
             &strings(&["type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path=/run/v.sock,writable=on,num-queues=2,iothread=io0"]),
             &strings(&["iothread,id=io0"]),
-            0o600,
         )
         .unwrap_or_else(|f| panic!("{}", f.message));
+        let [spec] = &spec[..] else {
+            panic!("one export, one disk")
+        };
         assert_eq!(spec.image, PathBuf::from("/srv/meta.qcow2"));
         assert_eq!(spec.format, Format::Qcow2);
         assert_eq!(spec.open.data_file, Some(PathBuf::from("/srv/disk.raw")));
         assert!(!spec.open.read_only);
-        assert_eq!(spec.num_queues, 2);
-        assert_eq!(spec.socket.path, PathBuf::from("/run/v.sock"));
+        assert_eq!(spec.export.num_queues, 2);
+        assert_eq!(spec.export.id, "e");
+        assert_eq!(spec.export.socket, PathBuf::from("/run/v.sock"));
     }
 
     #[test]
@@ -444,9 +408,9 @@ mod tests {
             &strings(&[r#"{"driver": "qcow2", "node-name": "fmt", "backing": null, "file": {"driver": "file", "filename": "a,b.qcow2"}}"#]),
             &strings(&["type=vhost-user-blk,node-name=fmt,addr.path=s"]),
             &[],
-            0o600,
         )
         .unwrap_or_else(|f| panic!("{}", f.message));
+        let spec = &spec[0];
         assert_eq!(spec.image, PathBuf::from("a,b.qcow2"));
         assert!(matches!(spec.open.backing, BackingChoice::Disabled));
         assert!(
@@ -458,9 +422,9 @@ mod tests {
             &strings(&["driver=raw,node-name=r,file.driver=file,file.filename=x,,y.img"]),
             &strings(&["type=vhost-user-blk,node-name=r,addr.path=s,writable=on"]),
             &[],
-            0o600,
         )
         .unwrap_or_else(|f| panic!("{}", f.message));
+        let spec = &spec[0];
         assert_eq!(spec.image, PathBuf::from("x,y.img"));
         assert_eq!(spec.format, Format::Raw);
     }
@@ -468,7 +432,7 @@ mod tests {
     #[test]
     fn unsupported_options_are_named() {
         let err = |b: &[&str], e: &[&str], o: &[&str]| {
-            parse(&strings(b), &strings(e), &strings(o), 0o600)
+            parse(&strings(b), &strings(e), &strings(o))
                 .err()
                 .map(|f| f.message)
                 .unwrap_or_default()
@@ -485,6 +449,32 @@ mod tests {
         assert!(err(&file, &["type=nbd,node-name=f"], &[]).contains("type=nbd"));
         assert!(err(&file, &["type=vhost-user-blk,node-name=g,addr.path=s"], &[]).contains("'g'"));
         assert!(err(&file, &export, &["memory-backend-ram,id=m"]).contains("iothread"));
-        assert!(err(&file, &[], &[]).contains("--export"));
+        assert!(err(&["driver=file,node-name=f,filename=x"], &["type=vhost-user-blk,node-name=f"], &[])
+            .contains("addr.path"));
+    }
+
+    #[test]
+    fn each_export_is_a_disk_and_none_is_fine() {
+        let blockdevs = strings(&[
+            "driver=file,node-name=a,filename=a.raw",
+            "driver=file,node-name=b,filename=b.raw",
+        ]);
+        let disks = parse(
+            &blockdevs,
+            &strings(&[
+                "type=vhost-user-blk,id=ea,node-name=a,addr.path=a.sock,writable=on",
+                "type=vhost-user-blk,id=eb,node-name=b,addr.path=b.sock,num-queues=4",
+            ]),
+            &[],
+        )
+        .unwrap_or_else(|f| panic!("{}", f.message));
+        assert_eq!(disks.len(), 2);
+        assert_eq!(disks[0].image, PathBuf::from("a.raw"));
+        assert_eq!(disks[1].image, PathBuf::from("b.raw"));
+        assert_eq!((disks[0].export.id.as_str(), disks[1].export.id.as_str()), ("ea", "eb"));
+        assert!(!disks[0].open.read_only && disks[1].open.read_only);
+        assert_eq!(disks[1].export.num_queues, 4);
+        // Nodes with no export yet: qemu-storage-daemon starts so, with a monitor.
+        assert!(parse(&blockdevs, &[], &[]).is_ok_and(|d| d.is_empty()));
     }
 }

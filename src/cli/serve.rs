@@ -1,23 +1,21 @@
 //! `vubd serve`: build the block graph and the device, then run the daemon.
 
-use std::hash::Hasher;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
 use super::keyval::parse_options;
-use super::spec::{NativeArgs, ServeSpec};
+use super::spec::{DiskSpec, NativeArgs};
 use super::{qsd, Failure};
 use crate::bitmap::Persistence;
 use crate::block::io::EngineKind;
 use crate::block::open_image;
-use crate::export::{Export, ExportOptions};
+use crate::graph::disk::ExportSettings;
 use crate::graph::options::{NbdExportSpec, NbdServerSpec, TlsCredsSpec};
 use crate::graph::Graph;
 use crate::stats::endpoint::{MetricsAddr, MetricsEndpoint};
 use crate::vhost::daemon;
-use crate::vhost::device::{BlkDevice, DeviceOptions};
 use crate::virtio_blk::ID_BYTES;
 
 #[derive(Debug, Args)]
@@ -99,73 +97,120 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
     daemon::block_shutdown_signals()
         .map_err(|e| Failure::msg(format!("blocking SIGTERM and SIGINT: {e}")))?;
     let startup = Startup::parse(&args)?;
-    let mut spec = if !args.blockdev.is_empty() || !startup.vhost_exports.is_empty() {
-        if args.native.any_graph_option() {
-            return Err(Failure::msg(
-                "use either --image/--socket or --blockdev/--export, not both",
-            ));
-        }
-        let mut spec = qsd::parse(
-            &args.blockdev,
-            &startup.vhost_exports,
-            &startup.other_objects,
-            args.socket_mode,
-        )?;
-        spec.control = qsd::monitor_socket(&args.chardev, &args.monitor)?;
-        spec
-    } else {
-        ServeSpec::from_flags(&args.native, args.socket_mode)?
-    };
-    spec.control = spec.control.or(args.control.clone());
-    if !crate::systemd::is_activated(&spec.socket.path) {
-        crate::socket::check_free(&spec.socket.path, "--socket")?;
+    let (disks, qsd_control) = disk_specs(&args, &startup)?;
+    let control = qsd_control.or(args.control.clone());
+    if disks.is_empty() && control.is_none() {
+        return Err(Failure::msg(
+            "nothing to serve: give --image and --socket, --disk, --blockdev and --export, or a \
+             --control socket to add exports at runtime",
+        ));
     }
-    let driver = open_image(&spec.image, spec.format, &spec.open)?;
-    let serial = args
-        .serial
-        .unwrap_or_else(|| default_serial(&spec.image))
-        .into_bytes();
-    let export = Export::new(
-        driver,
-        ExportOptions {
-            read_only: spec.open.read_only,
-            writers: spec.num_queues,
-            engine: match args.io_engine {
-                EngineArg::Auto => EngineKind::Auto,
-                EngineArg::IoUring => EngineKind::IoUring,
-                EngineArg::Sync => EngineKind::Sync,
-            },
-            poll: (args.poll_us > 0)
-                .then(|| std::time::Duration::from_micros(u64::from(args.poll_us))),
-            node_names: spec.node_names.clone(),
-            bitmaps: match args.bitmap_persistence {
-                PersistenceArg::CrashConsistent => Persistence::CrashConsistent,
-                PersistenceArg::OnClose => Persistence::OnClose,
-            },
-        },
-    )?;
-    let device = BlkDevice::new(
-        Arc::new(export),
-        DeviceOptions {
-            num_queues: spec.num_queues,
-            queue_size: args.queue_size,
-            serial,
-            logical_block_size: spec.logical_block_size,
-        },
-    )?;
-    let device = Arc::new(device);
-    let graph = Graph::new(device.export().clone());
-    startup.apply(&graph)?;
-    let _metrics = match &args.metrics {
-        Some(addr) => {
-            let export = device.export().clone();
-            let render = move || crate::stats::prometheus::render(&[export.metrics()]);
-            Some(MetricsEndpoint::start(addr, render)?)
+    // Every socket is checked before any image is opened (and locked): a second daemon
+    // started by mistake is told about the socket, the thing it got wrong.
+    for (i, disk) in disks.iter().enumerate() {
+        let socket = &disk.export.socket;
+        if disks[..i].iter().any(|d| d.export.socket == *socket) {
+            return Err(Failure::msg(format!(
+                "{} {}: given to two disks; each disk needs its own socket",
+                disk.socket_option,
+                socket.display()
+            )));
         }
-        None => None,
+        if !crate::systemd::is_activated(socket) {
+            crate::socket::check_free(socket, disk.socket_option)?;
+        }
+    }
+    let graph = Graph::new(ExportSettings {
+        engine: match args.io_engine {
+            EngineArg::Auto => EngineKind::Auto,
+            EngineArg::IoUring => EngineKind::IoUring,
+            EngineArg::Sync => EngineKind::Sync,
+        },
+        poll: (args.poll_us > 0).then(|| std::time::Duration::from_micros(u64::from(args.poll_us))),
+        bitmaps: match args.bitmap_persistence {
+            PersistenceArg::CrashConsistent => Persistence::CrashConsistent,
+            PersistenceArg::OnClose => Persistence::OnClose,
+        },
+        queue_size: args.queue_size,
+        socket_mode: args.socket_mode,
+    });
+    // The disks served so far are closed cleanly (bitmaps stored) if a later one fails.
+    let started = start(&graph, disks, startup, args.metrics.as_ref());
+    let metrics = match started {
+        Ok(metrics) => metrics,
+        Err(e) => {
+            if let Err(close) = graph.shutdown() {
+                log::error!("{}", crate::error::Chain(&close));
+            }
+            return Err(e);
+        }
     };
-    daemon::serve(device, &spec.socket, spec.control.as_deref(), graph)?;
+    daemon::run(graph, control.as_deref())?;
+    drop(metrics);
     Ok(0)
+}
+
+/// The disks the command line names, in whichever form, and the qemu-storage-daemon form's
+/// monitor socket.
+fn disk_specs(
+    args: &ServeArgs,
+    startup: &Startup,
+) -> Result<(Vec<DiskSpec>, Option<PathBuf>), Failure> {
+    let qsd_form = !args.blockdev.is_empty() || !startup.vhost_exports.is_empty();
+    let disk_form = !args.native.disks().is_empty();
+    let image_form = args.native.any_graph_option();
+    if [qsd_form, disk_form, image_form].iter().filter(|f| **f).count() > 1 {
+        return Err(Failure::msg(
+            "use one form: --image/--socket, --disk, or --blockdev/--export",
+        ));
+    }
+    let control = qsd::monitor_socket(&args.chardev, &args.monitor)?;
+    let disks = if qsd_form {
+        qsd::parse(&args.blockdev, &startup.vhost_exports, &startup.other_objects)?
+    } else if disk_form {
+        args.native
+            .disks()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DiskSpec::from_disk_option(d, i))
+            .collect::<Result<_, _>>()?
+    } else if image_form || (control.is_none() && args.control.is_none()) {
+        vec![DiskSpec::from_flags(&args.native, args.serial.clone())?]
+    } else {
+        Vec::new()
+    };
+    if args.serial.is_some() && !image_form {
+        return Err(Failure::msg(
+            "--serial goes with --image; give serial= in each --disk or --export",
+        ));
+    }
+    Ok((disks, control))
+}
+
+/// Open and serve every disk, then start what the command line adds around them: the NBD
+/// side and the metrics endpoint.
+fn start(
+    graph: &Arc<Graph>,
+    disks: Vec<DiskSpec>,
+    startup: Startup,
+    metrics: Option<&MetricsAddr>,
+) -> Result<Option<MetricsEndpoint>, Failure> {
+    for disk in disks {
+        let driver = open_image(&disk.image, disk.format, &disk.open)?;
+        graph.add_disk(driver, disk.node_names, &disk.export, disk.socket_option)?;
+    }
+    startup.apply(graph)?;
+    match metrics {
+        Some(addr) => {
+            let graph = graph.clone();
+            let render = move || {
+                let exports: Vec<_> = graph.exports().iter().map(|e| e.metrics()).collect();
+                crate::stats::prometheus::render(&exports)
+            };
+            Ok(Some(MetricsEndpoint::start(addr, render)?))
+        }
+        None => Ok(None),
+    }
 }
 
 /// The NBD side of the command line: TLS objects, the server and its exports, started once
@@ -241,37 +286,6 @@ impl Startup {
     }
 }
 
-/// A serial that identifies the image stably: `vubd-` and a hash of its absolute path.
-fn default_serial(image: &Path) -> String {
-    let path = image.canonicalize().unwrap_or_else(|_| image.to_path_buf());
-    let mut hasher = Fnv1a::default();
-    hasher.write(path.as_os_str().as_encoded_bytes());
-    let serial = format!("vubd-{:015x}", hasher.finish() & 0x0fff_ffff_ffff_ffff);
-    debug_assert_eq!(serial.len(), ID_BYTES);
-    serial
-}
-
-/// FNV-1a, a hash that, unlike std's, is the same in every build.
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv1a {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
-
 fn parse_queue_size(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(n) if n.is_power_of_two() && (2..=32768).contains(&n) => Ok(n),
@@ -298,17 +312,6 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_serial_is_stable_and_fits() {
-        let a = default_serial(Path::new("/nonexistent/disk.raw"));
-        let b = default_serial(Path::new("/nonexistent/disk.raw"));
-        let c = default_serial(Path::new("/nonexistent/other.raw"));
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        assert_eq!(a.len(), ID_BYTES);
-        assert!(a.starts_with("vubd-"));
-    }
 
     #[test]
     fn option_parsers_reject_bad_values() {

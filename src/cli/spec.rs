@@ -1,26 +1,27 @@
-//! What to serve, however the command line spelled it: [`ServeSpec`], built by
-//! [`ServeSpec::from_flags`] from vubd's own options (`--image`, `--socket`, ...) or by
-//! [`super::qsd::parse`] from a qemu-storage-daemon command line.
+//! What to serve, however the command line spelled it: [`DiskSpec`]s, built by
+//! [`DiskSpec::from_flags`] from vubd's own options (`--image`, `--socket`, ...), by
+//! [`DiskSpec::from_disk_option`] from each `--disk`, or by [`super::qsd::parse`] from a
+//! qemu-storage-daemon command line.
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use super::keyval::{parse_options, Taker};
 use super::Failure;
 use crate::block::{BackingChoice, Format, Locking, NodeNames, OpenOptions};
-use crate::vhost::daemon::SocketOptions;
+use crate::graph::options::VhostExportSpec;
 
-/// Everything needed to serve one export.
+/// Everything needed to serve one disk: its graph and its vhost-user-blk export.
 #[derive(Debug)]
-pub struct ServeSpec {
+pub struct DiskSpec {
     pub image: PathBuf,
     pub format: Format,
     pub open: OpenOptions,
-    pub socket: SocketOptions,
-    pub num_queues: u16,
-    pub logical_block_size: u32,
     pub node_names: NodeNames,
-    pub control: Option<PathBuf>,
+    pub export: VhostExportSpec,
+    /// The option that named the socket, for messages.
+    pub socket_option: &'static str,
 }
 
 /// vubd's own form of the graph and the export.
@@ -67,24 +68,35 @@ pub struct NativeArgs {
     /// Name of the exported node (QMP `node` arguments); its file child is NAME-file.
     #[arg(long, value_name = "NAME", default_value = "disk")]
     node_name: String,
+    /// A disk to serve, one option per disk (repeat it to serve several): the options of the
+    /// --image form as keys, e.g.
+    /// image=vm1.qcow2,format=qcow2,data-file=vm1.raw,socket=vm1.sock,num-queues=2; also
+    /// node-name (default diskN, N counting from 0), id (default: the node name) and serial.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<String>,
 }
 
 impl NativeArgs {
-    /// Whether any option of this form was given (it excludes the qemu-storage-daemon form).
+    /// Whether any option of the `--image` form was given.
     pub fn any_graph_option(&self) -> bool {
         self.image.is_some()
             || self.socket.is_some()
             || self.data_file.is_some()
             || self.backing.is_some()
     }
+
+    /// The `--disk` options given.
+    pub fn disks(&self) -> &[String] {
+        &self.disk
+    }
 }
 
-impl ServeSpec {
-    /// The spec of `--image ... --socket ...`, with the socket file's mode.
-    pub fn from_flags(args: &NativeArgs, socket_mode: u32) -> Result<ServeSpec, Failure> {
+impl DiskSpec {
+    /// The spec of `--image ... --socket ...`, with the device serial if given.
+    pub fn from_flags(args: &NativeArgs, serial: Option<String>) -> Result<DiskSpec, Failure> {
         let (Some(image), Some(socket)) = (args.image.clone(), args.socket.clone()) else {
             return Err(Failure::msg(
-                "--socket and --image are required (or --blockdev and --export)",
+                "--socket and --image are required (or --disk, or --blockdev and --export)",
             ));
         };
         let backing = match (&args.backing, args.backing_format) {
@@ -96,7 +108,7 @@ impl ServeSpec {
                 "--data-file and --backing need --format qcow2",
             ));
         }
-        Ok(ServeSpec {
+        Ok(DiskSpec {
             image,
             format: args.format.into(),
             open: OpenOptions {
@@ -105,19 +117,104 @@ impl ServeSpec {
                 data_file: args.data_file.clone(),
                 backing,
                 l2_cache_bytes: args.l2_cache_size,
-                repair: false,
                 locking: args.locking.into(),
-                beneath: None,
-                fault: None,
+                ..OpenOptions::default()
             },
-            socket: SocketOptions {
-                path: socket,
-                mode: socket_mode,
-            },
-            num_queues: args.num_queues,
-            logical_block_size: args.logical_block_size,
             node_names: NodeNames::derived(&args.node_name),
-            control: None,
+            export: VhostExportSpec {
+                id: args.node_name.clone(),
+                node: args.node_name.clone(),
+                socket,
+                writable: !args.readonly,
+                num_queues: args.num_queues,
+                logical_block_size: args.logical_block_size,
+                serial,
+            },
+            socket_option: "--socket",
+        })
+    }
+
+    /// The spec of one `--disk image=PATH,socket=PATH[,...]`, the `index`th: the keys are
+    /// the options of the `--image` form without their dashes, plus `serial` and `id`; the
+    /// node name defaults to `disk<index>`.
+    pub fn from_disk_option(text: &str, index: usize) -> Result<DiskSpec, Failure> {
+        let what = "--disk";
+        let mut t = Taker::new(what.into(), parse_options(what, text, Some("image"))?);
+        let required = |t: &mut Taker, key: &str| {
+            t.take(key)
+                .ok_or_else(|| Failure::msg(format!("--disk {text}: '{key}' is required")))
+        };
+        let image = PathBuf::from(required(&mut t, "image")?);
+        let socket = PathBuf::from(required(&mut t, "socket")?);
+        let format = match t.take("format").as_deref() {
+            None | Some("raw") => Format::Raw,
+            Some("qcow2") => Format::Qcow2,
+            Some(v) => return Err(Failure::msg(format!("--disk format={v}: expected raw or qcow2"))),
+        };
+        let data_file = t.take("data-file").map(PathBuf::from);
+        let backing = match (t.take("backing"), t.take("backing-format").as_deref()) {
+            (None, None) => BackingChoice::FromImage,
+            (Some(path), Some("raw")) => BackingChoice::Use(path.into(), Format::Raw),
+            (Some(path), Some("qcow2")) => BackingChoice::Use(path.into(), Format::Qcow2),
+            _ => {
+                return Err(Failure::msg(
+                    "--disk: backing= needs backing-format=raw or backing-format=qcow2",
+                ))
+            }
+        };
+        if format == Format::Raw
+            && (data_file.is_some() || !matches!(backing, BackingChoice::FromImage))
+        {
+            return Err(Failure::msg(
+                "--disk: data-file and backing need format=qcow2",
+            ));
+        }
+        let l2_cache_bytes = match t.take("l2-cache-size") {
+            Some(v) => Some(
+                super::parse_size(&v)
+                    .map_err(|e| Failure::msg(format!("--disk l2-cache-size={v}: {e}")))?,
+            ),
+            None => None,
+        };
+        let read_only = t.take_bool("readonly")?.unwrap_or(false);
+        let direct = match t.take("cache").as_deref() {
+            None | Some("writeback") => false,
+            Some("none") => true,
+            Some(v) => return Err(Failure::msg(format!("--disk cache={v}: expected none or writeback"))),
+        };
+        let locking = match t.take("locking").as_deref() {
+            None | Some("on") => Locking::On,
+            Some("off") => Locking::Off,
+            Some(v) => return Err(Failure::msg(format!("--disk locking={v}: expected on or off"))),
+        };
+        let node = t.take("node-name").unwrap_or_else(|| format!("disk{index}"));
+        // The export's own keys, in the form qemu-storage-daemon's --export takes them.
+        let mut export = super::keyval::Opts::new();
+        export.insert("node-name".into(), node.clone());
+        export.insert("addr.path".into(), socket.display().to_string());
+        export.insert("writable".into(), if read_only { "off" } else { "on" }.into());
+        for key in ["id", "num-queues", "logical-block-size", "serial"] {
+            if let Some(v) = t.take(key) {
+                export.insert(key.into(), v);
+            }
+        }
+        t.finish()?;
+        let export = VhostExportSpec::parse(what, export, false)?;
+        Ok(DiskSpec {
+            image,
+            format,
+            open: OpenOptions {
+                read_only,
+                direct,
+                data_file,
+                backing,
+                l2_cache_bytes,
+                locking,
+                ..OpenOptions::default()
+            },
+            node_names: NodeNames::derived(&node),
+            export,
+            socket_option: "--disk socket",
         })
     }
 }

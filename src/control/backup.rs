@@ -5,7 +5,9 @@
 use serde_json::{json, Value};
 
 use super::qmp::{Args, QmpError, Session};
-use crate::graph::options::{BackupSpec, NbdExportSpec, NbdServerSpec, NodeSpec, TlsCredsSpec};
+use crate::graph::options::{
+    BackupSpec, NbdExportSpec, NbdServerSpec, NodeSpec, TlsCredsSpec, VhostExportSpec,
+};
 
 /// A QMP event object, stamped now.
 fn event(name: &str, data: Value) -> Value {
@@ -74,17 +76,24 @@ impl Session {
             }
             "block-export-add" => {
                 let mut opts = args.into_opts();
-                match opts.get("type").map(String::as_str) {
-                    Some("nbd") => {}
+                opts.remove("iothread");
+                match opts.remove("type").as_deref() {
+                    Some("nbd") => {
+                        opts.insert("type".into(), "nbd".into());
+                        graph.add_nbd_export(NbdExportSpec::parse("block-export-add", opts)?)?
+                    }
+                    Some("vhost-user-blk") => graph.add_vhost_export(&VhostExportSpec::parse(
+                        "block-export-add",
+                        opts,
+                        true,
+                    )?)?,
                     Some(other) => {
                         return Err(QmpError::generic(format!(
-                            "block-export-add: type '{other}' is not supported at runtime (nbd)"
+                            "block-export-add: type '{other}' is not supported (nbd, vhost-user-blk)"
                         )))
                     }
                     None => return Err(QmpError::generic("Parameter 'type' is missing")),
                 }
-                opts.remove("iothread");
-                graph.add_nbd_export(NbdExportSpec::parse("block-export-add", opts)?)?
             }
             "block-export-del" => {
                 let id = args.string("id")?;
@@ -99,22 +108,23 @@ impl Session {
                     }
                 };
                 args.finish()?;
-                graph.delete_nbd_export(&id, hard)?;
+                if !graph.delete_vhost_export(&id, hard)? {
+                    graph.delete_nbd_export(&id, hard)?;
+                }
                 self.events
                     .push(event("BLOCK_EXPORT_DELETED", json!({"id": id})));
             }
             "query-block-exports" => {
                 args.finish()?;
-                return Ok(Some(Value::Array(
-                    graph
-                        .nbd_exports()
-                        .into_iter()
-                        .map(|e| {
-                            json!({"type": "nbd", "id": e.id, "node-name": e.node,
-                                   "shutting-down": false})
-                        })
-                        .collect(),
-                )));
+                let vhost = graph.vhost_exports().into_iter().map(|e| {
+                    json!({"type": "vhost-user-blk", "id": e.id, "node-name": e.node,
+                           "shutting-down": false})
+                });
+                let nbd = graph.nbd_exports().into_iter().map(|e| {
+                    json!({"type": "nbd", "id": e.id, "node-name": e.node,
+                           "shutting-down": false})
+                });
+                return Ok(Some(Value::Array(vhost.chain(nbd).collect())));
             }
             "object-add" => {
                 let mut opts = args.into_opts();

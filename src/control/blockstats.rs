@@ -3,8 +3,10 @@
 //!
 //! As QEMU's virtio-blk does, a write-zeroes counts as a write (and moves
 //! `wr_highest_offset`). QEMU does not count discards at all; vubd counts them as unmaps.
-//! vubd counts at the export: `query-nodes: true` gives the same one entry. Per-queue figures
+//! vubd counts at the export: `query-nodes: true` gives the same entries, one per export. Per-queue figures
 //! and write-zeroes on their own are on the Prometheus endpoint.
+
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -63,13 +65,20 @@ pub fn device_stats(total: &QueueSnapshot) -> Value {
     })
 }
 
-/// The reply to `query-blockstats`: the export's format node.
-pub fn query(export: &Export) -> Value {
-    json!([{
-        "device": "",
-        "node-name": export.node_names().format,
-        "stats": device_stats(&export.stats().total()),
-    }])
+/// The reply to `query-blockstats`: each export's format node.
+pub fn query(exports: &[Arc<Export>]) -> Value {
+    Value::Array(
+        exports
+            .iter()
+            .map(|export| {
+                json!({
+                    "device": "",
+                    "node-name": export.node_names().format,
+                    "stats": device_stats(&export.stats().total()),
+                })
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -38,6 +38,9 @@ const COMMANDS: [&str; 25] = [
     "object-del",
 ];
 
+/// A transaction's bitmap actions, each with its disk's node name, and its backups.
+type TransactionActions = (Vec<(String, Action)>, Vec<BackupSpec>);
+
 /// An error reply's class and description.
 pub(super) struct QmpError {
     pub class: &'static str,
@@ -86,7 +89,6 @@ pub fn error(class: &str, desc: &str, id: Option<&Value>) -> Value {
 /// One client's session.
 pub struct Session {
     pub(super) graph: Arc<Graph>,
-    device: Arc<Export>,
     negotiated: bool,
     /// Events the last command caused, sent after its reply.
     pub(super) events: Vec<Value>,
@@ -163,7 +165,6 @@ impl Args {
 impl Session {
     pub fn new(graph: Arc<Graph>) -> Self {
         Session {
-            device: graph.export().clone(),
             graph,
             negotiated: false,
             events: Vec::new(),
@@ -259,22 +260,28 @@ impl Session {
             "query-named-block-nodes" => {
                 args.opt_bool("flat")?;
                 let mut nodes = self.named_block_nodes();
-                if let Value::Array(list) = &mut nodes {
-                    list.extend(self.added_node_infos());
-                }
-                nodes
+                nodes.extend(self.added_node_infos());
+                Value::Array(nodes)
             }
             "query-blockstats" => {
                 args.opt_bool("query-nodes")?;
-                super::blockstats::query(&self.device)
+                super::blockstats::query(&self.graph.exports())
             }
-            "query-block" => json!([{
-                "device": "",
-                "locked": false,
-                "removable": false,
-                "type": "unknown",
-                "inserted": self.format_node_info(),
-            }]),
+            "query-block" => Value::Array(
+                self.graph
+                    .exports()
+                    .iter()
+                    .map(|export| {
+                        json!({
+                            "device": "",
+                                    "locked": false,
+                            "removable": false,
+                            "type": "unknown",
+                            "inserted": self.format_node_info(export),
+                        })
+                    })
+                    .collect(),
+            ),
             "transaction" => {
                 let (actions, backups) = self.transaction_actions(&mut args)?;
                 args.take("properties");
@@ -288,9 +295,9 @@ impl Session {
             | "block-dirty-bitmap-enable"
             | "block-dirty-bitmap-disable"
             | "block-dirty-bitmap-merge" => {
-                let action = self.bitmap_action(command, &mut args)?;
+                let (export, action) = self.bitmap_action(command, &mut args)?;
                 args.finish()?;
-                self.device.bitmaps().apply(action)?;
+                export.bitmaps().apply(action)?;
                 return Ok(json!({}));
             }
             other => {
@@ -307,33 +314,20 @@ impl Session {
         Ok(result)
     }
 
-    /// Check that `node` names the node that holds bitmaps.
-    fn check_node(&self, node: &str) -> Result<(), QmpError> {
-        let names = self.device.node_names();
-        if node == names.format {
-            return Ok(());
-        }
-        if node == names.file || names.data_file.as_deref() == Some(node) {
-            return Err(QmpError::generic(format!(
-                "Node '{node}' is a protocol node; vubd keeps dirty bitmaps on the format node '{}'",
-                names.format
-            )));
-        }
-        Err(QmpError::generic(format!(
-            "Cannot find device='' nor node-name='{node}'"
-        )))
-    }
-
-    /// Parse a bitmap command's arguments into an action.
-    fn bitmap_action(&self, command: &str, args: &mut Args) -> Result<Action, QmpError> {
+    /// Parse a bitmap command's arguments into an action on the disk it names.
+    fn bitmap_action(
+        &self,
+        command: &str,
+        args: &mut Args,
+    ) -> Result<(Arc<Export>, Action), QmpError> {
         let node = args.string("node")?;
-        self.check_node(&node)?;
+        let export = self.graph.disk(&node)?;
         if command == "block-dirty-bitmap-merge" {
             let target = args.string("target")?;
             let sources = match args.take("bitmaps") {
                 Some(Value::Array(items)) => items
                     .iter()
-                    .map(|item| self.merge_source(item))
+                    .map(|item| self.merge_source(&node, item))
                     .collect::<Result<Vec<_>, _>>()?,
                 Some(_) => {
                     return Err(QmpError::generic(
@@ -342,10 +336,10 @@ impl Session {
                 }
                 None => return Err(QmpError::generic("Parameter 'bitmaps' is missing")),
             };
-            return Ok(Action::Merge { target, sources });
+            return Ok((export, Action::Merge { target, sources }));
         }
         let name = args.string("name")?;
-        Ok(match command {
+        let action = match command {
             "block-dirty-bitmap-add" => Action::Add {
                 name,
                 granularity: args.opt_u64("granularity")?,
@@ -356,17 +350,24 @@ impl Session {
             "block-dirty-bitmap-clear" => Action::Clear { name },
             "block-dirty-bitmap-enable" => Action::Enable { name },
             _ => Action::Disable { name },
-        })
+        };
+        Ok((export, action))
     }
 
-    /// A merge source: a bitmap name on the same node, or `{"node": ..., "name": ...}`.
-    fn merge_source(&self, item: &Value) -> Result<String, QmpError> {
+    /// A merge source: a bitmap name on the target's node, or `{"node": ..., "name": ...}`.
+    fn merge_source(&self, target_node: &str, item: &Value) -> Result<String, QmpError> {
         match item {
             Value::String(name) => Ok(name.clone()),
             Value::Object(_) => {
                 let mut a = Args::new(Some(item))?;
                 let node = a.string("node")?;
-                self.check_node(&node)?;
+                self.graph.disk(&node)?;
+                if node != target_node {
+                    return Err(QmpError::generic(format!(
+                        "vubd merges bitmaps of one node: '{node}' is not the target's node \
+                         '{target_node}'"
+                    )));
+                }
                 let name = a.string("name")?;
                 a.finish()?;
                 Ok(name)
@@ -381,7 +382,7 @@ impl Session {
     fn transaction_actions(
         &self,
         args: &mut Args,
-    ) -> Result<(Vec<Action>, Vec<BackupSpec>), QmpError> {
+    ) -> Result<TransactionActions, QmpError> {
         let items = match args.take("actions") {
             Some(Value::Array(items)) => items,
             Some(_) => {
@@ -407,15 +408,16 @@ impl Session {
                 )));
             }
             let mut data = Args::new(data.as_ref())?;
-            actions.push(self.bitmap_action(&kind, &mut data)?);
+            let (export, action) = self.bitmap_action(&kind, &mut data)?;
+            actions.push((export.node_names().format.clone(), action));
             data.finish()?;
         }
         Ok((actions, backups))
     }
 
-    fn bitmap_infos(&self) -> Value {
+    fn bitmap_infos(export: &Export) -> Value {
         Value::Array(
-            self.device
+            export
                 .bitmaps()
                 .infos()
                 .into_iter()
@@ -435,7 +437,7 @@ impl Session {
     }
 
     pub(super) fn node_info(
-        &self,
+        export: &Export,
         name: &str,
         drv: &str,
         path: &str,
@@ -446,7 +448,7 @@ impl Session {
             "node-name": name,
             "drv": drv,
             "file": path,
-            "ro": self.device.read_only(),
+            "ro": export.read_only(),
             "encrypted": false,
             "detect_zeroes": "off",
             "backing_file_depth": 0,
@@ -457,48 +459,55 @@ impl Session {
         })
     }
 
-    fn format_node_info(&self) -> Value {
-        let driver = self.device.disk();
+    fn format_node_info(&self, export: &Export) -> Value {
+        let driver = export.disk();
         let files = driver.files();
         let path = files
             .first()
             .map(|f| f.path().display().to_string())
             .unwrap_or_default();
         let direct = files.last().is_some_and(|f| f.is_direct());
-        let mut info = self.node_info(
-            &self.device.node_names().format,
+        let mut info = Self::node_info(
+            export,
+            &export.node_names().format,
             driver.format(),
             &path,
             driver.size(),
             direct,
         );
-        info["dirty-bitmaps"] = self.bitmap_infos();
+        info["dirty-bitmaps"] = Self::bitmap_infos(export);
         info
     }
 
-    fn named_block_nodes(&self) -> Value {
-        let names = self.device.node_names();
-        let driver = self.device.disk();
-        let files = driver.files();
-        let mut nodes = vec![self.format_node_info()];
-        if let Some(file) = files.first() {
-            nodes.push(self.node_info(
-                &names.file,
-                "file",
-                &file.path().display().to_string(),
-                file.size(),
-                file.is_direct(),
-            ));
+    /// Every disk's nodes: format, `file`, `data-file`.
+    fn named_block_nodes(&self) -> Vec<Value> {
+        let mut nodes = Vec::new();
+        for export in self.graph.exports() {
+            let names = export.node_names();
+            let driver = export.disk();
+            let files = driver.files();
+            nodes.push(self.format_node_info(&export));
+            if let Some(file) = files.first() {
+                nodes.push(Self::node_info(
+                    &export,
+                    &names.file,
+                    "file",
+                    &file.path().display().to_string(),
+                    file.size(),
+                    file.is_direct(),
+                ));
+            }
+            if let (Some(data), Some(name)) = (driver.data_file(), &names.data_file) {
+                nodes.push(Self::node_info(
+                    &export,
+                    name,
+                    "file",
+                    &data.path().display().to_string(),
+                    data.size(),
+                    data.is_direct(),
+                ));
+            }
         }
-        if let (Some(data), Some(name)) = (driver.data_file(), &names.data_file) {
-            nodes.push(self.node_info(
-                name,
-                "file",
-                &data.path().display().to_string(),
-                data.size(),
-                data.is_direct(),
-            ));
-        }
-        Value::Array(nodes)
+        nodes
     }
 }

@@ -4,11 +4,13 @@
 //! actions, in the same drained section of the write gate: the view and the bitmaps split
 //! the guest's writes at one point.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::options::BackupSpec;
 use super::{AddedKind, Graph, GraphError, State};
-use crate::bitmap::Action;
+use crate::bitmap::{Action, BitmapError};
+use crate::export::Export;
 use crate::block::cbw::{CopyBeforeWrite, ReadGuard};
 use crate::block::filter::FilterNode;
 
@@ -36,6 +38,8 @@ impl ViewGuard {
 pub struct BackupJob {
     device: String,
     target: String,
+    /// The device's export, where the filter sits.
+    export: Arc<Export>,
     cbw: Arc<CopyBeforeWrite>,
     view: Arc<ViewGuard>,
 }
@@ -52,6 +56,8 @@ pub struct JobInfo {
 /// A backup checked and ready to start.
 struct Prepared {
     id: String,
+    /// The device's export.
+    export: Arc<Export>,
     spec: BackupSpec,
     cbw: Arc<CopyBeforeWrite>,
     view: Arc<ViewGuard>,
@@ -63,16 +69,16 @@ impl Graph {
         if state.jobs.contains_key(&spec.job_id) {
             return Err(GraphError::JobExists(spec.job_id));
         }
-        let disk = &self.export.node_names().format;
-        if spec.device != *disk {
-            // Only the served disk takes guest writes worth protecting.
+        let Some(disk) = state.disks.get(&spec.device) else {
+            // Only a served disk takes guest writes worth protecting.
             self.format_node(state, &spec.device)?;
             return Err(GraphError::Invalid(format!(
-                "blockdev-backup: device '{}' is not the served disk '{disk}'",
+                "blockdev-backup: device '{}' is not a served disk (a vhost-user-blk export's node)",
                 spec.device
             )));
-        }
-        if let Some(job) = state.jobs.values().next() {
+        };
+        let export = disk.export().clone();
+        if let Some(job) = state.jobs.values().find(|j| j.device == spec.device) {
             return Err(GraphError::NodeBusy {
                 node: job.device.clone(),
                 reason: "block device is in use by block job: backup".into(),
@@ -95,15 +101,15 @@ impl Graph {
                 spec.target
             )));
         }
-        if target.size() != self.export.size() {
+        if target.size() != export.size() {
             return Err(GraphError::SizeMismatch);
         }
         let cluster = target.allocation_unit().unwrap_or(DEFAULT_CLUSTER);
-        let cbw = CopyBeforeWrite::new(target, self.export.size(), cluster).ok_or_else(|| {
+        let cbw = CopyBeforeWrite::new(target, export.size(), cluster).ok_or_else(|| {
             GraphError::Invalid(format!(
                 "blockdev-backup: a disk of {} bytes needs more than {} MiB to track {cluster}-byte \
                  clusters; create the fleecing image with a larger cluster_size",
-                self.export.size(),
+                export.size(),
                 crate::block::cbw::MAX_MAP_BYTES >> 20
             ))
         })?;
@@ -111,15 +117,22 @@ impl Graph {
             id: spec.job_id.clone(),
             cbw: Arc::new(cbw),
             view,
+            export,
             spec,
         })
     }
 
-    /// `transaction`: bitmap actions and backups, all or nothing, at one point of the write
-    /// stream.
+    /// `transaction`: bitmap actions (each on the disk it names) and backups, all or nothing,
+    /// at one point of every disk's write stream.
+    ///
+    /// Each disk's actions are checked first, then applied with every disk involved drained at
+    /// once (their write gates closed in node-name order, nested), and the backup filters go in
+    /// while all are drained. Only an I/O error storing one disk's bitmaps can fail a
+    /// transaction after the check; the disks before it keep their changes, and the error
+    /// names the disk.
     pub fn transaction(
         &self,
-        actions: &[Action],
+        actions: &[(String, Action)],
         backups: Vec<BackupSpec>,
     ) -> Result<(), GraphError> {
         let mut state = self.lock();
@@ -128,7 +141,7 @@ impl Graph {
             if prepared.iter().any(|p: &Prepared| p.id == spec.job_id) {
                 return Err(GraphError::JobExists(spec.job_id));
             }
-            if !prepared.is_empty() {
+            if prepared.iter().any(|p: &Prepared| p.spec.device == spec.device) {
                 return Err(GraphError::NodeBusy {
                     node: spec.device,
                     reason: "block device is in use by block job: backup".into(),
@@ -136,23 +149,45 @@ impl Graph {
             }
             prepared.push(self.prepare_backup(&state, spec)?);
         }
-        let export = &self.export;
-        self.export.bitmaps().transaction_with(actions, || {
+        // Every disk involved, with its actions, in node-name order.
+        let mut groups: BTreeMap<String, (Arc<Export>, Vec<Action>)> = BTreeMap::new();
+        for p in &prepared {
+            groups
+                .entry(p.spec.device.clone())
+                .or_insert_with(|| (p.export.clone(), Vec::new()));
+        }
+        for (node, action) in actions {
+            let export = match groups.get(node) {
+                Some((export, _)) => export.clone(),
+                None => self.disk_locked(&state, node)?,
+            };
+            groups
+                .entry(node.clone())
+                .or_insert_with(|| (export, Vec::new()))
+                .1
+                .push(action.clone());
+        }
+        for (export, actions) in groups.values() {
+            export.bitmaps().check(actions)?;
+        }
+        let groups: Vec<(Arc<Export>, Vec<Action>)> = groups.into_values().collect();
+        apply_nested(&groups, &mut || {
             for p in &prepared {
-                let filter = FilterNode::new(p.cbw.clone(), export.disk().clone());
-                export.set_root(Arc::new(filter));
+                let filter = FilterNode::new(p.cbw.clone(), p.export.disk().clone());
+                p.export.set_root(Arc::new(filter));
                 p.view.set(Some(p.cbw.clone()));
             }
         })?;
         for p in prepared {
-            if let Some(n) = state.nodes.get_mut(&p.spec.target) {
-                n.users.insert(format!("job {}", p.id));
-            }
+            let user = format!("job {}", p.id);
+            state.add_user(&p.spec.target, user.clone());
+            state.add_user(&p.spec.device, user);
             state.jobs.insert(
                 p.id,
                 BackupJob {
                     device: p.spec.device,
                     target: p.spec.target,
+                    export: p.export,
                     cbw: p.cbw,
                     view: p.view,
                 },
@@ -172,16 +207,16 @@ impl Graph {
         let Some(job) = state.jobs.get(id) else {
             return Err(GraphError::JobNotFound(id.to_string()));
         };
-        let export = &self.export;
+        let export = &job.export;
         export
             .bitmaps()
             .transaction_with(&[], || export.set_root(export.disk().clone()))?;
         job.view.set(None);
-        let target = job.target.clone();
+        let (target, device) = (job.target.clone(), job.device.clone());
         state.jobs.remove(id);
-        if let Some(n) = state.nodes.get_mut(&target) {
-            n.users.remove(&format!("job {id}"));
-        }
+        let user = format!("job {id}");
+        state.remove_user(&target, &user);
+        state.remove_user(&device, &user);
         Ok(())
     }
 
@@ -193,9 +228,37 @@ impl Graph {
             .map(|(id, job)| JobInfo {
                 id: id.clone(),
                 device: job.device.clone(),
-                len: self.export.size(),
+                len: job.export.size(),
                 offset: job.cbw.copied_bytes(),
             })
             .collect()
+    }
+}
+
+/// Apply each disk's actions inside the previous disk's drained section, and `then` inside
+/// the last: with every disk drained.
+fn apply_nested(
+    groups: &[(Arc<Export>, Vec<Action>)],
+    then: &mut dyn FnMut(),
+) -> Result<(), GraphError> {
+    let Some(((export, actions), rest)) = groups.split_first() else {
+        then();
+        return Ok(());
+    };
+    let mut inner: Result<(), GraphError> = Ok(());
+    export
+        .bitmaps()
+        .transaction_with(actions, || inner = apply_nested(rest, then))
+        .map_err(|e| in_disk(export, e))?;
+    inner
+}
+
+/// A bitmap error of one disk among several, naming it.
+fn in_disk(export: &Export, e: BitmapError) -> GraphError {
+    match e {
+        BitmapError::Io(msg) => {
+            BitmapError::Io(format!("{}: {msg}", export.node_names().format)).into()
+        }
+        e => e.into(),
     }
 }

@@ -1,13 +1,19 @@
-//! The runtime graph: what the control socket adds around the served disk while it runs —
-//! nodes (`blockdev-add`: a fleecing image over the disk), backup jobs (`blockdev-backup`
-//! with `sync: none`: copy-before-write over the disk), and NBD exports of any node with the
-//! disk's dirty bitmaps. Together they are QEMU's pull-mode backup, in QEMU's command shapes
-//! (docs/backup.md).
+//! The daemon's block graph: the served disks and everything around them.
 //!
-//! The disk's own nodes (format node, `file`, `data-file`) come from the command line and
-//! cannot be deleted. Every added node records who uses it (a format node its file and
-//! backing, a job its target, an export its node), so that nothing in use is deleted.
+//! - Disks ([`disk`]): format nodes served by a vhost-user-blk export, each with its own
+//!   socket, queues, dirty bitmaps and statistics — from the command line (`--export`,
+//!   `--disk`) or QMP (`block-export-add` of a node added with `blockdev-add`).
+//! - Nodes added at runtime (`blockdev-add`): fleecing images over a disk, or nodes to export.
+//! - Backup jobs ([`job`]: `blockdev-backup` with `sync: none`, copy-before-write over a
+//!   disk) and NBD exports ([`nbd`]) of any node with a disk's dirty bitmaps. Together they
+//!   are QEMU's pull-mode backup, in QEMU's command shapes (docs/backup.md).
+//!
+//! Every node and disk records who uses it (a format node its file and backing, a job its
+//! device and target, an NBD export its node), so that nothing in use is deleted. The graph's
+//! lock is taken by control commands only; the request path reaches its disk's export
+//! directly.
 
+pub mod disk;
 pub mod job;
 pub mod nbd;
 pub mod options;
@@ -21,7 +27,8 @@ use thiserror::Error;
 use crate::bitmap::BitmapError;
 use crate::block::{open_image, BackingChoice, BlockDriver, Locking, OpenOptions};
 use crate::error::Chain;
-use crate::export::Export;
+use crate::export::ExportError;
+use disk::{Disk, ExportSettings};
 use job::{BackupJob, ViewGuard};
 use options::{BackingRef, FileRef, FileSpec, NodeKind, NodeSpec};
 
@@ -81,10 +88,12 @@ enum AddedKind {
     Format {
         driver: Arc<dyn BlockDriver>,
         filename: PathBuf,
-        /// The added `file` node it opened, if given by name.
+        /// The nodes it uses by name (`file`, `data-file`, `backing`): they are not deleted
+        /// before it.
+        children: Vec<String>,
+        /// Its `file` and `data-file` children's node names, if given by name.
         file_node: Option<String>,
-        /// The added node it is backed by, if any (the disk is not an added node).
-        backing_node: Option<String>,
+        data_file_node: Option<String>,
         backing_name: Option<String>,
         /// Readers of this node wait for copy-before-write while it is a backup's target.
         view: Arc<ViewGuard>,
@@ -107,51 +116,75 @@ pub struct AddedNodeInfo {
 
 #[derive(Default)]
 struct State {
+    /// Served disks, by format node name.
+    disks: BTreeMap<String, Disk>,
     nodes: BTreeMap<String, Added>,
     jobs: BTreeMap<String, BackupJob>,
     nbd: nbd::NbdState,
 }
 
-/// The served disk's export and everything added around it at runtime.
+impl State {
+    /// The disk one of whose nodes (format, `file`, `data-file`) is `name`.
+    fn disk_of_node(&self, name: &str) -> Option<&Disk> {
+        self.disks.values().find(|d| d.has_node(name))
+    }
+
+    /// Who uses node `name` (an added node or a disk's format node).
+    fn users_mut(&mut self, name: &str) -> Option<&mut BTreeSet<String>> {
+        match self.nodes.get_mut(name) {
+            Some(n) => Some(&mut n.users),
+            None => self.disks.get_mut(name).map(|d| &mut d.users),
+        }
+    }
+
+    fn add_user(&mut self, name: &str, user: String) {
+        if let Some(users) = self.users_mut(name) {
+            users.insert(user);
+        }
+    }
+
+    fn remove_user(&mut self, name: &str, user: &str) {
+        if let Some(users) = self.users_mut(name) {
+            users.remove(user);
+        }
+    }
+
+    /// Whether `id` names a block export of any type.
+    fn export_id_taken(&self, id: &str) -> bool {
+        self.nbd.has_export(id) || self.disks.values().any(|d| d.id == id)
+    }
+}
+
+/// The served disks and everything added around them at runtime.
 pub struct Graph {
-    export: Arc<Export>,
+    settings: ExportSettings,
     state: Mutex<State>,
 }
 
 impl std::fmt::Debug for Graph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Graph")
-            .field("disk", &self.export.node_names().format)
-            .finish()
+        let disks: Vec<String> = self.lock().disks.keys().cloned().collect();
+        f.debug_struct("Graph").field("disks", &disks).finish()
     }
 }
 
 impl Graph {
-    pub fn new(export: Arc<Export>) -> Arc<Graph> {
+    /// An empty graph; disks served by it are built with `settings`.
+    pub fn new(settings: ExportSettings) -> Arc<Graph> {
         Arc::new(Graph {
-            export,
+            settings,
             state: Mutex::new(State::default()),
         })
-    }
-
-    pub fn export(&self) -> &Arc<Export> {
-        &self.export
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether `name` is one of the disk's own nodes.
-    fn is_disk_node(&self, name: &str) -> bool {
-        let names = self.export.node_names();
-        names.format == name || names.file == name || names.data_file.as_deref() == Some(name)
-    }
-
-    /// A format node by name: the disk, or an added one.
+    /// A format node by name: a disk, or an added one.
     fn format_node(&self, state: &State, name: &str) -> Result<FormatNode, GraphError> {
-        if name == self.export.node_names().format {
-            return Ok((self.export.disk().clone(), None));
+        if let Some(disk) = state.disks.get(name) {
+            return Ok((disk.export().disk().clone(), None));
         }
         match state.nodes.get(name).map(|n| &n.kind) {
             Some(AddedKind::Format { driver, view, .. }) => {
@@ -160,10 +193,27 @@ impl Graph {
             Some(AddedKind::File(_)) => Err(GraphError::Invalid(format!(
                 "Node '{name}' is a file node; use a format node (qcow2, raw) over it"
             ))),
-            None if self.is_disk_node(name) => Err(GraphError::Invalid(format!(
-                "Node '{name}' is a protocol node; use the format node '{}'",
-                self.export.node_names().format
+            None => match state.disk_of_node(name) {
+                Some(disk) => Err(GraphError::Invalid(format!(
+                    "Node '{name}' is a protocol node; use the format node '{}'",
+                    disk.node()
+                ))),
+                None => Err(GraphError::NodeNotFound(name.to_string())),
+            },
+        }
+    }
+
+    /// A file node given by name, for a format node being added: it must be unused.
+    fn take_file_node(&self, state: &State, name: &str, parent: &str) -> Result<FileSpec, GraphError> {
+        match state.nodes.get(name).map(|n| (&n.kind, &n.users)) {
+            Some((AddedKind::File(f), users)) if users.is_empty() => Ok(f.clone()),
+            Some((AddedKind::File(_), _)) => Err(GraphError::NodeInUse(name.to_string())),
+            Some(_) => Err(GraphError::Invalid(format!(
+                "blockdev-add: the file children of '{parent}' must be file nodes"
             ))),
+            None if state.disk_of_node(name).is_some() => {
+                Err(GraphError::NodeInUse(name.to_string()))
+            }
             None => Err(GraphError::NodeNotFound(name.to_string())),
         }
     }
@@ -171,7 +221,7 @@ impl Graph {
     /// `blockdev-add`.
     pub fn add_node(&self, spec: NodeSpec) -> Result<(), GraphError> {
         let mut state = self.lock();
-        if self.is_disk_node(&spec.name) || state.nodes.contains_key(&spec.name) {
+        if state.disk_of_node(&spec.name).is_some() || state.nodes.contains_key(&spec.name) {
             return Err(GraphError::DuplicateNode(spec.name));
         }
         let kind = match spec.kind {
@@ -179,47 +229,46 @@ impl Graph {
             NodeKind::Format {
                 format,
                 file,
+                data_file,
                 backing,
                 read_only,
             } => {
+                let mut children = Vec::new();
                 let (file_spec, file_node) = match file {
                     FileRef::Inline(f) => (f, None),
                     FileRef::Node(name) => {
-                        match state.nodes.get(&name).map(|n| (&n.kind, &n.users)) {
-                            Some((AddedKind::File(f), users)) if users.is_empty() => {
-                                (f.clone(), Some(name))
-                            }
-                            Some((AddedKind::File(_), _)) => {
-                                return Err(GraphError::NodeInUse(name))
-                            }
-                            Some(_) => {
-                                return Err(GraphError::Invalid(format!(
-                                    "blockdev-add: 'file' of '{}' must be a file node",
-                                    spec.name
-                                )))
-                            }
-                            None => return Err(GraphError::NodeNotFound(name)),
-                        }
+                        let f = self.take_file_node(&state, &name, &spec.name)?;
+                        children.push(name.clone());
+                        (f, Some(name))
                     }
                 };
-                let (backing_choice, backing_node, backing_name) = match &backing {
-                    BackingRef::FromImage => (BackingChoice::FromImage, None, None),
-                    BackingRef::None => (BackingChoice::Disabled, None, None),
+                let (data_spec, data_file_node) = match data_file {
+                    None => (None, None),
+                    Some(FileRef::Inline(f)) => (Some(f), None),
+                    Some(FileRef::Node(name)) => {
+                        let f = self.take_file_node(&state, &name, &spec.name)?;
+                        children.push(name.clone());
+                        (Some(f), Some(name))
+                    }
+                };
+                let (backing_choice, backing_name) = match &backing {
+                    BackingRef::FromImage => (BackingChoice::FromImage, None),
+                    BackingRef::None => (BackingChoice::Disabled, None),
                     BackingRef::Node(name) => {
                         let (node, _) = self.format_node(&state, name)?;
-                        let added = state.nodes.contains_key(name).then(|| name.clone());
-                        (BackingChoice::Node(node), added, Some(name.clone()))
+                        children.push(name.clone());
+                        (BackingChoice::Node(node), Some(name.clone()))
                     }
                 };
+                let locking = file_spec.locking && data_spec.as_ref().is_none_or(|d| d.locking);
                 let options = OpenOptions {
-                    read_only: read_only || file_spec.read_only,
-                    direct: file_spec.direct,
+                    read_only: read_only
+                        || file_spec.read_only
+                        || data_spec.as_ref().is_some_and(|d| d.read_only),
+                    direct: file_spec.direct || data_spec.as_ref().is_some_and(|d| d.direct),
+                    data_file: data_spec.map(|d| d.filename),
                     backing: backing_choice,
-                    locking: if file_spec.locking {
-                        Locking::On
-                    } else {
-                        Locking::Off
-                    },
+                    locking: if locking { Locking::On } else { Locking::Off },
                     ..OpenOptions::default()
                 };
                 let driver = open_image(&file_spec.filename, format, &options).map_err(|e| {
@@ -228,21 +277,15 @@ impl Graph {
                         cause: Chain(&e).to_string(),
                     }
                 })?;
-                if let Some(f) = &file_node {
-                    if let Some(n) = state.nodes.get_mut(f) {
-                        n.users.insert(spec.name.clone());
-                    }
-                }
-                if let Some(b) = &backing_node {
-                    if let Some(n) = state.nodes.get_mut(b) {
-                        n.users.insert(spec.name.clone());
-                    }
+                for child in &children {
+                    state.add_user(child, spec.name.clone());
                 }
                 AddedKind::Format {
                     driver,
                     filename: file_spec.filename,
+                    children,
                     file_node,
-                    backing_node,
+                    data_file_node,
                     backing_name,
                     view: Arc::new(ViewGuard::default()),
                 }
@@ -261,7 +304,7 @@ impl Graph {
     /// `blockdev-del`.
     pub fn delete_node(&self, name: &str) -> Result<(), GraphError> {
         let mut state = self.lock();
-        if self.is_disk_node(name) {
+        if state.disk_of_node(name).is_some() {
             return Err(GraphError::NodeInUse(name.to_string()));
         }
         let added = state
@@ -275,16 +318,11 @@ impl Graph {
             return Err(GraphError::NodeNotFound(name.to_string()));
         };
         if let AddedKind::Format {
-            file_node,
-            backing_node,
-            driver,
-            ..
+            children, driver, ..
         } = &added.kind
         {
-            for user_of in [file_node, backing_node].into_iter().flatten() {
-                if let Some(n) = state.nodes.get_mut(user_of) {
-                    n.users.remove(name);
-                }
+            for child in children {
+                state.remove_user(child, name);
             }
             if let Err(e) = driver.flush_metadata() {
                 log::warn!("blockdev-del {name}: {}", Chain(&e));
@@ -325,15 +363,26 @@ impl Graph {
             .collect()
     }
 
-    /// Stop everything added at runtime: NBD exports and server, then jobs (the disk is
-    /// served without filters again), then nodes. The clean-shutdown path.
-    pub fn shutdown(&self) {
+    /// Stop everything: NBD exports and server, jobs (disks are served without filters
+    /// again), vhost-user exports (every frontend disconnected, its I/O completed), then close
+    /// the disks (bitmaps stored, everything flushed) and the added nodes. The clean-shutdown
+    /// path; the first disk that fails to close is the error, after all were tried.
+    pub fn shutdown(&self) -> Result<(), ExportError> {
         let mut state = self.lock();
-        state.nbd.stop_all(&self.export);
+        self.stop_nbd_locked(&mut state);
         let jobs: Vec<String> = state.jobs.keys().cloned().collect();
         for id in jobs {
             if let Err(e) = self.cancel_job_locked(&mut state, &id) {
                 log::warn!("cancelling job {id}: {}", Chain(&e));
+            }
+        }
+        let mut result = Ok(());
+        for (_, disk) in std::mem::take(&mut state.disks) {
+            if let Err(e) = disk.close() {
+                log::error!("{}", Chain(&e));
+                if result.is_ok() {
+                    result = Err(e);
+                }
             }
         }
         for (name, added) in std::mem::take(&mut state.nodes) {
@@ -343,5 +392,6 @@ impl Graph {
                 }
             }
         }
+        result
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::job::ViewGuard;
 use super::options::{Addr, BitmapRef, NbdExportSpec, NbdServerSpec, TlsCredsSpec};
 use super::{Added, AddedKind, Graph, GraphError, State};
-use crate::bitmap::{BitmapError, BitmapManager, DirtyBitmap};
+use crate::bitmap::{BitmapError, DirtyBitmap};
 use crate::block::file::AlignedBuf;
 use crate::block::{Allocation, BlockDriver};
 use crate::error::Chain;
@@ -34,20 +34,20 @@ pub(super) struct NbdState {
 struct ExportRecord {
     name: String,
     node: String,
-    /// Bitmaps of the disk taken busy for this export.
-    bitmaps: Vec<String>,
+    /// Bitmaps taken busy for this export, with the disk that has them.
+    bitmaps: Vec<(Arc<Export>, String)>,
 }
 
 /// Bitmaps taken busy for an export being added, given back if it is not.
-struct Taken<'a> {
-    manager: &'a BitmapManager,
-    bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
+#[derive(Default)]
+struct Taken {
+    bitmaps: Vec<(Arc<Export>, String, Arc<DirtyBitmap>)>,
 }
 
-impl Drop for Taken<'_> {
+impl Drop for Taken {
     fn drop(&mut self) {
-        for (name, _) in &self.bitmaps {
-            self.manager.release(name);
+        for (disk, name, _) in &self.bitmaps {
+            disk.bitmaps().release(name);
         }
     }
 }
@@ -60,16 +60,9 @@ pub struct ExportInfo {
 }
 
 impl NbdState {
-    /// Remove every export and stop the server.
-    pub(super) fn stop_all(&mut self, export: &Export) {
-        if let Some(server) = self.server.take() {
-            server.stop();
-        }
-        for (_, record) in std::mem::take(&mut self.exports) {
-            for b in &record.bitmaps {
-                export.bitmaps().release(b);
-            }
-        }
+    /// Whether `id` is an NBD export's.
+    pub(super) fn has_export(&self, id: &str) -> bool {
+        self.exports.contains_key(id)
     }
 }
 
@@ -217,12 +210,19 @@ impl Graph {
         if state.nbd.server.is_none() {
             return Err(GraphError::Nbd("NBD server not running".into()));
         }
+        self.stop_nbd_locked(&mut state);
+        Ok(())
+    }
+
+    /// Remove every NBD export and stop the server.
+    pub(super) fn stop_nbd_locked(&self, state: &mut State) {
         let ids: Vec<String> = state.nbd.exports.keys().cloned().collect();
         for id in ids {
-            self.forget_export(&mut state, &id);
+            self.forget_export(state, &id);
         }
-        state.nbd.stop_all(&self.export);
-        Ok(())
+        if let Some(server) = state.nbd.server.take() {
+            server.stop();
+        }
     }
 
     /// `block-export-add` / `--export` with `type: nbd`.
@@ -231,22 +231,20 @@ impl Graph {
         let Some(server) = &state.nbd.server else {
             return Err(GraphError::Nbd("NBD server not running".into()));
         };
-        if state.nbd.exports.contains_key(&spec.id) {
+        if state.export_id_taken(&spec.id) {
             return Err(GraphError::Nbd(format!(
                 "Block export id '{}' is already in use",
                 spec.id
             )));
         }
         let (node, view) = self.format_node(&state, &spec.node)?;
-        let mut taken = Taken {
-            manager: self.export.bitmaps(),
-            bitmaps: Vec::new(),
-        };
+        let mut taken = Taken::default();
         for b in &spec.bitmaps {
-            let bitmap = self.exported_bitmap(&state, &spec.node, b)?;
-            taken.bitmaps.push((b.name.clone(), bitmap));
+            let (disk, bitmap) = self.exported_bitmap(&state, &spec.node, b)?;
+            let recording = bitmap.is_recording();
+            taken.bitmaps.push((disk, b.name.clone(), bitmap));
             // A recording bitmap would change under the client's feet (QEMU's check).
-            if taken.bitmaps.last().is_some_and(|(_, b)| b.is_recording()) && !node.read_only() {
+            if recording && !node.read_only() {
                 return Err(GraphError::Nbd(format!(
                     "Enabled bitmap '{}' incompatible with readonly export",
                     b.name
@@ -258,57 +256,65 @@ impl Graph {
         } else {
             1
         };
-        let names: Vec<String> = taken.bitmaps.iter().map(|(n, _)| n.clone()).collect();
         let source = NodeSource {
             node,
             view,
-            bitmaps: taken.bitmaps.clone(),
+            bitmaps: taken
+                .bitmaps
+                .iter()
+                .map(|(_, name, b)| (name.clone(), b.clone()))
+                .collect(),
             align,
         };
         server
             .add_export(&spec.name, spec.description.clone(), Arc::new(source))
             .map_err(|e| GraphError::Nbd(e.to_string()))?;
         // The export holds the bitmaps now; `forget_export` gives them back.
-        taken.bitmaps.clear();
-        if let Some(n) = state.nodes.get_mut(&spec.node) {
-            n.users.insert(format!("export {}", spec.id));
-        }
+        let bitmaps = std::mem::take(&mut taken.bitmaps)
+            .into_iter()
+            .map(|(disk, name, _)| (disk, name))
+            .collect();
+        state.add_user(&spec.node, format!("export {}", spec.id));
         state.nbd.exports.insert(
             spec.id,
             ExportRecord {
                 name: spec.name,
                 node: spec.node,
-                bitmaps: names,
+                bitmaps,
             },
         );
         Ok(())
     }
 
-    /// Take the bitmap an export of `node` names, busy: by name, on the disk if `node` is the
-    /// disk or has it in its backing chain; or `{node, name}` with the disk's node.
+    /// Take the bitmap an export of `node` names, busy: by name, on the first disk of `node`'s
+    /// backing chain (`node` itself if a disk); or `{node, name}` with a disk's node.
     fn exported_bitmap(
         &self,
         state: &State,
         node: &str,
         b: &BitmapRef,
-    ) -> Result<Arc<DirtyBitmap>, GraphError> {
-        let disk = &self.export.node_names().format;
-        let on_disk = match &b.node {
-            Some(n) if n == disk => true,
-            Some(n) => {
-                self.format_node(state, n)?;
-                false
-            }
-            None => self.backing_chain(state, node).contains(disk),
-        };
+    ) -> Result<(Arc<Export>, Arc<DirtyBitmap>), GraphError> {
         let not_found = || GraphError::Nbd(format!("Bitmap '{}' is not found", b.name));
-        if !on_disk {
-            return Err(not_found());
-        }
-        self.export.bitmaps().acquire(&b.name).map_err(|e| match e {
+        let disk = match &b.node {
+            Some(n) => match state.disks.get(n) {
+                Some(d) => d.export().clone(),
+                None => {
+                    self.format_node(state, n)?;
+                    return Err(not_found());
+                }
+            },
+            None => self
+                .backing_chain(state, node)
+                .iter()
+                .find_map(|n| state.disks.get(n))
+                .map(|d| d.export().clone())
+                .ok_or_else(not_found)?,
+        };
+        let bitmap = disk.bitmaps().acquire(&b.name).map_err(|e| match e {
             BitmapError::NotFound(_) => not_found(),
             e => e.into(),
-        })
+        })?;
+        Ok((disk, bitmap))
     }
 
     /// `block-export-del`: `hard` disconnects clients; otherwise an export with clients is
@@ -329,15 +335,13 @@ impl Graph {
 
     fn forget_export(&self, state: &mut State, id: &str) {
         if let Some(record) = state.nbd.exports.remove(id) {
-            for b in &record.bitmaps {
-                self.export.bitmaps().release(b);
+            for (disk, b) in &record.bitmaps {
+                disk.bitmaps().release(b);
             }
             if let Some(server) = &state.nbd.server {
                 let _ = server.remove_export(&record.name, true);
             }
-            if let Some(n) = state.nodes.get_mut(&record.node) {
-                n.users.remove(&format!("export {id}"));
-            }
+            state.remove_user(&record.node, &format!("export {id}"));
         }
     }
 

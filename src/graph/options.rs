@@ -24,6 +24,8 @@ pub enum NodeKind {
     Format {
         format: Format,
         file: FileRef,
+        /// qcow2: the external data file, if not the one the image names.
+        data_file: Option<FileRef>,
         backing: BackingRef,
         read_only: bool,
     },
@@ -98,6 +100,23 @@ pub struct NbdExportSpec {
     pub bitmaps: Vec<BitmapRef>,
 }
 
+/// `block-export-add` / `--export` of `type: vhost-user-blk`, and vubd's own `--disk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostExportSpec {
+    pub id: String,
+    pub node: String,
+    /// The UNIX socket the VMM connects to (`addr.path`).
+    pub socket: PathBuf,
+    pub writable: bool,
+    pub num_queues: u16,
+    pub logical_block_size: u32,
+    /// The device serial (a vubd option; default: derived from the image path).
+    pub serial: Option<String>,
+}
+
+/// Longest serial a virtio-blk device returns (`VIRTIO_BLK_ID_BYTES`).
+const SERIAL_BYTES: usize = 20;
+
 /// `object-add` / `--object tls-creds-x509`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsCredsSpec {
@@ -142,6 +161,32 @@ pub(crate) fn file_spec(t: &mut Taker) -> Result<FileSpec, Failure> {
     })
 }
 
+/// A format node's child `key` (`file`, `data-file`): an added `file` node by name, or inline
+/// `key.driver=file,key.filename=...`; `None` if not given.
+fn file_ref(t: &mut Taker, key: &str) -> Result<Option<FileRef>, Failure> {
+    let inline = t.take_prefixed(key);
+    match t.take(key) {
+        Some(_) if !inline.is_empty() => Err(Failure::msg(format!(
+            "{}: '{key}' is given both as a node name and inline",
+            t.what
+        ))),
+        Some(name) => Ok(Some(FileRef::Node(name))),
+        None if inline.is_empty() => Ok(None),
+        None => {
+            let mut child = Taker::new(format!("{} {key}", t.what), inline);
+            if child.take("driver").as_deref() != Some("file") {
+                return Err(Failure::msg(format!(
+                    "{}: an inline {key} must be driver=file",
+                    t.what
+                )));
+            }
+            let spec = file_spec(&mut child)?;
+            child.finish()?;
+            Ok(Some(FileRef::Inline(spec)))
+        }
+    }
+}
+
 impl NodeSpec {
     /// `blockdev-add` options: `driver`, `node-name`, and the driver's own.
     pub fn parse(opts: Opts) -> Result<NodeSpec, Failure> {
@@ -157,31 +202,19 @@ impl NodeSpec {
                 } else {
                     Format::Raw
                 };
-                let inline = t.take_prefixed("file");
-                let file = match t.take("file") {
-                    Some(name) if inline.is_empty() => FileRef::Node(name),
-                    None if !inline.is_empty() => {
-                        let mut child = Taker::new(format!("{} file", t.what), inline);
-                        match child.take("driver").as_deref() {
-                            Some("file") => {}
-                            _ => {
-                                return Err(Failure::msg(format!(
-                                    "{}: an inline file must be driver=file",
-                                    t.what
-                                )))
-                            }
-                        }
-                        let spec = file_spec(&mut child)?;
-                        child.finish()?;
-                        FileRef::Inline(spec)
-                    }
-                    _ => {
-                        return Err(Failure::msg(format!(
-                            "{}: 'file' is required, as a node name or inline",
-                            t.what
-                        )))
-                    }
-                };
+                let file = file_ref(&mut t, "file")?.ok_or_else(|| {
+                    Failure::msg(format!(
+                        "{}: 'file' is required, as a node name or inline",
+                        t.what
+                    ))
+                })?;
+                let data_file = file_ref(&mut t, "data-file")?;
+                if data_file.is_some() && format == Format::Raw {
+                    return Err(Failure::msg(format!(
+                        "{}: a raw node has no data-file",
+                        t.what
+                    )));
+                }
                 let backing = match t.take("backing").as_deref() {
                     None => BackingRef::FromImage,
                     Some("null") => BackingRef::None,
@@ -204,6 +237,7 @@ impl NodeSpec {
                 NodeKind::Format {
                     format,
                     file,
+                    data_file,
                     backing,
                     read_only,
                 }
@@ -378,6 +412,66 @@ impl NbdExportSpec {
     }
 }
 
+impl VhostExportSpec {
+    /// `block-export-add` / `--export` options of `type=vhost-user-blk` (the type already
+    /// taken). Without `id`, the id is the node name (vubd's `--disk`; QMP requires one).
+    pub fn parse(what: &str, opts: Opts, require_id: bool) -> Result<VhostExportSpec, Failure> {
+        let mut t = Taker::new(what.into(), opts);
+        let node = required(&mut t, "node-name")?;
+        let id = match t.take("id") {
+            Some(id) => id,
+            None if require_id => return Err(Failure::msg(format!("{what}: 'id' is required"))),
+            None => node.clone(),
+        };
+        match t.take("addr.type").as_deref() {
+            Some("unix") | None => {}
+            Some(v) => {
+                return Err(Failure::msg(format!(
+                    "{what}: addr.type={v}: vhost-user-blk listens on a UNIX socket (addr.type=unix)"
+                )))
+            }
+        }
+        let socket = PathBuf::from(required(&mut t, "addr.path")?);
+        let writable = t.take_bool("writable")?.unwrap_or(false);
+        let num_queues = match t.take("num-queues") {
+            Some(v) => v
+                .parse::<u16>()
+                .ok()
+                .filter(|n| (1..=64).contains(n))
+                .ok_or_else(|| Failure::msg(format!("{what}: num-queues={v}: expected 1 to 64")))?,
+            None => 1,
+        };
+        let logical_block_size = match t.take("logical-block-size").as_deref() {
+            None | Some("512") => 512,
+            Some("4096") => 4096,
+            Some(v) => {
+                return Err(Failure::msg(format!(
+                    "{what}: logical-block-size={v}: expected 512 or 4096"
+                )))
+            }
+        };
+        let serial = t.take("serial");
+        if let Some(s) = &serial {
+            if s.len() > SERIAL_BYTES || !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+                return Err(Failure::msg(format!(
+                    "{what}: serial must be at most {SERIAL_BYTES} printable ASCII characters"
+                )));
+            }
+        }
+        t.ignore(&["iothread", "fixed-iothread", "writethrough"]);
+        t.finish()?;
+        Ok(VhostExportSpec {
+            id,
+            node,
+            socket,
+            writable,
+            num_queues,
+            logical_block_size,
+            serial,
+        })
+    }
+}
+
 impl TlsCredsSpec {
     /// `object-add` / `--object` options of `qom-type=tls-creds-x509` (the type already
     /// taken).
@@ -440,6 +534,7 @@ mod tests {
                     direct: false,
                     locking: true
                 }),
+                data_file: None,
                 backing: BackingRef::Node("disk".into()),
                 read_only: false,
             }

@@ -7,8 +7,10 @@ use super::{OpKind, QueueSnapshot, LATENCY_BOUNDS_US};
 
 /// What is reported of one export.
 pub struct ExportMetrics {
-    /// The export's name (its node name).
+    /// The export's id.
     pub name: String,
+    /// Its format node's name.
+    pub node: String,
     pub queues: Vec<QueueSnapshot>,
     /// Its dirty bitmaps: name and dirty bytes.
     pub bitmaps: Vec<(String, u64)>,
@@ -142,6 +144,19 @@ pub fn render(exports: &[ExportMetrics]) -> String {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP vubd_export_info A served export: its id and the node it serves.\n\
+         # TYPE vubd_export_info gauge"
+    );
+    for export in exports {
+        let _ = writeln!(
+            out,
+            "vubd_export_info{{export=\"{}\",node=\"{}\"}} 1",
+            label(&export.name),
+            label(&export.node)
+        );
+    }
     out
 }
 
@@ -159,6 +174,7 @@ mod tests {
         q.finish(OpKind::Read, 4096, false, Duration::from_micros(20));
         let text = render(&[ExportMetrics {
             name: "disk\"0".into(),
+            node: "fmt".into(),
             queues: stats.per_queue(),
             bitmaps: vec![("b0".into(), 65536)],
         }]);
@@ -180,6 +196,7 @@ mod tests {
             "vubd_request_duration_seconds_count{export=\"disk\\\"0\",queue=\"1\",op=\"read\"} 1"
         ));
         assert!(text.contains("vubd_bitmap_dirty_bytes{export=\"disk\\\"0\",bitmap=\"b0\"} 65536"));
+        assert!(text.contains("vubd_export_info{export=\"disk\\\"0\",node=\"fmt\"} 1"));
         // Every sample line is `name{labels} value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();

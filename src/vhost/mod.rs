@@ -1,11 +1,12 @@
 //! The vhost-user side: the device a frontend sees, the backend a connection talks to, the
 //! per-queue threads, ring workers and request executors, in-flight tracking and dirty logging,
-//! and the daemon loop that accepts connections.
+//! the exports (a socket each, accepting frontends) and the daemon around them.
 
 pub mod backend;
 mod chain;
 pub mod daemon;
 pub mod device;
+pub mod export;
 mod dirty_log;
 mod executor;
 pub mod inflight;

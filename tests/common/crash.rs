@@ -109,6 +109,7 @@ pub fn open(image: &Path, fault: Option<Arc<FaultInjector>>) -> Result<Harness, 
     let export = Export::new(
         root,
         ExportOptions {
+            id: "disk".into(),
             read_only: false,
             writers: 1,
             engine: vubd::block::io::EngineKind::Sync,

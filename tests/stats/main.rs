@@ -271,13 +271,18 @@ fn the_metrics_endpoint_agrees_with_query_blockstats() {
     // Before any frontend: whatever is there is zero. (vubd shows no per-queue series until a
     // frontend has started the queues; only the bitmap's gauge.)
     let m = metrics_of(http_unix(&metrics, &get_request("/metrics")));
-    for s in &m.samples {
+    for s in m.samples.iter().filter(|s| s.name != "vubd_export_info") {
         assert_eq!(s.value, 0.0, "before any I/O: {s:?}");
     }
+    // The export is labelled by its id; which node it serves is in its info series.
+    assert_eq!(
+        m.get("vubd_export_info", &[("export", "exp"), ("node", "fmt")]),
+        1
+    );
     assert_eq!(
         m.get(
             "vubd_bitmap_dirty_bytes",
-            &[("export", "fmt"), ("bitmap", BITMAP)]
+            &[("export", "exp"), ("bitmap", BITMAP)]
         ),
         0
     );

@@ -229,7 +229,7 @@ pub(crate) fn check_scrape(
         if s.name != "vubd_bitmap_dirty_bytes" {
             assert_eq!(
                 s.labels.get("export").map(String::as_str),
-                Some("fmt"),
+                Some("exp"),
                 "{s:?}"
             );
         }
@@ -395,7 +395,7 @@ pub(crate) fn check_scrape(
     assert_eq!(
         m.get(
             "vubd_bitmap_dirty_bytes",
-            &[("export", "fmt"), ("bitmap", BITMAP)]
+            &[("export", "exp"), ("bitmap", BITMAP)]
         ),
         dirty,
         "vubd_bitmap_dirty_bytes against query-block's count"

@@ -66,6 +66,7 @@ fn executor(root: Arc<dyn BlockDriver>) -> Executor {
     let export = Export::new(
         root,
         ExportOptions {
+            id: "disk".into(),
             read_only: false,
             writers: 1,
             engine: EngineKind::Sync,
