@@ -11,7 +11,7 @@
 //! ```text
 //! cargo run --release --example bench -- [--runtime 5] [--reps 3] [--dir /dev/shm]
 //!     [--disk-dir /var/tmp] [--cache none] [--size-mib 1024] [--vubd-args "..."]
-//!     [--only backends|bitmaps|guest|overhead] [--out docs/benchmarks.md]
+//!     [--only backends|bitmaps|guest|overhead|many] [--out docs/benchmarks.md]
 //! ```
 
 mod bitmaps;
@@ -21,6 +21,7 @@ mod host;
 #[allow(dead_code)]
 #[path = "../../tests/guest/kit.rs"]
 mod kit;
+mod many;
 mod overhead;
 mod report;
 mod runner;
@@ -49,13 +50,14 @@ pub struct Options {
     pub out: PathBuf,
     /// A directory on a disk filesystem, for the first-touch runs whose syncs must be real.
     pub disk_dir: PathBuf,
-    /// Run only one part: `backends` (vubd against qemu-storage-daemon) or `bitmaps`.
+    /// Run only one part: `backends` (vubd against qemu-storage-daemon), `bitmaps`, `guest`,
+    /// `overhead` or `many`.
     pub only: Option<String>,
 }
 
 fn usage() -> String {
     "usage: bench [--runtime S] [--reps N] [--dir DIR] [--disk-dir DIR] [--cache none|writeback] \
-     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps|guest|overhead] [--out FILE.md]"
+     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps|guest|overhead|many] [--out FILE.md]"
         .into()
 }
 
@@ -85,7 +87,7 @@ fn parse_args() -> Result<Options, String> {
             "--vubd-args" => o.vubd_args = v.split_whitespace().map(String::from).collect(),
             "--out" => o.out = PathBuf::from(v),
             "--disk-dir" => o.disk_dir = PathBuf::from(v),
-            "--only" if matches!(v.as_str(), "backends" | "bitmaps" | "guest" | "overhead") => {
+            "--only" if matches!(v.as_str(), "backends" | "bitmaps" | "guest" | "overhead" | "many") => {
                 o.only = Some(v)
             }
             _ => return Err(format!("unknown option {a}\n{}", usage())),
@@ -120,14 +122,20 @@ fn run(o: Options) -> Result<(), String> {
         eprintln!("bench: wrote the guest section of {}", o.out.display());
         return Ok(());
     }
-    if o.only.as_deref() == Some("overhead") {
-        let section = overhead::run(&o, &work)?;
+    let one_section: Option<(&str, fn(&Options, &Path) -> Result<String, String>)> =
+        match o.only.as_deref() {
+            Some("overhead") => Some((overhead::HEADING, overhead::run)),
+            Some("many") => Some((many::HEADING, many::run)),
+            _ => None,
+        };
+    if let Some((heading, measure)) = one_section {
+        let section = measure(&o, &work)?;
         drop(cleanup);
         print!("{section}");
         let old = fs::read_to_string(&o.out).unwrap_or_default();
-        let md = replace_section(&old, overhead::HEADING, &section);
+        let md = replace_section(&old, heading, &section);
         fs::write(&o.out, md).map_err(|e| format!("{}: {e}", o.out.display()))?;
-        eprintln!("bench: wrote the overhead section of {}", o.out.display());
+        eprintln!("bench: wrote the section {heading:?} of {}", o.out.display());
         return Ok(());
     }
     let results = match o.only.as_deref() {
@@ -142,6 +150,10 @@ fn run(o: Options) -> Result<(), String> {
         None => Some(overhead::run(&o, &work)?),
         _ => None,
     };
+    let many = match o.only.as_deref() {
+        None => Some(many::run(&o, &work)?),
+        _ => None,
+    };
     drop(cleanup);
     let mut md = match &results {
         Some(results) => report(&o, results, have_qsd, have_fio, started.elapsed()),
@@ -153,6 +165,7 @@ fn run(o: Options) -> Result<(), String> {
     };
     md.push_str(bitmaps.as_deref().unwrap_or_default());
     md.push_str(overhead.as_deref().unwrap_or_default());
+    md.push_str(many.as_deref().unwrap_or_default());
     // The guest section comes from `--only guest` (`make guest-bench`), which takes longer:
     // a full run keeps the last one.
     let old = fs::read_to_string(&o.out).unwrap_or_default();
