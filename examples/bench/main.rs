@@ -87,7 +87,12 @@ fn parse_args() -> Result<Options, String> {
             "--vubd-args" => o.vubd_args = v.split_whitespace().map(String::from).collect(),
             "--out" => o.out = PathBuf::from(v),
             "--disk-dir" => o.disk_dir = PathBuf::from(v),
-            "--only" if matches!(v.as_str(), "backends" | "bitmaps" | "guest" | "overhead" | "many") => {
+            "--only"
+                if matches!(
+                    v.as_str(),
+                    "backends" | "bitmaps" | "guest" | "overhead" | "many"
+                ) =>
+            {
                 o.only = Some(v)
             }
             _ => return Err(format!("unknown option {a}\n{}", usage())),
@@ -122,12 +127,11 @@ fn run(o: Options) -> Result<(), String> {
         eprintln!("bench: wrote the guest section of {}", o.out.display());
         return Ok(());
     }
-    let one_section: Option<(&str, fn(&Options, &Path) -> Result<String, String>)> =
-        match o.only.as_deref() {
-            Some("overhead") => Some((overhead::HEADING, overhead::run)),
-            Some("many") => Some((many::HEADING, many::run)),
-            _ => None,
-        };
+    let one_section: Option<(&str, Section)> = match o.only.as_deref() {
+        Some("overhead") => Some((overhead::HEADING, overhead::run)),
+        Some("many") => Some((many::HEADING, many::run)),
+        _ => None,
+    };
     if let Some((heading, measure)) = one_section {
         let section = measure(&o, &work)?;
         drop(cleanup);
@@ -135,7 +139,10 @@ fn run(o: Options) -> Result<(), String> {
         let old = fs::read_to_string(&o.out).unwrap_or_default();
         let md = replace_section(&old, heading, &section);
         fs::write(&o.out, md).map_err(|e| format!("{}: {e}", o.out.display()))?;
-        eprintln!("bench: wrote the section {heading:?} of {}", o.out.display());
+        eprintln!(
+            "bench: wrote the section {heading:?} of {}",
+            o.out.display()
+        );
         return Ok(());
     }
     let results = match o.only.as_deref() {
@@ -246,6 +253,9 @@ fn measure_backends(
     }
     Ok(results)
 }
+
+/// A section measured on its own (`--only overhead`, `--only many`).
+type Section = fn(&Options, &Path) -> Result<String, String>;
 
 /// The heading of the guest section, which `--only guest` writes.
 const GUEST_HEADING: &str = "## Inside a guest: fio";

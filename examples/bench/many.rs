@@ -213,7 +213,12 @@ pub fn run(o: &Options, work: &Path) -> Result<String, String> {
         let dir = disk_dir(work, i);
         prepare_image(&dir, DISK_MIB, false)?;
         let meta = dir.join("meta.qcow2");
-        vubd_offline(&["bitmap", meta.to_str().ok_or("non-UTF-8 path")?, "add", "backup"])?;
+        vubd_offline(&[
+            "bitmap",
+            meta.to_str().ok_or("non-UTF-8 path")?,
+            "add",
+            "backup",
+        ])?;
     }
     let mut layouts = vec![Layout::VubdOne, Layout::VubdEach];
     if which("qemu-storage-daemon") {
