@@ -449,8 +449,12 @@ mod tests {
         assert!(err(&file, &["type=nbd,node-name=f"], &[]).contains("type=nbd"));
         assert!(err(&file, &["type=vhost-user-blk,node-name=g,addr.path=s"], &[]).contains("'g'"));
         assert!(err(&file, &export, &["memory-backend-ram,id=m"]).contains("iothread"));
-        assert!(err(&["driver=file,node-name=f,filename=x"], &["type=vhost-user-blk,node-name=f"], &[])
-            .contains("addr.path"));
+        assert!(err(
+            &["driver=file,node-name=f,filename=x"],
+            &["type=vhost-user-blk,node-name=f"],
+            &[]
+        )
+        .contains("addr.path"));
     }
 
     #[test]
@@ -471,7 +475,10 @@ mod tests {
         assert_eq!(disks.len(), 2);
         assert_eq!(disks[0].image, PathBuf::from("a.raw"));
         assert_eq!(disks[1].image, PathBuf::from("b.raw"));
-        assert_eq!((disks[0].export.id.as_str(), disks[1].export.id.as_str()), ("ea", "eb"));
+        assert_eq!(
+            (disks[0].export.id.as_str(), disks[1].export.id.as_str()),
+            ("ea", "eb")
+        );
         assert!(!disks[0].open.read_only && disks[1].open.read_only);
         assert_eq!(disks[1].export.num_queues, 4);
         // Nodes with no export yet: qemu-storage-daemon starts so, with a monitor.

@@ -159,14 +159,23 @@ fn disk_specs(
     let qsd_form = !args.blockdev.is_empty() || !startup.vhost_exports.is_empty();
     let disk_form = !args.native.disks().is_empty();
     let image_form = args.native.any_graph_option();
-    if [qsd_form, disk_form, image_form].iter().filter(|f| **f).count() > 1 {
+    if [qsd_form, disk_form, image_form]
+        .iter()
+        .filter(|f| **f)
+        .count()
+        > 1
+    {
         return Err(Failure::msg(
             "use one form: --image/--socket, --disk, or --blockdev/--export",
         ));
     }
     let control = qsd::monitor_socket(&args.chardev, &args.monitor)?;
     let disks = if qsd_form {
-        qsd::parse(&args.blockdev, &startup.vhost_exports, &startup.other_objects)?
+        qsd::parse(
+            &args.blockdev,
+            &startup.vhost_exports,
+            &startup.other_objects,
+        )?
     } else if disk_form {
         args.native
             .disks()

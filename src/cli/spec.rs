@@ -149,7 +149,11 @@ impl DiskSpec {
         let format = match t.take("format").as_deref() {
             None | Some("raw") => Format::Raw,
             Some("qcow2") => Format::Qcow2,
-            Some(v) => return Err(Failure::msg(format!("--disk format={v}: expected raw or qcow2"))),
+            Some(v) => {
+                return Err(Failure::msg(format!(
+                    "--disk format={v}: expected raw or qcow2"
+                )))
+            }
         };
         let data_file = t.take("data-file").map(PathBuf::from);
         let backing = match (t.take("backing"), t.take("backing-format").as_deref()) {
@@ -180,19 +184,32 @@ impl DiskSpec {
         let direct = match t.take("cache").as_deref() {
             None | Some("writeback") => false,
             Some("none") => true,
-            Some(v) => return Err(Failure::msg(format!("--disk cache={v}: expected none or writeback"))),
+            Some(v) => {
+                return Err(Failure::msg(format!(
+                    "--disk cache={v}: expected none or writeback"
+                )))
+            }
         };
         let locking = match t.take("locking").as_deref() {
             None | Some("on") => Locking::On,
             Some("off") => Locking::Off,
-            Some(v) => return Err(Failure::msg(format!("--disk locking={v}: expected on or off"))),
+            Some(v) => {
+                return Err(Failure::msg(format!(
+                    "--disk locking={v}: expected on or off"
+                )))
+            }
         };
-        let node = t.take("node-name").unwrap_or_else(|| format!("disk{index}"));
+        let node = t
+            .take("node-name")
+            .unwrap_or_else(|| format!("disk{index}"));
         // The export's own keys, in the form qemu-storage-daemon's --export takes them.
         let mut export = super::keyval::Opts::new();
         export.insert("node-name".into(), node.clone());
         export.insert("addr.path".into(), socket.display().to_string());
-        export.insert("writable".into(), if read_only { "off" } else { "on" }.into());
+        export.insert(
+            "writable".into(),
+            if read_only { "off" } else { "on" }.into(),
+        );
         for key in ["id", "num-queues", "logical-block-size", "serial"] {
             if let Some(v) = t.take(key) {
                 export.insert(key.into(), v);

@@ -87,11 +87,9 @@ impl Session {
                         opts,
                         true,
                     )?)?,
-                    Some(other) => {
-                        return Err(QmpError::generic(format!(
-                            "block-export-add: type '{other}' is not supported (nbd, vhost-user-blk)"
-                        )))
-                    }
+                    Some(other) => return Err(QmpError::generic(format!(
+                        "block-export-add: type '{other}' is not supported (nbd, vhost-user-blk)"
+                    ))),
                     None => return Err(QmpError::generic("Parameter 'type' is missing")),
                 }
             }

@@ -379,10 +379,7 @@ impl Session {
     }
 
     /// A transaction's actions: bitmap actions, and backups to start at the same point.
-    fn transaction_actions(
-        &self,
-        args: &mut Args,
-    ) -> Result<TransactionActions, QmpError> {
+    fn transaction_actions(&self, args: &mut Args) -> Result<TransactionActions, QmpError> {
         let items = match args.take("actions") {
             Some(Value::Array(items)) => items,
             Some(_) => {

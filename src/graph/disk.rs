@@ -188,9 +188,13 @@ impl Graph {
                 export.id()
             )));
         }
-        for name in [Some(&names.format), Some(&names.file), names.data_file.as_ref()]
-            .into_iter()
-            .flatten()
+        for name in [
+            Some(&names.format),
+            Some(&names.file),
+            names.data_file.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if state.disk_of_node(name).is_some() || state.nodes.contains_key(name) {
                 return Err(GraphError::DuplicateNode(name.clone()));
@@ -248,7 +252,10 @@ impl Graph {
                 }
                 names.data_file = match data_file_node {
                     Some(name) => Some(name.clone()),
-                    None => driver.data_file().is_some().then(|| format!("{}-data-file", spec.node)),
+                    None => driver
+                        .data_file()
+                        .is_some()
+                        .then(|| format!("{}-data-file", spec.node)),
                 };
                 (driver.clone(), names)
             }
@@ -315,7 +322,9 @@ impl Graph {
         };
         let driver = disk.export().disk().clone();
         let filename = root_path(&*driver);
-        let added = disk.close().map_err(|e| GraphError::Invalid(Chain(&e).to_string()))?;
+        let added = disk
+            .close()
+            .map_err(|e| GraphError::Invalid(Chain(&e).to_string()))?;
         // The command line's node is an added node from now on, as in qemu-storage-daemon.
         let added = added.unwrap_or_else(|| Added {
             kind: AddedKind::Format {
@@ -426,9 +435,13 @@ fn check_new_export(
             spec.id
         )));
     }
-    for name in [Some(&names.format), Some(&names.file), names.data_file.as_ref()]
-        .into_iter()
-        .flatten()
+    for name in [
+        Some(&names.format),
+        Some(&names.file),
+        names.data_file.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         if state.disk_of_node(name).is_some() {
             return Err(GraphError::DuplicateNode(name.clone()));

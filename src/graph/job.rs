@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use super::options::BackupSpec;
 use super::{AddedKind, Graph, GraphError, State};
 use crate::bitmap::{Action, BitmapError};
-use crate::export::Export;
 use crate::block::cbw::{CopyBeforeWrite, ReadGuard};
 use crate::block::filter::FilterNode;
+use crate::export::Export;
 
 /// Copy granularity when the target has no allocation unit of its own (QEMU's block-copy
 /// default).
@@ -141,7 +141,10 @@ impl Graph {
             if prepared.iter().any(|p: &Prepared| p.id == spec.job_id) {
                 return Err(GraphError::JobExists(spec.job_id));
             }
-            if prepared.iter().any(|p: &Prepared| p.spec.device == spec.device) {
+            if prepared
+                .iter()
+                .any(|p: &Prepared| p.spec.device == spec.device)
+            {
                 return Err(GraphError::NodeBusy {
                     node: spec.device,
                     reason: "block device is in use by block job: backup".into(),

@@ -204,7 +204,12 @@ impl Graph {
     }
 
     /// A file node given by name, for a format node being added: it must be unused.
-    fn take_file_node(&self, state: &State, name: &str, parent: &str) -> Result<FileSpec, GraphError> {
+    fn take_file_node(
+        &self,
+        state: &State,
+        name: &str,
+        parent: &str,
+    ) -> Result<FileSpec, GraphError> {
         match state.nodes.get(name).map(|n| (&n.kind, &n.users)) {
             Some((AddedKind::File(f), users)) if users.is_empty() => Ok(f.clone()),
             Some((AddedKind::File(_), _)) => Err(GraphError::NodeInUse(name.to_string())),

@@ -155,7 +155,10 @@ fn accept_loop(device: &Arc<BlkDevice>, listener: &UnixListener, state: &Arc<Exp
             Ok(Wake::ConnectionEnded) => continue,
             Ok(Wake::Connecting) => {}
             Err(e) => {
-                log::error!("{}: waiting for frontends: {e}", device.export().path().display());
+                log::error!(
+                    "{}: waiting for frontends: {e}",
+                    device.export().path().display()
+                );
                 break;
             }
         }
@@ -200,10 +203,7 @@ fn start_connection(
                     Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => break,
                     Err(e) => {
                         if !state.stopping() {
-                            log::warn!(
-                                "{}: frontend connection ended: {e}",
-                                device.export().id()
-                            );
+                            log::warn!("{}: frontend connection ended: {e}", device.export().id());
                         }
                         break;
                     }
