@@ -53,6 +53,14 @@ pub enum ExportError {
         #[source]
         source: BitmapError,
     },
+    #[error("{}: resizing", path.display())]
+    Resize {
+        path: PathBuf,
+        #[source]
+        source: BitmapError,
+    },
+    #[error("{}: the export is read-only; it cannot be resized", path.display())]
+    ResizeReadOnly { path: PathBuf },
 }
 
 /// A queue's cached view of an export's root (see [`Export::current_root`]).
@@ -211,6 +219,20 @@ impl Export {
             }
         }
         Ok(())
+    }
+
+    /// Grow the disk to `size` bytes, with every bitmap: the image's metadata, its raw data
+    /// file and the bitmaps' stored tables together, with no write in flight. Never shrinks.
+    pub fn resize(&self, size: u64) -> Result<(), ExportError> {
+        if self.options.read_only {
+            return Err(ExportError::ResizeReadOnly { path: self.path() });
+        }
+        self.bitmaps
+            .resize(size, &*self.disk)
+            .map_err(|source| ExportError::Resize {
+                path: self.path(),
+                source,
+            })
     }
 
     /// Store the bitmaps and make everything durable: the clean-shutdown path.

@@ -62,6 +62,22 @@ impl DirtyBitmap {
         }
     }
 
+    /// This bitmap over a disk grown to `size` bytes: the same name, granularity, state and
+    /// bits, the new granules clean. (Bits are granules in order, so the old data is the new
+    /// data's prefix; the old last granule, partial before, now covers more, which only ever
+    /// reports more as dirty.)
+    pub fn grown(&self, size: u64) -> DirtyBitmap {
+        let grown = DirtyBitmap::new(
+            &self.name,
+            self.granularity_bits,
+            size.max(self.size),
+            self.is_recording(),
+            self.persistent,
+        );
+        grown.load_bytes(&self.to_bytes());
+        grown
+    }
+
     /// A bitmap whose stored content cannot be trusted. It keeps no bits (it can only be
     /// removed), so a stored bitmap's claimed size allocates nothing here, and it covers no
     /// bytes, so nothing can mark it.

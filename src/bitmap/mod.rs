@@ -22,6 +22,7 @@ mod commit;
 mod dirty;
 mod durable;
 mod gate;
+mod resize;
 mod store;
 mod transaction;
 
@@ -96,7 +97,8 @@ pub enum Persistence {
 /// The bitmaps of one node.
 pub struct BitmapManager {
     node_name: String,
-    disk_size: u64,
+    /// The disk's size, which every bitmap covers (grown by a resize).
+    disk_size: AtomicU64,
     store: Option<Arc<dyn BitmapStore>>,
     read_only: bool,
     persistence: Persistence,
@@ -187,7 +189,7 @@ impl BitmapManager {
         };
         let manager = BitmapManager {
             node_name: node_name.to_string(),
-            disk_size,
+            disk_size: AtomicU64::new(disk_size),
             store,
             read_only,
             persistence,
@@ -212,6 +214,11 @@ impl BitmapManager {
 
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// The size of the disk the bitmaps cover.
+    pub fn disk_size(&self) -> u64 {
+        self.disk_size.load(Ordering::Acquire)
     }
 
     pub fn gate(&self) -> &Arc<WriteGate> {
@@ -446,9 +453,22 @@ impl BitmapManager {
                 )));
             }
         };
-        self.stale.store(false, Ordering::Release);
         *self.stored.lock().unwrap_or_else(|p| p.into_inner()) =
             persistent.iter().map(|b| b.name().to_string()).collect();
+        self.install_tracks(store.as_ref(), &persistent, layouts);
+        Ok(())
+    }
+
+    /// After a successful crash-consistent store: each recording persistent bitmap tracks
+    /// what of it is durable in the data clusters `layouts` gives, in the order of
+    /// `persistent`.
+    fn install_tracks(
+        &self,
+        store: &dyn BitmapStore,
+        persistent: &[&Arc<DirtyBitmap>],
+        layouts: Vec<Vec<u64>>,
+    ) {
+        self.stale.store(false, Ordering::Release);
         let cluster_bits = store.cluster_size().trailing_zeros();
         for (b, clusters) in persistent.iter().zip(layouts) {
             let live = b.is_recording() && !b.is_inconsistent() && !clusters.is_empty();
@@ -456,7 +476,6 @@ impl BitmapManager {
         }
         // Cursors pick up the new tracks.
         self.generation.fetch_add(1, Ordering::AcqRel);
-        Ok(())
     }
 
     /// After a failed store, the directory on disk may be the old one or the new one, and the

@@ -50,6 +50,16 @@ pub trait BitmapStore: Send + Sync {
         entries: &[StoreEntry],
         preallocate: bool,
     ) -> Result<Vec<Vec<u64>>, BitmapError>;
+    /// Grow the disk to `disk_size` bytes and make the stored set exactly `entries` (their
+    /// data sized for the new size) in the same atomic switch, so that no crash leaves
+    /// bitmaps sized for one disk size in an image of another. Layouts as
+    /// [`BitmapStore::store_bitmaps`].
+    fn grow_with_bitmaps(
+        &self,
+        disk_size: u64,
+        entries: &[StoreEntry],
+        preallocate: bool,
+    ) -> Result<Vec<Vec<u64>>, BitmapError>;
     /// Write `data` in place inside one data cluster (one [`BitmapStore::store_bitmaps`]
     /// returned); durable once [`BitmapStore::sync_bitmaps`] returns.
     fn write_data_cluster(&self, offset: u64, data: &[u8]) -> Result<(), BitmapError>;

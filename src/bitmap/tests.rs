@@ -121,6 +121,8 @@ struct MockState {
     entries: Vec<(String, bool, bool, bool)>,
     written: std::collections::HashMap<u64, Vec<u8>>,
     durable: std::collections::HashMap<u64, Vec<u8>>,
+    /// The disk's size once grown (1 MiB before).
+    grown: Option<u64>,
 }
 
 const MOCK_CLUSTER: u64 = 512;
@@ -150,7 +152,8 @@ impl BitmapStore for MockStore {
         for e in entries {
             let mut clusters = Vec::new();
             if preallocate && e.recording {
-                let bytes = (1u64 << 20 >> e.granularity_bits).div_ceil(8);
+                let disk = state.grown.unwrap_or(1 << 20);
+                let bytes = (disk >> e.granularity_bits).div_ceil(8);
                 for _ in 0..bytes.div_ceil(MOCK_CLUSTER) {
                     state.next_cluster += 1;
                     clusters.push(state.next_cluster * MOCK_CLUSTER);
@@ -159,6 +162,19 @@ impl BitmapStore for MockStore {
             layouts.push(clusters);
         }
         Ok(layouts)
+    }
+
+    fn grow_with_bitmaps(
+        &self,
+        disk_size: u64,
+        entries: &[StoreEntry],
+        preallocate: bool,
+    ) -> Result<Vec<Vec<u64>>, BitmapError> {
+        if self.fail_store.load(Ordering::SeqCst) {
+            return Err(BitmapError::Io("mock: store failed".into()));
+        }
+        self.state.lock().unwrap().grown = Some(disk_size);
+        self.store_bitmaps(entries, preallocate)
     }
 
     fn write_data_cluster(&self, offset: u64, data: &[u8]) -> Result<(), BitmapError> {

@@ -192,7 +192,7 @@ impl BitmapManager {
                 "Granularity must be power of 2, and between 512 and 2147483648".into(),
             ));
         }
-        let data_bytes = self.disk_size.div_ceil(granularity).div_ceil(8);
+        let data_bytes = self.disk_size().div_ceil(granularity).div_ceil(8);
         if data_bytes > MAX_BITMAP_BYTES {
             return Err(BitmapError::Invalid(format!(
                 "A bitmap of granularity {granularity} would need {data_bytes} bytes for this disk; use a larger granularity"
@@ -225,7 +225,7 @@ impl BitmapManager {
         Ok(DirtyBitmap::new(
             name,
             bits,
-            self.disk_size,
+            self.disk_size(),
             !disabled,
             persistent,
         ))

@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use thiserror::Error;
 
@@ -83,7 +83,8 @@ pub struct FileNode {
     file: File,
     path: PathBuf,
     options: FileOptions,
-    size: u64,
+    /// The size at open, or as last grown ([`FileNode::grow_to`]).
+    size: AtomicU64,
     /// Alignment of memory buffers, offsets and lengths that direct I/O needs (1 when cached).
     direct_align: u64,
     /// Whether transfers may complete inline in the queue thread.
@@ -249,7 +250,7 @@ impl FileNode {
             file,
             path: path.to_path_buf(),
             options,
-            size,
+            size: AtomicU64::new(size),
             inline,
             direct_align: 1,
             no_zero_range: AtomicBool::new(false),
@@ -288,7 +289,30 @@ impl FileNode {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Make the file at least `size` bytes long (an online resize of the disk it holds), the
+    /// new length durable before this returns. A block device cannot grow: it must already be
+    /// as large.
+    pub fn grow_to(&self, size: u64) -> io::Result<()> {
+        if self.file.metadata()?.file_type().is_block_device() {
+            let current = block_device_size(&self.file)?;
+            if current < size {
+                return Err(io::Error::other(format!(
+                    "the block device holds {current} bytes, fewer than {size}"
+                )));
+            }
+            self.size.fetch_max(size, Ordering::AcqRel);
+            return Ok(());
+        }
+        let current = self.current_size()?;
+        if current < size {
+            self.file.set_len(size)?;
+            self.file.sync_all()?;
+        }
+        self.size.fetch_max(size.max(current), Ordering::AcqRel);
+        Ok(())
     }
 
     /// The file's size now (it grows as a format driver allocates clusters).
@@ -317,14 +341,15 @@ impl FileNode {
     /// Find the smallest alignment direct reads accept, as QEMU's raw driver does: try
     /// 512-byte, then 4 KiB aligned reads at offset 0.
     fn probe_direct_alignment(&self) -> u64 {
-        if self.size == 0 {
+        let size = self.size();
+        if size == 0 {
             return 4096;
         }
         for align in [512usize, 4096] {
             let Ok(mut buf) = AlignedBuf::zeroed(align, align) else {
                 break;
             };
-            let len = align.min(self.size as usize);
+            let len = align.min(size as usize);
             match self.file.read_at(&mut buf.as_mut_slice()[..len], 0) {
                 Ok(_) => return align as u64,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,

@@ -227,6 +227,18 @@ pub trait BlockDriver: Send + Sync + Debug {
         None
     }
 
+    /// Grow the virtual disk to `size` bytes (at least its size now): what an online resize
+    /// does below the bitmaps. A node whose format stores bitmaps has the bitmap layer resize
+    /// it instead, through [`crate::bitmap::BitmapStore::store_bitmaps`], so that the new size
+    /// and the bitmaps sized for it are switched to at once.
+    fn grow(&self, size: u64) -> Result<(), BlockError> {
+        let _ = size;
+        Err(BlockError::new(
+            ErrorKind::Unsupported,
+            format!("a {} node cannot be resized", self.format()),
+        ))
+    }
+
     /// Where this node stores persistent dirty bitmaps, if its format can.
     fn bitmap_store(self: Arc<Self>) -> Option<Arc<dyn crate::bitmap::BitmapStore>> {
         None

@@ -43,6 +43,12 @@ impl BlockDriver for RawNode {
         &self.files
     }
 
+    fn grow(&self, size: u64) -> Result<(), BlockError> {
+        let file = &self.files[0];
+        file.grow_to(size)
+            .map_err(|e| BlockError::new(super::ErrorKind::Io, e).with_path(file.path()))
+    }
+
     fn map_read(
         &self,
         offset: u64,

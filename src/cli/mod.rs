@@ -5,6 +5,7 @@ mod bitmap;
 mod image;
 pub(crate) mod keyval;
 mod qsd;
+mod resize;
 mod serve;
 mod spec;
 
@@ -47,6 +48,9 @@ enum Command {
     Check(image::CheckArgs),
     /// Manage the dirty bitmaps of an image no process is serving.
     Bitmap(bitmap::BitmapArgs),
+    /// Grow an image no process is serving, with its data file and bitmaps, like `qemu-img
+    /// resize` (a served disk grows with QMP `block_resize`).
+    Resize(resize::ResizeArgs),
 }
 
 /// An error the command line reports, with the exit code to use.
@@ -114,6 +118,7 @@ pub fn main() -> i32 {
         Command::Info(args) => image::info(args),
         Command::Check(args) => image::check(args),
         Command::Bitmap(args) => bitmap::run(args),
+        Command::Resize(args) => resize::run(args),
     };
     match result {
         Ok(code) => code,

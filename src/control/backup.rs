@@ -70,6 +70,35 @@ impl Session {
             }
             "nbd-server-start" => graph
                 .start_nbd_server(NbdServerSpec::parse("nbd-server-start", args.into_opts())?)?,
+            "block_resize" => {
+                // vubd's disks have no separate device name: either names the node.
+                let node = match args.take("node-name").or_else(|| args.take("device")) {
+                    Some(Value::String(n)) => n,
+                    Some(_) => {
+                        return Err(QmpError::generic(
+                            "Invalid parameter type for 'node-name', expected: string",
+                        ))
+                    }
+                    None => {
+                        return Err(QmpError::generic(
+                            "Need exactly one of 'device' and 'node-name'",
+                        ))
+                    }
+                };
+                let size = match args.take("size") {
+                    Some(Value::Number(n)) => n
+                        .as_u64()
+                        .ok_or_else(|| QmpError::generic("Parameter 'size' expects a >0 size"))?,
+                    Some(_) => {
+                        return Err(QmpError::generic(
+                            "Invalid parameter type for 'size', expected: integer",
+                        ))
+                    }
+                    None => return Err(QmpError::generic("Parameter 'size' is missing")),
+                };
+                args.finish()?;
+                graph.resize_disk(&node, size)?
+            }
             "nbd-server-stop" => {
                 args.finish()?;
                 graph.stop_nbd_server()?
@@ -87,9 +116,11 @@ impl Session {
                         opts,
                         true,
                     )?)?,
-                    Some(other) => return Err(QmpError::generic(format!(
+                    Some(other) => {
+                        return Err(QmpError::generic(format!(
                         "block-export-add: type '{other}' is not supported (nbd, vhost-user-blk)"
-                    ))),
+                    )))
+                    }
                     None => return Err(QmpError::generic("Parameter 'type' is missing")),
                 }
             }

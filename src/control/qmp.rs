@@ -10,7 +10,7 @@ use crate::graph::options::BackupSpec;
 use crate::graph::{Graph, GraphError};
 
 /// Commands this server implements.
-const COMMANDS: [&str; 25] = [
+const COMMANDS: [&str; 26] = [
     "qmp_capabilities",
     "query-version",
     "query-commands",
@@ -34,6 +34,7 @@ const COMMANDS: [&str; 25] = [
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "block_resize",
     "object-add",
     "object-del",
 ];

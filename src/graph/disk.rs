@@ -342,6 +342,43 @@ impl Graph {
         Ok(true)
     }
 
+    /// `block_resize`: grow the disk whose format node is `node` to `size` bytes — image,
+    /// data file and bitmaps together — and show its frontends the new capacity. Refused for a
+    /// disk in use by a backup or an NBD export, and for a size that is not a multiple of
+    /// the device's logical block size.
+    pub fn resize_disk(&self, node: &str, size: u64) -> Result<(), GraphError> {
+        let state = self.lock();
+        let Some(disk) = state.disks.get(node) else {
+            self.disk_locked(&state, node)?;
+            return Err(GraphError::NodeNotFound(node.to_string()));
+        };
+        if let Some(user) = disk.users.iter().next() {
+            return Err(GraphError::NodeBusy {
+                node: node.to_string(),
+                reason: format!("in use by {user}"),
+            });
+        }
+        if let Some(vhost) = &disk.vhost {
+            let block = u64::from(vhost.device().limits().logical_block_size);
+            if size == 0 || !size.is_multiple_of(block) {
+                return Err(GraphError::Invalid(format!(
+                    "block_resize: the size must be a non-zero multiple of the logical block \
+                     size, {block} bytes"
+                )));
+            }
+        }
+        let old = disk.export.size();
+        disk.export
+            .resize(size)
+            .map_err(|e| GraphError::Invalid(Chain(&e).to_string()))?;
+        let told = disk.vhost.as_ref().map_or(0, |v| v.device().grew());
+        log::info!(
+            "{}: resized from {old} to {size} bytes; {told} frontend(s) told",
+            disk.id
+        );
+        Ok(())
+    }
+
     /// The served disk whose format node is `node`, for commands on its bitmaps and
     /// statistics.
     pub fn disk(&self, node: &str) -> Result<Arc<Export>, GraphError> {

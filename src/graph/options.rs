@@ -425,9 +425,11 @@ impl VhostExportSpec {
         };
         match t.take("addr.type").as_deref() {
             Some("unix") | None => {}
-            Some(v) => return Err(Failure::msg(format!(
+            Some(v) => {
+                return Err(Failure::msg(format!(
                 "{what}: addr.type={v}: vhost-user-blk listens on a UNIX socket (addr.type=unix)"
-            ))),
+            )))
+            }
         }
         let socket = PathBuf::from(required(&mut t, "addr.path")?);
         let writable = t.take_bool("writable")?.unwrap_or(false);

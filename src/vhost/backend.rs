@@ -109,6 +109,14 @@ impl BlkBackend {
         }
     }
 
+    /// Whether the frontend takes configuration-change notices on its backend channel: it
+    /// acked `CONFIG` and `BACKEND_REQ` (see `config_change`).
+    pub fn takes_config_notices(&self) -> bool {
+        let needed = VhostUserProtocolFeatures::CONFIG.bits()
+            | VhostUserProtocolFeatures::BACKEND_REQ.bits();
+        self.acked_protocol & needed == needed
+    }
+
     fn queue(&self, index: u32) -> Result<&Arc<Queue>> {
         self.queues
             .get(index as usize)
@@ -117,7 +125,7 @@ impl BlkBackend {
 
     fn config(&self) -> VirtioBlkConfig {
         VirtioBlkConfig::new(
-            self.device.limits(),
+            &self.device.limits(),
             self.device.num_queues(),
             self.writeback.load(Ordering::Relaxed),
         )
@@ -135,6 +143,7 @@ impl BlkBackend {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     /// Hand the queues a new memory map (they see it at their next look).

@@ -5,10 +5,12 @@
 //! on top of it, so data written through one connection reads back through the next.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
 
+use super::config_change::ConfigNotifier;
 use crate::export::Export;
 use crate::virtio_blk::{DeviceLimits, ID_BYTES};
 
@@ -52,9 +54,14 @@ pub enum DeviceError {
 #[derive(Debug)]
 pub struct BlkDevice {
     export: Arc<Export>,
+    /// Fixed at creation, but for the capacity, which is `capacity`.
     limits: DeviceLimits,
+    /// The disk's size in bytes as the guest is shown it: raised by an online resize.
+    capacity: AtomicU64,
     serial: [u8; ID_BYTES],
     options: DeviceOptions,
+    /// The connections to tell when the configuration changes.
+    notices: ConfigNotifier,
 }
 
 impl BlkDevice {
@@ -93,9 +100,11 @@ impl BlkDevice {
         serial[..n].copy_from_slice(&options.serial[..n]);
         Ok(BlkDevice {
             export,
+            capacity: AtomicU64::new(limits.capacity_bytes),
             limits,
             serial,
             options,
+            notices: ConfigNotifier::default(),
         })
     }
 
@@ -104,8 +113,27 @@ impl BlkDevice {
         &self.export
     }
 
-    pub fn limits(&self) -> &DeviceLimits {
-        &self.limits
+    /// The limits in force now (the capacity may have grown since the last look).
+    #[inline]
+    pub fn limits(&self) -> DeviceLimits {
+        DeviceLimits {
+            capacity_bytes: self.capacity.load(Ordering::Acquire),
+            ..self.limits
+        }
+    }
+
+    /// The connections told of configuration changes.
+    pub fn notices(&self) -> &ConfigNotifier {
+        &self.notices
+    }
+
+    /// Show the guest the export's size now, after it grew, and tell every frontend to
+    /// read the configuration again; returns how many were told. The size must be a multiple
+    /// of the logical block size (the caller checked).
+    pub fn grew(&self) -> usize {
+        self.capacity
+            .fetch_max(self.export.size(), Ordering::AcqRel);
+        self.notices.notify_all()
     }
 
     /// The device ID string, NUL-padded to 20 bytes.

@@ -104,7 +104,7 @@ impl Executor {
         let depth = u32::from(device.queue_size());
         let engine = Engine::new(export.engine(), depth * 2, completion_fd)?;
         let stats = export.stats().register(index);
-        let slots = (0..depth).map(|_| Slot::new(device.limits())).collect();
+        let slots = (0..depth).map(|_| Slot::new(&device.limits())).collect();
         Ok(Executor {
             index,
             device,
@@ -185,7 +185,7 @@ impl Executor {
             return;
         };
         let slot = &mut self.slots[slot_index as usize];
-        match request::parse(&mut chain, mem, self.device.limits(), &mut slot.bufs) {
+        match request::parse(&mut chain, mem, &self.device.limits(), &mut slot.bufs) {
             Ok(req) => {
                 slot.start(head, &req, mem);
                 self.stats.start();

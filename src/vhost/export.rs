@@ -22,6 +22,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::BlkBackend;
+use super::config_change::peek_backend_channel;
 use super::daemon::{DaemonError, SocketOptions};
 use super::device::BlkDevice;
 use crate::error::Chain;
@@ -188,7 +189,8 @@ fn start_connection(
     stream: UnixStream,
     state: &Arc<ExportState>,
 ) -> io::Result<JoinHandle<()>> {
-    let backend = BlkBackend::new(device.clone())?;
+    let backend = Arc::new(Mutex::new(BlkBackend::new(device.clone())?));
+    let peek = stream.try_clone()?;
     let id = state.add_connection(stream.try_clone()?);
     let device = device.clone();
     let state = state.clone();
@@ -196,8 +198,11 @@ fn start_connection(
         .name("vubd-frontend".into())
         .spawn(move || {
             log::info!("frontend connected to {}", device.export().id());
-            let mut handler = BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(backend)));
+            let mut handler = BackendReqHandler::from_stream(stream, backend.clone());
             loop {
+                // The backend channel, if the next message hands one over: kept to send
+                // configuration-change notices on (see config_change).
+                let channel = peek_backend_channel(&peek).unwrap_or(None);
                 match handler.handle_request() {
                     Ok(()) => {}
                     Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => break,
@@ -208,10 +213,21 @@ fn start_connection(
                         break;
                     }
                 }
+                if let Some(channel) = channel {
+                    let takes = backend
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .takes_config_notices();
+                    if takes {
+                        device.notices().add(id, channel);
+                    }
+                }
             }
-            // Dropping the handler drops the backend: its queue threads stop and the I/O they
-            // started completes.
+            device.notices().remove(id);
+            // Dropping the handler and our handle drops the backend: its queue threads stop
+            // and the I/O they started completes.
             drop(handler);
+            drop(backend);
             log::info!("frontend disconnected from {}", device.export().id());
             if let Err(e) = device.export().flush() {
                 log::error!("flush after disconnect: {}", Chain(&e));

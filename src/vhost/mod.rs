@@ -4,6 +4,7 @@
 
 pub mod backend;
 mod chain;
+pub mod config_change;
 pub mod daemon;
 pub mod device;
 mod dirty_log;

@@ -23,6 +23,19 @@ use super::overlap::Kind;
 use super::units::{be64, HostOffset};
 use super::{Meta, Qcow2Error, Qcow2Node};
 
+/// A new bitmap set written beside the old one, its directory set in `meta.header` but not
+/// yet on disk: what [`Qcow2Node::stage_bitmaps`] leaves for the header switch and
+/// [`Qcow2Node::free_replaced_bitmaps`].
+pub(super) struct StagedBitmaps {
+    /// Per entry, its preallocated data clusters (empty unless live).
+    layouts: Vec<Vec<u64>>,
+    old: Vec<DirEntry>,
+    /// The old directory's offset and size.
+    old_dir: Option<(u64, u64)>,
+    /// Tables of the old set the new one keeps.
+    kept_tables: Vec<u64>,
+}
+
 /// Where a stored bitmap's table is, and (when preallocated) its data clusters.
 struct Written {
     table_offset: u64,
@@ -31,18 +44,19 @@ struct Written {
 }
 
 impl Qcow2Node {
-    /// Write bitmap data into new clusters and a new table. All-zero clusters are allocated
-    /// only with `preallocate`.
+    /// Write bitmap data into new clusters and a new table, sized for a disk of `disk_size`
+    /// bytes. All-zero clusters are allocated only with `preallocate`.
     fn write_bitmap_data(
         &self,
         meta: &mut Meta,
         data: &[u8],
         granularity_bits: u32,
         preallocate: bool,
+        disk_size: u64,
     ) -> Result<Written, Qcow2Error> {
         self.meta_file.event("bitmap_data")?;
         let cs = self.cluster_size() as usize;
-        let entries = self.bitmap_table_size(granularity_bits) as usize;
+        let entries = self.bitmap_table_size_for(disk_size, granularity_bits) as usize;
         let mut table = vec![0u8; entries * 8];
         let mut clusters = Vec::with_capacity(if preallocate { entries } else { 0 });
         for i in 0..entries {
@@ -129,18 +143,49 @@ impl Qcow2Node {
             ));
         }
         let data = self.read_bitmap_data(e)?;
-        let written =
-            self.write_bitmap_data(meta, &data, u32::from(e.granularity_bits), preallocate)?;
+        let written = self.write_bitmap_data(
+            meta,
+            &data,
+            u32::from(e.granularity_bits),
+            preallocate,
+            self.disk_size(),
+        )?;
         Ok((written, false))
     }
 
+    /// Store exactly `entries` (plus the bitmaps vubd cannot use), as one header switch.
     fn store(
         &self,
         entries: &[StoreEntry],
         preallocate: bool,
     ) -> Result<Vec<Vec<u64>>, Qcow2Error> {
         let mut meta = self.lock();
-        let (old, _) = self.read_directory(&meta)?;
+        let staged = self.stage_bitmaps(&mut meta, entries, preallocate, self.disk_size())?;
+        // New clusters and their refcounts are on disk before the header points to them.
+        meta.refcounts.write_back(&self.meta_file)?;
+        self.meta_file.sync_data()?;
+        self.meta_file.event("bitmap_switch")?;
+        self.write_header(&mut meta)?;
+        // Only now are the old structures unreferenced.
+        self.meta_file.event("bitmap_free")?;
+        let layouts = self.free_replaced_bitmaps(&mut meta, staged)?;
+        meta.refcounts.write_back(&self.meta_file)?;
+        self.meta_file.sync_data()?;
+        Ok(layouts)
+    }
+
+    /// Write the new set's data, tables and directory (tables sized for a disk of
+    /// `disk_size` bytes) beside the old set, and point `meta.header` at the new directory;
+    /// the caller writes the header, then frees the old set.
+    pub(super) fn stage_bitmaps(
+        &self,
+        meta: &mut Meta,
+        entries: &[StoreEntry],
+        preallocate: bool,
+        disk_size: u64,
+    ) -> Result<StagedBitmaps, Qcow2Error> {
+        let meta = &mut *meta;
+        let (old, _) = self.read_directory(meta)?;
         let mut new: Vec<DirEntry> = Vec::with_capacity(entries.len());
         let mut layouts = Vec::with_capacity(entries.len());
         let mut kept_tables = Vec::new();
@@ -148,8 +193,12 @@ impl Qcow2Node {
             let prior = old.iter().find(|o| o.name == s.name && o.usable());
             let live = preallocate && s.recording && !s.in_use;
             let (written, extra, compatible) = match (s.data, prior) {
+                (StoreData::Keep, Some(_)) if disk_size != self.disk_size() => {
+                    // A resize rewrites every bitmap: a table sized for the old disk is wrong.
+                    return Err(DirectoryError::NothingToKeep(s.name.to_string()).into());
+                }
                 (StoreData::Keep, Some(p)) => {
-                    let (written, kept) = self.keep_bitmap(&mut meta, p, live)?;
+                    let (written, kept) = self.keep_bitmap(meta, p, live)?;
                     if kept {
                         kept_tables.push(p.table_offset);
                     }
@@ -163,7 +212,8 @@ impl Qcow2Node {
                     return Err(DirectoryError::NothingToKeep(s.name.to_string()).into())
                 }
                 (StoreData::Data(d), p) => {
-                    let written = self.write_bitmap_data(&mut meta, d, s.granularity_bits, live)?;
+                    let written =
+                        self.write_bitmap_data(meta, d, s.granularity_bits, live, disk_size)?;
                     let extra = p.map(|p| p.extra.clone()).unwrap_or_default();
                     let compatible = p.map_or(0, |p| p.flags & FLAG_EXTRA_DATA_COMPATIBLE);
                     (written, extra, compatible)
@@ -222,14 +272,22 @@ impl Qcow2Node {
             meta.header.set_extension(extension::BITMAPS, Some(ext));
             meta.header.autoclear_features |= autoclear::BITMAPS;
         }
-        // New clusters and their refcounts are on disk before the header points to them.
-        meta.refcounts.write_back(&self.meta_file)?;
-        self.meta_file.sync_data()?;
-        self.meta_file.event("bitmap_switch")?;
-        self.write_header(&mut meta)?;
-        // Only now are the old structures unreferenced.
-        self.meta_file.event("bitmap_free")?;
-        if let Some((offset, size)) = old_dir.filter(|(_, size)| *size > 0) {
+        Ok(StagedBitmaps {
+            layouts,
+            old,
+            old_dir,
+            kept_tables,
+        })
+    }
+
+    /// Free what the switched-away bitmap set held and the new one does not keep; returns
+    /// the new set's layouts.
+    pub(super) fn free_replaced_bitmaps(
+        &self,
+        meta: &mut Meta,
+        staged: StagedBitmaps,
+    ) -> Result<Vec<Vec<u64>>, Qcow2Error> {
+        if let Some((offset, size)) = staged.old_dir.filter(|(_, size)| *size > 0) {
             meta.refcounts
                 .map_mut()
                 .unregister(HostOffset(offset), size);
@@ -237,15 +295,14 @@ impl Qcow2Node {
                 meta.refcounts.adjust(&self.meta_file, c, -1)?;
             }
         }
-        for o in old
+        for o in staged
+            .old
             .iter()
-            .filter(|o| !kept_tables.contains(&o.table_offset))
+            .filter(|o| !staged.kept_tables.contains(&o.table_offset))
         {
-            self.free_bitmap(&mut meta, o)?;
+            self.free_bitmap(meta, o)?;
         }
-        meta.refcounts.write_back(&self.meta_file)?;
-        self.meta_file.sync_data()?;
-        Ok(layouts)
+        Ok(staged.layouts)
     }
 
     /// Write a data cluster of a live bitmap in place.
@@ -313,6 +370,16 @@ impl BitmapStore for Qcow2Node {
         preallocate: bool,
     ) -> Result<Vec<Vec<u64>>, BitmapError> {
         self.store(entries, preallocate).map_err(to_bitmap_error)
+    }
+
+    fn grow_with_bitmaps(
+        &self,
+        disk_size: u64,
+        entries: &[StoreEntry],
+        preallocate: bool,
+    ) -> Result<Vec<Vec<u64>>, BitmapError> {
+        self.grow_disk(disk_size, Some((entries, preallocate)))
+            .map_err(to_bitmap_error)
     }
 
     fn write_data_cluster(&self, offset: u64, data: &[u8]) -> Result<(), BitmapError> {

@@ -127,14 +127,19 @@ fn entry_fields(dir: &[u8], at: usize) -> Option<(u64, u32, u32, u8, u8, u16, u3
 }
 
 impl Qcow2Node {
-    /// Bitmap table entries a bitmap of this granularity needs.
+    /// Bytes of data a bitmap of this granularity has.
     fn bitmap_bytes(&self, granularity_bits: u32) -> u64 {
-        self.size.div_ceil(1 << granularity_bits).div_ceil(8)
+        self.disk_size().div_ceil(1 << granularity_bits).div_ceil(8)
     }
 
     /// Bitmap table entries a bitmap of this granularity needs.
     pub(super) fn bitmap_table_size(&self, granularity_bits: u32) -> u64 {
-        self.size
+        self.bitmap_table_size_for(self.disk_size(), granularity_bits)
+    }
+
+    /// Bitmap table entries a bitmap of this granularity needs on a disk of `disk_size` bytes.
+    pub(super) fn bitmap_table_size_for(&self, disk_size: u64, granularity_bits: u32) -> u64 {
+        disk_size
             .div_ceil(1 << granularity_bits)
             .div_ceil(8)
             .div_ceil(self.cluster_size())

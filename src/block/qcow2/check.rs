@@ -94,7 +94,7 @@ fn count_and_compare(
     let cluster_size = node.cluster_size();
     let file_clusters = node.meta_file.current_size()?.div_ceil(cluster_size);
     let mut report = CheckReport {
-        total_clusters: node.size.div_ceil(cluster_size),
+        total_clusters: node.disk_size().div_ceil(cluster_size),
         ..CheckReport::default()
     };
     let mut counts = Counts::new(node.cluster_bits, file_clusters);

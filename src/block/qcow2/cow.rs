@@ -40,7 +40,7 @@ impl Qcow2Node {
             });
         }
         // The valid part of the cluster: the last one may extend past the disk's end.
-        let valid = cluster_size.min(self.size - guest_offset) as usize;
+        let valid = cluster_size.min(self.disk_size() - guest_offset) as usize;
         let mut buf = vec![0u8; cluster_size as usize];
         if p.len < valid as u64 {
             self.read_cluster(entry, p.cluster, &mut buf)?;
@@ -104,7 +104,7 @@ impl Qcow2Node {
                 }
                 continue;
             }
-            let whole = p.within == 0 && p.len == cluster_size.min(self.size - guest_offset);
+            let whole = p.within == 0 && p.len == cluster_size.min(self.disk_size() - guest_offset);
             if whole && (self.format.version >= 3 || self.backing.is_none()) {
                 self.zero_whole_cluster(meta, entry, p, op)?;
                 continue;

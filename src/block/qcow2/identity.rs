@@ -169,7 +169,7 @@ impl Qcow2Node {
             return Ok(());
         }
         let entries = self.l2_entries();
-        let clusters = self.size.div_ceil(self.cluster_size());
+        let clusters = self.disk_size().div_ceil(self.cluster_size());
         let mut buf = vec![0u8; self.cluster_size() as usize];
         for (l1_index, offset) in tables {
             self.meta_file.read_exact_at(&mut buf, offset.0)?;

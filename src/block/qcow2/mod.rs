@@ -45,6 +45,7 @@ mod open;
 mod overlap;
 mod rebuild;
 mod refcount;
+mod resize;
 mod snapshot;
 mod status;
 mod units;
@@ -52,7 +53,7 @@ mod units;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
@@ -144,6 +145,8 @@ pub enum Qcow2Error {
     DataFileIsImage,
     #[error("bitmap directory")]
     BitmapDirectory(#[from] bitmaps::DirectoryError),
+    #[error(transparent)]
+    Resize(#[from] resize::ResizeError),
     /// An error of a child node, which names its own file.
     #[error(transparent)]
     Child(Box<BlockError>),
@@ -184,6 +187,7 @@ impl Qcow2Error {
             | BackingWithRawDataFile
             | BackingTooDeep(_)
             | DataFileIsImage
+            | Resize(_)
             | ReadOnly => ErrorKind::Refused,
             Child(e) => e.kind(),
         }
@@ -236,7 +240,8 @@ pub struct Qcow2Node {
     data_file: Arc<FileNode>,
     data_fid: FileId,
     backing: Option<Backing>,
-    size: u64,
+    /// The virtual disk's size: the header's, changed only by a resize (under the lock).
+    size: AtomicU64,
     cluster_bits: u32,
     format: EntryFormat,
     compression: CompressionType,
@@ -255,7 +260,7 @@ impl fmt::Debug for Qcow2Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Qcow2Node")
             .field("path", &self.path)
-            .field("size", &self.size)
+            .field("size", &self.disk_size())
             .field("cluster_bits", &self.cluster_bits)
             .field("external_data", &self.format.external_data)
             .field("data_file_raw", &self.fast.is_some())
@@ -270,6 +275,11 @@ impl Qcow2Node {
 
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// The virtual disk's size now.
+    pub(crate) fn disk_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// Entries per L2 table.
@@ -361,7 +371,7 @@ impl BlockDriver for Qcow2Node {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.disk_size()
     }
 
     fn read_only(&self) -> bool {
@@ -370,6 +380,12 @@ impl BlockDriver for Qcow2Node {
 
     fn files(&self) -> &[Arc<FileNode>] {
         &self.files
+    }
+
+    fn grow(&self, size: u64) -> Result<(), BlockError> {
+        self.grow_disk(size, None)
+            .map(drop)
+            .map_err(|e| self.err(e))
     }
 
     fn map_read(

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use super::cache::TableCache;
@@ -153,7 +153,7 @@ impl Qcow2Node {
             data_file,
             data_fid,
             backing,
-            size: header.size,
+            size: AtomicU64::new(header.size),
             cluster_bits,
             format: EntryFormat {
                 cluster_bits,

@@ -21,7 +21,7 @@ enum Source {
 impl Qcow2Node {
     /// [`crate::block::BlockDriver::block_status`] for qcow2.
     pub(super) fn status(&self, offset: u64, len: u64) -> Result<(u64, Allocation), BlockError> {
-        let len = len.min(self.size.saturating_sub(offset));
+        let len = len.min(self.disk_size().saturating_sub(offset));
         if len == 0 {
             return Ok((0, Allocation::Hole));
         }
