@@ -66,10 +66,6 @@ impl Disk {
         self.vhost.as_ref().map(VhostExport::socket)
     }
 
-    fn connections(&self) -> usize {
-        self.vhost.as_ref().map_or(0, VhostExport::connections)
-    }
-
     /// Its format node's name.
     pub(super) fn node(&self) -> &str {
         &self.export().node_names().format
@@ -290,9 +286,9 @@ impl Graph {
         Ok(())
     }
 
-    /// `block-export-del` of a vhost-user-blk export; `Ok(false)` if `id` is not one. Without
-    /// `hard`, an export a frontend is connected to is refused (QEMU's `safe` mode); with it,
-    /// the frontends are disconnected. The node stays, as an added node.
+    /// `block-export-del` of a vhost-user-blk export; `Ok(false)` if `id` is not one. Its
+    /// frontends are disconnected; without `hard` (QEMU's `safe` mode), an export with
+    /// requests in flight is refused, as QEMU refuses it. The node stays, as an added node.
     pub fn delete_vhost_export(&self, id: &str, hard: bool) -> Result<bool, GraphError> {
         let mut state = self.lock();
         let Some(node) = state
@@ -312,9 +308,9 @@ impl Graph {
                 reason: format!("in use by {user}; end that first"),
             });
         }
-        if !hard && disk.connections() > 0 {
+        if !hard && disk.export.stats().total().in_flight > 0 {
             return Err(GraphError::Invalid(format!(
-                "export '{id}' still in use; use mode='hard' to disconnect its frontend"
+                "export '{id}' still in use; use mode='hard' to force client disconnect"
             )));
         }
         let Some(disk) = state.disks.remove(&node) else {

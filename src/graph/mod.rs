@@ -35,11 +35,11 @@ use options::{BackingRef, FileRef, FileSpec, NodeKind, NodeSpec};
 /// Errors of graph commands, worded as QEMU words them where it has the same error.
 #[derive(Debug, Error)]
 pub enum GraphError {
-    #[error("Cannot find device='{0}' nor node-name='{0}'")]
+    #[error("Cannot find device='' nor node-name='{0}'")]
     NodeNotFound(String),
     #[error("Duplicate nodes with node-name='{0}'")]
     DuplicateNode(String),
-    #[error("Block device {0} is in use")]
+    #[error("Node {0} is in use")]
     NodeInUse(String),
     #[error("Node '{node}' is busy: {reason}")]
     NodeBusy { node: String, reason: String },
@@ -342,6 +342,8 @@ impl Graph {
         state
             .nodes
             .iter()
+            // A file node under an exported disk is listed with the disk's nodes.
+            .filter(|(name, _)| state.disk_of_node(name).is_none())
             .map(|(name, n)| match &n.kind {
                 AddedKind::File(f) => AddedNodeInfo {
                     name: name.clone(),
