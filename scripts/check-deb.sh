@@ -17,6 +17,7 @@ dpkg-deb --info "$deb" | grep -q "Package: vubd" || fail "$deb: not the vubd pac
 contents=$(dpkg-deb --contents "$deb")
 for f in ./usr/bin/vubd ./usr/share/man/man1/vubd.1 ./usr/share/man/man1/vubd-serve.1 \
     ./usr/lib/systemd/system/vubd@.service ./usr/lib/systemd/system/vubd@.socket \
+    ./usr/lib/systemd/system/vubd.service \
     ./usr/share/doc/vubd/README.md ./usr/share/doc/vubd/usage.md \
     ./usr/share/doc/vubd/examples/vubd.conf.example; do
     echo "$contents" | grep -q " $f\(\.gz\)\?\$" || fail "$deb lacks $f"

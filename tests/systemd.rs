@@ -5,8 +5,8 @@
 //! * Under `systemd-socket-activate` (systemd's own tool for the `LISTEN_FDS` protocol), vubd
 //!   serves on the vhost-user and control sockets it is handed, starts on the first
 //!   connection, and leaves them in place when it exits (they are the manager's).
-//! * `systemd-analyze verify` passes on the template units (man pages come with the package;
-//!   `--man=no` here).
+//! * `systemd-analyze verify` passes on the units: the per-disk templates and the many-disk
+//!   `vubd.service` (man pages come with the package; `--man=no` here).
 
 mod common;
 
@@ -159,11 +159,13 @@ fn the_units_pass_systemd_analyze_verify() {
     for (template, instance) in [
         ("vubd@.service", "vubd@demo.service"),
         ("vubd@.socket", "vubd@demo.socket"),
+        ("vubd.service", "vubd.service"),
     ] {
         let text = std::fs::read_to_string(units.join(template)).expect(template);
         let text = text
             .replace("/usr/bin/vubd", vubd_bin())
-            .replace("/etc/vubd/%i.conf", conf.to_str().unwrap());
+            .replace("/etc/vubd/%i.conf", conf.to_str().unwrap())
+            .replace("/etc/vubd/vubd.conf", conf.to_str().unwrap());
         let path = dir.join(instance);
         std::fs::write(&path, text).unwrap();
         paths.push(path);
