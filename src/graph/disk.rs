@@ -58,6 +58,17 @@ pub struct VhostExportInfo {
 }
 
 impl Disk {
+    /// A disk `vhost` serves as `spec` says, exported from `added` if added at runtime.
+    fn served(spec: &VhostExportSpec, vhost: VhostExport, added: Option<Added>) -> Disk {
+        Disk {
+            id: spec.id.clone(),
+            users: BTreeSet::new(),
+            export: vhost.device().export().clone(),
+            vhost: Some(vhost),
+            added,
+        }
+    }
+
     pub(super) fn export(&self) -> &Arc<Export> {
         &self.export
     }
@@ -160,16 +171,9 @@ impl Graph {
         let mut state = self.lock();
         check_new_export(&state, spec, &node_names)?;
         let vhost = serve(driver, node_names, spec, &self.settings, option)?;
-        state.disks.insert(
-            spec.node.clone(),
-            Disk {
-                id: spec.id.clone(),
-                users: BTreeSet::new(),
-                export: vhost.device().export().clone(),
-                vhost: Some(vhost),
-                added: None,
-            },
-        );
+        state
+            .disks
+            .insert(spec.node.clone(), Disk::served(spec, vhost, None));
         Ok(())
     }
 
@@ -273,16 +277,9 @@ impl Graph {
         )?;
         let added = state.nodes.remove(&spec.node);
         log::info!("{}: {}", spec.id, status_of(&vhost));
-        state.disks.insert(
-            spec.node.clone(),
-            Disk {
-                id: spec.id.clone(),
-                users: BTreeSet::new(),
-                export: vhost.device().export().clone(),
-                vhost: Some(vhost),
-                added,
-            },
-        );
+        state
+            .disks
+            .insert(spec.node.clone(), Disk::served(spec, vhost, added));
         Ok(())
     }
 
