@@ -18,6 +18,15 @@ impl BitmapManager {
     /// limit; on any error the disk and the bitmaps keep their size.
     pub fn resize(&self, size: u64, node: &dyn BlockDriver) -> Result<(), BitmapError> {
         let _ops = self.lock_ops();
+        let old = self.disk_size();
+        if size < old {
+            return Err(BitmapError::Invalid(format!(
+                "cannot shrink the disk from {old} to {size} bytes: vubd only grows disks"
+            )));
+        }
+        if size == old {
+            return Ok(());
+        }
         let list = self.snapshot();
         for b in list.iter() {
             if self.is_busy(b.name()) {
@@ -72,7 +81,7 @@ impl BitmapManager {
                             self.install_tracks(store.as_ref(), &persistent, layouts);
                         }
                     }
-                    Err(e) if node.size() >= size => {
+                    Err(e) if node.size() == size => {
                         // Switched, then failed freeing the old structures: the disk and the
                         // bitmaps on it are the new ones. Memory follows, and no mark goes in
                         // place until a store succeeds.

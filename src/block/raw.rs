@@ -45,6 +45,16 @@ impl BlockDriver for RawNode {
 
     fn grow(&self, size: u64) -> Result<(), BlockError> {
         let file = &self.files[0];
+        if size < file.size() {
+            return Err(BlockError::new(
+                super::ErrorKind::Refused,
+                format!(
+                    "cannot shrink the disk from {} to {size} bytes: vubd only grows disks",
+                    file.size()
+                ),
+            )
+            .with_path(file.path()));
+        }
         file.grow_to(size)
             .map_err(|e| BlockError::new(super::ErrorKind::Io, e).with_path(file.path()))
     }

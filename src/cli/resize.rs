@@ -54,6 +54,12 @@ pub fn run(args: ResizeArgs) -> Result<i32, Failure> {
     } else {
         amount
     };
+    if !size.is_multiple_of(512) {
+        return Err(Failure::msg(format!(
+            "{}: {size} bytes is not a multiple of 512; a disk is served in 512-byte sectors",
+            args.image.display()
+        )));
+    }
     if size < old {
         return Err(Failure::msg(format!(
             "{}: {size} bytes is smaller than the disk's {old}; vubd resize only grows disks",

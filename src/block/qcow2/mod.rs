@@ -109,6 +109,8 @@ pub enum Qcow2Error {
     BackingTooDeep(usize),
     #[error("the image is read-only")]
     ReadOnly,
+    #[error("a header write failed, so the image holds either its old or its new header; writes are refused until it is opened again")]
+    HeaderUnknown,
     #[error("cannot read the L1 table")]
     L1Unreadable(#[source] io::Error),
     #[error("guest offset beyond the L1 table (L1 index {0})")]
@@ -189,6 +191,7 @@ impl Qcow2Error {
             | DataFileIsImage
             | Resize(_)
             | ReadOnly => ErrorKind::Refused,
+            HeaderUnknown => ErrorKind::Io,
             Child(e) => e.kind(),
         }
     }
@@ -254,6 +257,9 @@ pub struct Qcow2Node {
     /// A write was refused for overlapping metadata: the image is marked corrupt and the node
     /// takes no more writes.
     corrupt: AtomicBool,
+    /// A header switch failed to reach the disk: which header the file holds is unknown, so
+    /// the node takes no more writes until the image is opened again.
+    header_unknown: AtomicBool,
 }
 
 impl fmt::Debug for Qcow2Node {
@@ -346,6 +352,9 @@ impl Qcow2Node {
         if self.corrupt.load(Ordering::Acquire) {
             return Err(Qcow2Error::MarkedCorrupt);
         }
+        if self.header_unknown.load(Ordering::Acquire) {
+            return Err(Qcow2Error::HeaderUnknown);
+        }
         Ok(())
     }
 
@@ -375,7 +384,9 @@ impl BlockDriver for Qcow2Node {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only || self.corrupt.load(Ordering::Acquire)
+        self.read_only
+            || self.corrupt.load(Ordering::Acquire)
+            || self.header_unknown.load(Ordering::Acquire)
     }
 
     fn files(&self) -> &[Arc<FileNode>] {

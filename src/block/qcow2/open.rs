@@ -175,6 +175,7 @@ impl Qcow2Node {
             }),
             in_flight: AtomicUsize::new(0),
             corrupt: AtomicBool::new(false),
+            header_unknown: AtomicBool::new(false),
         };
         {
             let mut meta = node.lock();

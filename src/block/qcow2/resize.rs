@@ -12,6 +12,8 @@
 //! The raw-data-file fast path keeps covering the size it was opened with; clusters past it
 //! are mapped through the L2 tables until the image is opened again.
 
+use std::sync::atomic::Ordering;
+
 use super::bitmap_store::StagedBitmaps;
 use super::header::MAX_L1_BYTES;
 use super::overlap::Kind;
@@ -41,12 +43,7 @@ impl Qcow2Node {
         size: u64,
         bitmaps: Option<(&[StoreEntry], bool)>,
     ) -> Result<Vec<Vec<u64>>, Qcow2Error> {
-        if self.read_only {
-            return Err(Qcow2Error::ReadOnly);
-        }
-        if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Qcow2Error::MarkedCorrupt);
-        }
+        self.writable()?;
         let mut meta = self.lock();
         if bitmaps.is_none() && self.read_directory(&meta)?.0.iter().any(|e| e.usable()) {
             // Their tables would no longer fit the size: the bitmap layer grows them with it.
@@ -85,13 +82,32 @@ impl Qcow2Node {
                 return Err(e);
             }
         };
-        self.meta_file.event("resize_switch")?;
-        if let Err(e) = self.write_header(&mut meta) {
+        if let Err(e) = self.meta_file.event("resize_switch") {
             meta.header = header;
             meta.l1 = l1;
-            return Err(e);
+            return Err(e.into());
         }
-        self.size.store(size, std::sync::atomic::Ordering::Release);
+        // Once the header write is attempted, the file may hold the new header even if the
+        // write or its sync failed: memory keeps the new state, and a failure that a second
+        // attempt does not cure leaves the node refusing writes (none may go where the old
+        // header, if that is what the file holds, does not look).
+        if let Err(e) = self.write_header(&mut meta) {
+            log::warn!(
+                "{}: writing the resized header: {e}; retrying",
+                self.path.display()
+            );
+            if let Err(e) = self.write_header(&mut meta) {
+                self.header_unknown.store(true, Ordering::Release);
+                self.size.store(size, Ordering::Release);
+                log::error!(
+                    "{}: {}: {e}",
+                    self.path.display(),
+                    Qcow2Error::HeaderUnknown
+                );
+                return Err(e);
+            }
+        }
+        self.size.store(size, Ordering::Release);
         log::info!("{}: grown from {old} to {size} bytes", self.path.display());
         // Only now is the old L1 table unreferenced.
         if let Some((offset, bytes)) = old_l1 {
