@@ -411,8 +411,11 @@ impl Drop for ScratchDisk {
     }
 }
 
+/// A bitmap's name, count and extents.
+type Contents = (String, u64, Vec<(u64, u64)>);
+
 /// Every bitmap's name, count and extents.
-fn contents(m: &BitmapManager) -> Vec<(String, u64, Vec<(u64, u64)>)> {
+fn contents(m: &BitmapManager) -> Vec<Contents> {
     m.infos()
         .into_iter()
         .map(|i| {
