@@ -1,6 +1,6 @@
 //! `vubd serve`: build the block graph and the device, then run the daemon.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
@@ -109,11 +109,29 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
     // started by mistake is told about the socket, the thing it got wrong.
     for (i, disk) in disks.iter().enumerate() {
         let socket = &disk.export.socket;
-        if disks[..i].iter().any(|d| d.export.socket == *socket) {
+        let earlier = &disks[..i];
+        if earlier.iter().any(|d| same_path(&d.export.socket, socket)) {
             return Err(Failure::msg(format!(
                 "{} {}: given to two disks; each disk needs its own socket",
                 disk.socket_option,
                 socket.display()
+            )));
+        }
+        // The option that gave the disk: --disk, --export (or --socket).
+        let form = disk.socket_option.split(' ').next().unwrap_or("--disk");
+        if earlier
+            .iter()
+            .any(|d| d.node_names.format == disk.node_names.format)
+        {
+            return Err(Failure::msg(format!(
+                "{form}: node name '{}' is given to two disks; give each its own node-name=",
+                disk.node_names.format
+            )));
+        }
+        if earlier.iter().any(|d| d.export.id == disk.export.id) {
+            return Err(Failure::msg(format!(
+                "{form}: export id '{}' is given to two disks; give each its own id=",
+                disk.export.id
             )));
         }
         if !crate::systemd::is_activated(socket) {
@@ -148,6 +166,20 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
     daemon::run(graph, control.as_deref())?;
     drop(metrics);
     Ok(0)
+}
+
+/// Whether `a` and `b` name the same file, however spelled (`x.sock`, `./x.sock`, a path
+/// through a symbolic link to its directory): their directories are compared resolved.
+fn same_path(a: &Path, b: &Path) -> bool {
+    fn resolved(p: &Path) -> Option<PathBuf> {
+        let name = p.file_name()?;
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some(dir.canonicalize().ok()?.join(name))
+    }
+    a == b || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The disks the command line names, in whichever form, and the qemu-storage-daemon form's

@@ -118,7 +118,7 @@ impl VhostExport {
 
     /// How many frontends are connected.
     pub fn connections(&self) -> usize {
-        self.state.lock_connections().streams.len()
+        self.state.live_connections()
     }
 
     /// Stop accepting, disconnect every frontend and wait until their queues have stopped and
@@ -150,7 +150,9 @@ fn accept_loop(device: &Arc<BlkDevice>, listener: &UnixListener, state: &Arc<Exp
         connections.retain(|c| !c.is_finished());
         // With all places taken, the next frontend waits in the listen backlog until one
         // leaves (a VMM reconnecting while its old connection still drains gets in right after).
-        let listen = connections.len() < MAX_FRONTENDS;
+        // Places are counted from the live sockets, which a leaving connection gives up before
+        // it wakes this loop: its thread may not have finished yet when the loop looks.
+        let listen = state.live_connections() < MAX_FRONTENDS;
         match state.wait(listener, listen) {
             Ok(Wake::Stop) => break,
             Ok(Wake::ConnectionEnded) => continue,
@@ -250,6 +252,11 @@ impl ExportState {
 
     fn lock_connections(&self) -> MutexGuard<'_, Connections> {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connections being served (their sockets not yet given up).
+    fn live_connections(&self) -> usize {
+        self.lock_connections().streams.len()
     }
 
     /// Remember a connection's socket, to close it when the export stops; returns its id.

@@ -8,6 +8,7 @@
 
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::entry::L2Entry;
 use super::units::{be64_entries, GuestCluster, HostOffset};
@@ -18,27 +19,79 @@ use crate::block::{Extent, Mapping};
 ///
 /// One bit per guest cluster, in chunks of one L2 table's worth allocated the first time one
 /// of their clusters is set: memory follows what the disk uses, not the virtual size an image
-/// claims (a sparse data file can be exabytes). The chunk array has one pointer per L1 entry
-/// the disk needs, which the header bounded (32 MiB of L1, as QEMU).
+/// claims (a sparse data file can be exabytes). The directory of chunks has one pointer per L1
+/// entry the disk needs, which the header bounded (32 MiB of L1, as QEMU). When the disk grows
+/// ([`IdentityMap::grow`]) a larger directory replaces it, holding the same chunks; the one
+/// replaced is kept until the map is dropped, as a reader may still be looking at it.
 pub(super) struct IdentityMap {
     cluster_bits: u32,
     /// log2 of the clusters one chunk covers (the entries of an L2 table).
     chunk_bits: u32,
+    /// The current directory, from `Box::into_raw`.
+    directory: AtomicPtr<Directory>,
+    /// Directories replaced by larger ones, boxed: readers may hold their address.
+    #[allow(clippy::vec_box)]
+    retired: Mutex<Vec<Box<Directory>>>,
+}
+
+/// A chunk pointer per L1 entry.
+struct Directory {
     chunks: Box<[AtomicPtr<AtomicU64>]>,
+}
+
+impl Directory {
+    fn new(chunks: u64) -> Box<Directory> {
+        Box::new(Directory {
+            chunks: (0..chunks)
+                .map(|_| AtomicPtr::new(ptr::null_mut()))
+                .collect(),
+        })
+    }
 }
 
 impl IdentityMap {
     pub fn new(size: u64, cluster_bits: u32) -> Self {
         let chunk_bits = cluster_bits - 3;
-        let clusters = size.div_ceil(1 << cluster_bits);
-        let chunks = clusters.div_ceil(1 << chunk_bits);
+        let directory = Directory::new(Self::chunks_for(size, cluster_bits, chunk_bits));
         IdentityMap {
             cluster_bits,
             chunk_bits,
-            chunks: (0..chunks)
-                .map(|_| AtomicPtr::new(ptr::null_mut()))
-                .collect(),
+            directory: AtomicPtr::new(Box::into_raw(directory)),
+            retired: Mutex::new(Vec::new()),
         }
+    }
+
+    fn chunks_for(size: u64, cluster_bits: u32, chunk_bits: u32) -> u64 {
+        size.div_ceil(1 << cluster_bits).div_ceil(1 << chunk_bits)
+    }
+
+    #[inline]
+    fn directory(&self) -> &Directory {
+        // SAFETY: the pointer came from Box::into_raw, and neither it nor any directory it
+        // replaced is freed before the map is dropped (replaced ones are kept in `retired`).
+        unsafe { &*self.directory.load(Ordering::Acquire) }
+    }
+
+    /// Cover a disk of `size` bytes: the clusters known so far stay known. Called with the
+    /// node's metadata lock held, so two growths never race; a cluster set concurrently in
+    /// the replaced directory may be forgotten, which only sends it down the slow path.
+    pub fn grow(&self, size: u64) {
+        let chunks = Self::chunks_for(size, self.cluster_bits, self.chunk_bits);
+        let old = self.directory();
+        if chunks <= old.chunks.len() as u64 {
+            return;
+        }
+        let new = Directory::new(chunks);
+        for (to, from) in new.chunks.iter().zip(old.chunks.iter()) {
+            to.store(from.load(Ordering::Acquire), Ordering::Relaxed);
+        }
+        let old = self.directory.swap(Box::into_raw(new), Ordering::AcqRel);
+        // SAFETY: `old` came from Box::into_raw and is owned by the map alone; kept alive.
+        let old = unsafe { Box::from_raw(old) };
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(old);
     }
 
     /// Words per chunk (a chunk covers at least 64 clusters: clusters are 512 bytes or more).
@@ -48,7 +101,11 @@ impl IdentityMap {
 
     #[inline]
     fn is_set(&self, cluster: u64) -> bool {
-        let Some(chunk) = self.chunks.get((cluster >> self.chunk_bits) as usize) else {
+        let Some(chunk) = self
+            .directory()
+            .chunks
+            .get((cluster >> self.chunk_bits) as usize)
+        else {
             return false;
         };
         let words = chunk.load(Ordering::Acquire);
@@ -64,7 +121,11 @@ impl IdentityMap {
     }
 
     pub fn set(&self, cluster: GuestCluster) {
-        let Some(chunk) = self.chunks.get((cluster.0 >> self.chunk_bits) as usize) else {
+        let Some(chunk) = self
+            .directory()
+            .chunks
+            .get((cluster.0 >> self.chunk_bits) as usize)
+        else {
             return;
         };
         let mut words = chunk.load(Ordering::Acquire);
@@ -107,13 +168,25 @@ impl IdentityMap {
 impl Drop for IdentityMap {
     fn drop(&mut self) {
         let words = self.chunk_words();
-        for chunk in self.chunks.iter() {
-            let p = chunk.load(Ordering::Acquire);
-            if !p.is_null() {
-                // SAFETY: allocated in `set` by Box::into_raw of a slice of `words` elements,
-                // published once, and no one can use the map while it is being dropped.
-                drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, words)) });
+        // SAFETY: from Box::into_raw; no one can use the map while it is being dropped.
+        let current = unsafe { Box::from_raw(*self.directory.get_mut()) };
+        let retired = std::mem::take(self.retired.get_mut().unwrap_or_else(|p| p.into_inner()));
+        // A chunk may be in several directories (copied when the disk grew): free it once.
+        let mut chunks = std::collections::BTreeSet::new();
+        for directory in retired.iter().chain(std::iter::once(&current)) {
+            for chunk in directory.chunks.iter() {
+                let p = chunk.load(Ordering::Acquire);
+                if !p.is_null() {
+                    chunks.insert(p as usize);
+                }
             }
+        }
+        for p in chunks {
+            // SAFETY: allocated in `set` by Box::into_raw of a slice of `words` elements,
+            // published once, collected once above.
+            drop(unsafe {
+                Box::from_raw(ptr::slice_from_raw_parts_mut(p as *mut AtomicU64, words))
+            });
         }
     }
 }
@@ -195,7 +268,7 @@ mod tests {
     fn chunks_are_allocated_only_where_clusters_are_set() {
         // A 1 TiB disk of 64 KiB clusters: 2048 chunks of 8192 clusters, none allocated yet.
         let map = IdentityMap::new(1 << 40, 16);
-        assert_eq!(map.chunks.len(), 2048);
+        assert_eq!(map.directory().chunks.len(), 2048);
         assert!(!map.covers(0, 4096));
         map.set(GuestCluster(1_000_000));
         map.set(GuestCluster(1_000_001));
@@ -203,6 +276,7 @@ mod tests {
         assert!(!map.covers(1_000_000 << 16, 3 << 16));
         assert!(!map.is_set(999_999));
         let allocated = map
+            .directory()
             .chunks
             .iter()
             .filter(|c| !c.load(Ordering::Relaxed).is_null())
@@ -211,5 +285,25 @@ mod tests {
         // Past the disk: never set, never covered.
         map.set(GuestCluster(u64::MAX >> 20));
         assert!(!map.is_set(u64::MAX >> 20));
+    }
+
+    #[test]
+    fn growing_keeps_what_is_known_and_covers_the_new_range() {
+        // 64 MiB of 64 KiB clusters: one chunk.
+        let map = IdentityMap::new(64 << 20, 16);
+        map.set(GuestCluster(5));
+        let beyond = GuestCluster(8192 * 3 + 7);
+        map.set(beyond);
+        assert!(!map.is_set(beyond.0), "past the disk");
+        map.grow(1 << 30);
+        assert_eq!(map.directory().chunks.len(), 2);
+        map.grow(2 << 30);
+        assert_eq!(map.directory().chunks.len(), 4);
+        assert!(map.is_set(5), "what was known stays known");
+        map.set(beyond);
+        assert!(map.is_set(beyond.0));
+        map.grow(1 << 20);
+        assert_eq!(map.directory().chunks.len(), 4, "never shrinks");
+        // Dropping frees each chunk once (under Miri or ASan a double free would show).
     }
 }

@@ -9,8 +9,8 @@
 //! clusters, which `check` reclaims); after it, the new one. Only then is the old L1 table
 //! freed. Shrinking is refused, as it would drop guest data.
 //!
-//! The raw-data-file fast path keeps covering the size it was opened with; clusters past it
-//! are mapped through the L2 tables until the image is opened again.
+//! The raw-data-file fast path grows its map with the disk: clusters past the old end take it
+//! as soon as they are allocated.
 
 use std::sync::atomic::Ordering;
 
@@ -106,6 +106,9 @@ impl Qcow2Node {
                 );
                 return Err(e);
             }
+        }
+        if let Some(fast) = &self.fast {
+            fast.grow(size);
         }
         self.size.store(size, Ordering::Release);
         log::info!("{}: grown from {old} to {size} bytes", self.path.display());
