@@ -156,7 +156,7 @@ fuzz_target!(|input: &[u8]| {
         serde_json::to_vec(&reply).expect("a reply serialises");
     }
     // Back to no jobs, exports or bitmaps for the next input.
-    graph.shutdown();
+    graph.shutdown().expect("a graph of no served disk shuts down");
     let bitmaps = export.bitmaps();
     for b in bitmaps.infos() {
         bitmaps

@@ -91,10 +91,11 @@ impl Disk {
     /// Stop serving (every frontend disconnected, its I/O completed), store the bitmaps and
     /// make everything durable. Returns the node it was exported from, if added at runtime.
     pub(super) fn close(self) -> Result<Option<Added>, ExportError> {
+        // A disk its caller serves is its caller's to close.
         if let Some(vhost) = self.vhost {
             vhost.stop();
+            self.export.close()?;
         }
-        self.export.close()?;
         Ok(self.added)
     }
 }
@@ -178,7 +179,7 @@ impl Graph {
     }
 
     /// Take `export` as a disk its caller serves (tests, fuzzing, an embedding program):
-    /// every command works on it, and shutdown closes it.
+    /// every command works on it; the caller closes it (shutdown leaves it open).
     pub fn add_export(&self, export: Arc<Export>) -> Result<(), GraphError> {
         let mut state = self.lock();
         let names = export.node_names();
