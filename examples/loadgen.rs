@@ -66,13 +66,16 @@ struct Options {
     /// Distance between the starts of consecutive blocks (default: `bs`): with a larger
     /// stride, each request lands in a block of its own, e.g. a clean bitmap granule.
     stride: Option<u64>,
+    /// Keep the connection open, idle, this long after the run (an idle VM's disk).
+    hold: Duration,
     /// Stop each queue after this many I/Os (instead of, or before, the runtime).
     ios: Option<u64>,
     json: bool,
 }
 
 const USAGE: &str = "usage: loadgen --socket PATH [--rw randread|randwrite|read|write] [--bs 4k] \
-[--iodepth 32] [--queues 1] [--runtime 10] [--ios N] [--size BYTES] [--stride BYTES] [--json]";
+[--iodepth 32] [--queues 1] [--runtime 10] [--ios N] [--size BYTES] [--stride BYTES] [--hold SECS] \
+[--json]";
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, mult) = match s.char_indices().last() {
@@ -100,6 +103,7 @@ fn parse_args() -> Result<Options, String> {
         size: None,
         stride: None,
         ios: None,
+        hold: Duration::ZERO,
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -125,6 +129,10 @@ fn parse_args() -> Result<Options, String> {
             "--size" => opts.size = Some(parse_size(&value)?),
             "--stride" => opts.stride = Some(parse_size(&value)?),
             "--ios" => opts.ios = Some(number(&value).ok_or("bad --ios")? as u64),
+            "--hold" => {
+                let secs: f64 = value.parse().map_err(|_| "bad --hold")?;
+                opts.hold = Duration::try_from_secs_f64(secs).map_err(|_| "bad --hold")?;
+            }
             _ => return Err(format!("unknown option {arg}\n{USAGE}")),
         }
     }
@@ -361,6 +369,12 @@ fn run(opts: Options) -> Result<(), String> {
             us(p999),
             us(lat.last().copied().unwrap_or(0))
         );
+    }
+    if !opts.hold.is_zero() {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        // Connected, queues set up, nothing submitted: what an idle guest's disk looks like.
+        std::thread::sleep(opts.hold);
     }
     Ok(())
 }

@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
@@ -18,6 +17,7 @@ use crate::block::io::EngineKind;
 use crate::block::{BlockDriver, BlockError, NodeNames};
 use crate::stats::prometheus::ExportMetrics;
 use crate::stats::ExportStats;
+use crate::vhost::poll::PollPolicy;
 
 /// How an export is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,9 +29,9 @@ pub struct ExportOptions {
     /// How many queues write through the export (each gets its own slot in the write gate).
     pub writers: u16,
     pub engine: EngineKind,
-    /// How long a queue thread keeps busy-polling its ring and I/O completions after the last
-    /// work it found, instead of sleeping until the next notification (`--poll-us`).
-    pub poll: Option<Duration>,
+    /// How queue threads busy-poll their ring and I/O completions before sleeping
+    /// (`--poll-us`, `--poll-grow`, `--poll-shrink`).
+    pub poll: PollPolicy,
     /// Node names for the control socket.
     pub node_names: NodeNames,
     /// How persistent bitmaps reach the disk while served.
@@ -198,7 +198,7 @@ impl Export {
         self.options.engine
     }
 
-    pub fn poll_window(&self) -> Option<Duration> {
+    pub fn poll_policy(&self) -> PollPolicy {
         self.options.poll
     }
 

@@ -60,7 +60,7 @@ pub fn chart(path: &Path, results: &Results, have_qsd: bool) -> Result<(), Strin
         .x_label_formatter(&|x| {
             let i = x.floor() as usize;
             if (x - x.floor() - 0.5).abs() < 0.01 && i < WORKLOADS.len() {
-                WORKLOADS[i].label.replace(", vubd --poll-us 50", " (poll)")
+                WORKLOADS[i].label.to_string()
             } else {
                 String::new()
             }

@@ -18,6 +18,7 @@ mod bitmaps;
 mod chart;
 mod guest;
 mod host;
+mod idle;
 #[allow(dead_code)]
 #[path = "../../tests/guest/kit.rs"]
 mod kit;
@@ -153,6 +154,10 @@ fn run(o: Options) -> Result<(), String> {
         Some("backends") => None,
         _ => Some(bitmaps::run(&o, &work)?),
     };
+    let idle = match o.only.as_deref() {
+        None | Some("backends") => Some(idle::run(&o, &work, have_qsd)?),
+        _ => None,
+    };
     let overhead = match o.only.as_deref() {
         None => Some(overhead::run(&o, &work)?),
         _ => None,
@@ -170,6 +175,7 @@ fn run(o: Options) -> Result<(), String> {
             started.elapsed().as_secs_f64()
         ),
     };
+    md.push_str(idle.as_deref().unwrap_or_default());
     md.push_str(bitmaps.as_deref().unwrap_or_default());
     md.push_str(overhead.as_deref().unwrap_or_default());
     md.push_str(many.as_deref().unwrap_or_default());

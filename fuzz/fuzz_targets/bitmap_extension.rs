@@ -75,7 +75,7 @@ fn export(node: Arc<Qcow2Node>, read_only: bool) -> Result<Export, vubd::export:
             read_only,
             writers: 1,
             engine: EngineKind::Sync,
-            poll: None,
+            poll: vubd::vhost::poll::PollPolicy::OFF,
             node_names: NodeNames::derived("disk"),
             // vubd's default: bitmaps stored crash-consistently (group commits, atomic
             // directory switches).

@@ -61,7 +61,7 @@ fn device() -> &'static Arc<Export> {
                 read_only: false,
                 writers: 1,
                 engine: EngineKind::Sync,
-                poll: None,
+                poll: vubd::vhost::poll::PollPolicy::OFF,
                 node_names: NodeNames::derived("disk"),
                 bitmaps: vubd::bitmap::Persistence::CrashConsistent,
             },
@@ -117,7 +117,7 @@ fuzz_target!(|input: &[u8]| {
     }
     let graph = vubd::graph::Graph::new(vubd::graph::disk::ExportSettings {
         engine: EngineKind::Sync,
-        poll: None,
+        poll: vubd::vhost::poll::PollPolicy::OFF,
         bitmaps: vubd::bitmap::Persistence::CrashConsistent,
         queue_size: 256,
         socket_mode: 0o600,

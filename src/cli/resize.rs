@@ -75,7 +75,7 @@ pub fn run(args: ResizeArgs) -> Result<i32, Failure> {
             read_only: false,
             writers: 1,
             engine: EngineKind::Sync,
-            poll: None,
+            poll: crate::vhost::poll::PollPolicy::OFF,
             node_names: NodeNames::derived("disk"),
             bitmaps: Persistence::CrashConsistent,
         },

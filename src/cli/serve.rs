@@ -16,6 +16,7 @@ use crate::graph::options::{NbdExportSpec, NbdServerSpec, TlsCredsSpec};
 use crate::graph::Graph;
 use crate::stats::endpoint::{MetricsAddr, MetricsEndpoint};
 use crate::vhost::daemon;
+use crate::vhost::poll::PollPolicy;
 use crate::virtio_blk::ID_BYTES;
 
 #[derive(Debug, Args)]
@@ -44,11 +45,22 @@ pub struct ServeArgs {
     /// I/O engine: io_uring, synchronous system calls, or io_uring when available.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     io_engine: EngineArg,
-    /// Busy-poll each queue for up to this many microseconds after its last request or
-    /// completion before sleeping: lower latency for a CPU core per busy queue (0: off).
-    #[arg(long, value_name = "US", default_value_t = 0,
+    /// Busy-poll each queue after its work for an adaptive window of up to this many
+    /// microseconds before sleeping, as QEMU's iothreads do: the window grows while polling
+    /// would catch the next request and drops when it would not, so an idle disk costs no CPU
+    /// (0: never poll).
+    #[arg(long, value_name = "US", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
+    /// Factor the polling window grows by (QEMU's poll-grow).
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(2..=64))]
+    poll_grow: u32,
+    /// Divisor the polling window shrinks by when polling would not have caught the next
+    /// event; 0 stops polling at once (QEMU's poll-shrink).
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=64))]
+    poll_shrink: u32,
     /// How persistent dirty bitmaps reach the image while served: `crash-consistent` keeps
     /// them consistent on disk at every moment (a kill or a power loss never forces a full
     /// backup); `on-close` stores them at shutdown only, as QEMU does.
@@ -144,7 +156,11 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
             EngineArg::IoUring => EngineKind::IoUring,
             EngineArg::Sync => EngineKind::Sync,
         },
-        poll: (args.poll_us > 0).then(|| std::time::Duration::from_micros(u64::from(args.poll_us))),
+        poll: PollPolicy {
+            max: std::time::Duration::from_micros(u64::from(args.poll_us)),
+            grow: args.poll_grow,
+            shrink: args.poll_shrink,
+        },
         bitmaps: match args.bitmap_persistence {
             PersistenceArg::CrashConsistent => Persistence::CrashConsistent,
             PersistenceArg::OnClose => Persistence::OnClose,

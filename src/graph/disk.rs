@@ -10,7 +10,6 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::options::VhostExportSpec;
 use super::{Added, AddedKind, Graph, GraphError, State};
@@ -22,13 +21,14 @@ use crate::export::{root_path, Export, ExportError, ExportOptions};
 use crate::vhost::daemon::SocketOptions;
 use crate::vhost::device::{BlkDevice, DeviceOptions};
 use crate::vhost::export::VhostExport;
+use crate::vhost::poll::PollPolicy;
 
 /// How every disk of the daemon is served (the daemon-wide command-line options).
 #[derive(Clone, Debug)]
 pub struct ExportSettings {
     pub engine: EngineKind,
-    /// Busy-polling window of each queue (`--poll-us`).
-    pub poll: Option<Duration>,
+    /// How each queue busy-polls (`--poll-us`, `--poll-grow`, `--poll-shrink`).
+    pub poll: PollPolicy,
     pub bitmaps: Persistence,
     /// Largest virtqueue size a VMM may use.
     pub queue_size: u16,

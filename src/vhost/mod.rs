@@ -12,6 +12,7 @@ mod executor;
 pub mod export;
 pub mod inflight;
 mod memory;
+pub mod poll;
 mod queue;
 pub mod ring;
 mod shared_file;

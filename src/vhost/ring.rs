@@ -22,6 +22,7 @@ use super::device::BlkDevice;
 use super::dirty_log::DirtyLog;
 use super::executor::Executor;
 use super::inflight::QueueRegion;
+use super::poll::AdaptivePoll;
 use crate::ratelimit::RateLimitedLog;
 use crate::virtio_blk::request::GuestMemory;
 
@@ -70,6 +71,11 @@ pub struct QueueWorker {
     resume: bool,
     /// Busy-polling: the guest's notifications stay suppressed while the ring is empty.
     polling: bool,
+    /// The adaptive polling window.
+    poll: AdaptivePoll,
+    /// When the worker last had work before it went to sleep (polling on): the next event
+    /// tells the window how long the queue was idle.
+    idle_since: Option<Instant>,
     used_added: bool,
     log: RateLimitedLog,
 }
@@ -84,6 +90,7 @@ impl QueueWorker {
         dirty_log: Arc<DirtyLog>,
     ) -> std::io::Result<Self> {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let poll = AdaptivePoll::new(device.export().poll_policy());
         device.export().bitmaps().gate().register_waker(&wake);
         let exec = Executor::new(
             index,
@@ -107,6 +114,8 @@ impl QueueWorker {
             missed_signal: false,
             resume: false,
             polling: false,
+            poll,
+            idle_since: None,
             used_added: false,
             log: RateLimitedLog::new(),
         })
@@ -136,6 +145,9 @@ impl QueueWorker {
             // a kick leaves it alone, saving a system call per request.
             let _ = self.wake.read();
         }
+        if let Some(since) = self.idle_since.take() {
+            self.poll.woke_after(since.elapsed());
+        }
         let mut state = vring.get_mut();
         self.exec.run_deferred();
         if kick || std::mem::take(&mut self.resume) {
@@ -143,8 +155,13 @@ impl QueueWorker {
         }
         self.run_completions(&mut state);
         self.notify_guest(&mut state);
-        if let Some(window) = self.device.export().poll_window() {
-            self.poll(&mut state, window);
+        if self.poll.enabled() {
+            let window = self.poll.window();
+            if window.is_zero() {
+                self.idle_since = (!self.resume).then(Instant::now);
+            } else {
+                self.poll(&mut state, window);
+            }
         }
     }
 
@@ -169,6 +186,8 @@ impl QueueWorker {
                 self.notify_guest(state);
                 last_work = now;
             } else if now.duration_since(last_work) >= window {
+                // Idle for the whole window: the next event says how long it really was.
+                self.idle_since = Some(last_work);
                 break;
             }
             if now.duration_since(started) >= MAX_POLL_SESSION {

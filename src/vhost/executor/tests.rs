@@ -70,7 +70,7 @@ fn executor(root: Arc<dyn BlockDriver>) -> Executor {
             read_only: false,
             writers: 1,
             engine: EngineKind::Sync,
-            poll: None,
+            poll: crate::vhost::poll::PollPolicy::OFF,
             node_names: NodeNames::derived("disk"),
             bitmaps: Default::default(),
         },
