@@ -11,7 +11,7 @@
 //! ```text
 //! cargo run --release --example bench -- [--runtime 5] [--reps 3] [--dir /dev/shm]
 //!     [--disk-dir /var/tmp] [--cache none] [--size-mib 1024] [--vubd-args "..."]
-//!     [--only backends|bitmaps|guest|overhead|many] [--out docs/benchmarks.md]
+//!     [--only backends|bitmaps|guest|overhead|many|scale] [--out docs/benchmarks.md]
 //! ```
 
 mod bitmaps;
@@ -26,6 +26,7 @@ mod many;
 mod overhead;
 mod report;
 mod runner;
+mod scale;
 mod workloads;
 
 use std::collections::BTreeMap;
@@ -52,13 +53,14 @@ pub struct Options {
     /// A directory on a disk filesystem, for the first-touch runs whose syncs must be real.
     pub disk_dir: PathBuf,
     /// Run only one part: `backends` (vubd against qemu-storage-daemon), `bitmaps`, `guest`,
-    /// `overhead` or `many`.
+    /// `overhead`, `many` or `scale`.
     pub only: Option<String>,
 }
 
 fn usage() -> String {
     "usage: bench [--runtime S] [--reps N] [--dir DIR] [--disk-dir DIR] [--cache none|writeback] \
-     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps|guest|overhead|many] [--out FILE.md]"
+     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps|guest|overhead|many|scale] \
+     [--out FILE.md]"
         .into()
 }
 
@@ -91,7 +93,7 @@ fn parse_args() -> Result<Options, String> {
             "--only"
                 if matches!(
                     v.as_str(),
-                    "backends" | "bitmaps" | "guest" | "overhead" | "many"
+                    "backends" | "bitmaps" | "guest" | "overhead" | "many" | "scale"
                 ) =>
             {
                 o.only = Some(v)
@@ -131,6 +133,7 @@ fn run(o: Options) -> Result<(), String> {
     let one_section: Option<(&str, Section)> = match o.only.as_deref() {
         Some("overhead") => Some((overhead::HEADING, overhead::run)),
         Some("many") => Some((many::HEADING, many::run)),
+        Some("scale") => Some((scale::HEADING, scale::run)),
         _ => None,
     };
     if let Some((heading, measure)) = one_section {
@@ -166,6 +169,10 @@ fn run(o: Options) -> Result<(), String> {
         None => Some(many::run(&o, &work)?),
         _ => None,
     };
+    let scale = match o.only.as_deref() {
+        None => Some(scale::run(&o, &work)?),
+        _ => None,
+    };
     drop(cleanup);
     let mut md = match &results {
         Some(results) => report(&o, results, have_qsd, have_fio, started.elapsed()),
@@ -179,6 +186,7 @@ fn run(o: Options) -> Result<(), String> {
     md.push_str(bitmaps.as_deref().unwrap_or_default());
     md.push_str(overhead.as_deref().unwrap_or_default());
     md.push_str(many.as_deref().unwrap_or_default());
+    md.push_str(scale.as_deref().unwrap_or_default());
     // The guest section comes from `--only guest` (`make guest-bench`), which takes longer:
     // a full run keeps the last one.
     let old = fs::read_to_string(&o.out).unwrap_or_default();

@@ -184,6 +184,7 @@ impl QueueWorker {
             let now = Instant::now();
             if popped > 0 || reaped {
                 self.notify_guest(state);
+                self.poll.caught();
                 last_work = now;
             } else if now.duration_since(last_work) >= window {
                 // Idle for the whole window: the next event says how long it really was.
