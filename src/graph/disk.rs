@@ -84,8 +84,7 @@ impl Disk {
 
     /// Whether `name` is one of its nodes: format, `file`, `data-file`.
     pub(super) fn has_node(&self, name: &str) -> bool {
-        let names = self.export().node_names();
-        names.format == name || names.file == name || names.data_file.as_deref() == Some(name)
+        node_names(self.export().node_names()).any(|n| n == name)
     }
 
     /// Stop serving (every frontend disconnected, its I/O completed), store the bitmaps and
@@ -183,23 +182,9 @@ impl Graph {
     pub fn add_export(&self, export: Arc<Export>) -> Result<(), GraphError> {
         let mut state = self.lock();
         let names = export.node_names();
-        if state.export_id_taken(export.id()) {
-            return Err(GraphError::Invalid(format!(
-                "Block export id '{}' is already in use",
-                export.id()
-            )));
-        }
-        for name in [
-            Some(&names.format),
-            Some(&names.file),
-            names.data_file.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if state.disk_of_node(name).is_some() || state.nodes.contains_key(name) {
-                return Err(GraphError::DuplicateNode(name.clone()));
-            }
+        check_id_and_names(&state, export.id(), names)?;
+        if let Some(name) = node_names(names).find(|n| state.nodes.contains_key(*n)) {
+            return Err(GraphError::DuplicateNode(name.clone()));
         }
         state.disks.insert(
             names.format.clone(),
@@ -454,30 +439,37 @@ impl Disk {
     }
 }
 
-/// A new export's id, node names and socket are not those of another disk.
-fn check_new_export(
-    state: &State,
-    spec: &VhostExportSpec,
-    names: &NodeNames,
-) -> Result<(), GraphError> {
-    if state.export_id_taken(&spec.id) {
-        return Err(GraphError::Invalid(format!(
-            "Block export id '{}' is already in use",
-            spec.id
-        )));
-    }
-    for name in [
+/// A disk's node names: format, `file`, `data-file`.
+fn node_names(names: &NodeNames) -> impl Iterator<Item = &String> {
+    [
         Some(&names.format),
         Some(&names.file),
         names.data_file.as_ref(),
     ]
     .into_iter()
     .flatten()
-    {
-        if state.disk_of_node(name).is_some() {
-            return Err(GraphError::DuplicateNode(name.clone()));
-        }
+}
+
+/// A new disk's export id and node names are not another disk's.
+fn check_id_and_names(state: &State, id: &str, names: &NodeNames) -> Result<(), GraphError> {
+    if state.export_id_taken(id) {
+        return Err(GraphError::Invalid(format!(
+            "Block export id '{id}' is already in use"
+        )));
     }
+    match node_names(names).find(|n| state.disk_of_node(n).is_some()) {
+        Some(name) => Err(GraphError::DuplicateNode(name.clone())),
+        None => Ok(()),
+    }
+}
+
+/// A new export's id, node names and socket are not those of another disk.
+fn check_new_export(
+    state: &State,
+    spec: &VhostExportSpec,
+    names: &NodeNames,
+) -> Result<(), GraphError> {
+    check_id_and_names(state, &spec.id, names)?;
     if let Some(other) = state
         .disks
         .values()
