@@ -16,8 +16,10 @@
 //! around in 10 µs looks like one that takes 40 µs, and polling is dropped exactly where it
 //! helps most (qemu-storage-daemon's depth-1 latency shows it: its polling never catches the
 //! next request here). So a sleep counts as too long only past the bound plus
-//! [`WAKE_ALLOWANCE`]; and a window at the bound that keeps missing (while never catching) is
-//! dropped after [`MAX_MISSES`] sleeps, so that polling costs nothing where it cannot help.
+//! [`WAKE_ALLOWANCE`]; and polls that keep missing are given up after [`MAX_MISSES`] in a
+//! row, for a number of events that doubles at each give-up until a poll catches again, so
+//! that polling costs next to nothing where it cannot help (a guest under emulation, whose
+//! requests come 50–80 µs apart).
 
 use std::time::Duration;
 
@@ -25,8 +27,12 @@ use std::time::Duration;
 const START: Duration = Duration::from_micros(4);
 /// What a sleep lasts beyond the wait for the event itself: waking the thread.
 pub const WAKE_ALLOWANCE: Duration = Duration::from_micros(50);
-/// Sleeps in a row, with the window at its bound and no event caught, before it is dropped.
-pub const MAX_MISSES: u32 = 16;
+/// Polls in a row that catch nothing before polling is given up for a while.
+pub const MAX_MISSES: u32 = 8;
+/// Events sat out after the first give-up; doubled at each give-up in a row, up to
+/// [`MAX_HOLDOFF`], and forgotten at the first catch.
+const FIRST_HOLDOFF: u32 = 8;
+const MAX_HOLDOFF: u32 = 1024;
 
 /// How a queue polls: the bound and the growth and shrink factors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +76,12 @@ impl Default for PollPolicy {
 pub struct AdaptivePoll {
     policy: PollPolicy,
     window: Duration,
-    /// Sleeps since the window last caught an event, with the window at its bound.
+    /// Polls since one last caught an event.
     misses: u32,
+    /// Events left to sit out before polling again.
+    holdoff: u32,
+    /// The hold-off of the next give-up.
+    next_holdoff: u32,
 }
 
 impl AdaptivePoll {
@@ -80,6 +90,8 @@ impl AdaptivePoll {
             policy,
             window: Duration::ZERO,
             misses: 0,
+            holdoff: 0,
+            next_holdoff: FIRST_HOLDOFF,
         }
     }
 
@@ -97,6 +109,7 @@ impl AdaptivePoll {
     #[inline]
     pub fn caught(&mut self) {
         self.misses = 0;
+        self.next_holdoff = FIRST_HOLDOFF;
     }
 
     /// The queue slept; `idle` passed from its last work to its waking up for the next event
@@ -106,29 +119,38 @@ impl AdaptivePoll {
         if max.is_zero() {
             return;
         }
+        if self.holdoff > 0 {
+            self.holdoff -= 1;
+            return;
+        }
         if idle > max.saturating_add(WAKE_ALLOWANCE) {
             // Even the longest window would not have caught it: poll less.
             self.shrink();
-        } else if self.window < max {
+            return;
+        }
+        if !self.window.is_zero() {
+            // A poll ran and missed.
+            self.misses += 1;
+            if self.misses >= MAX_MISSES {
+                self.misses = 0;
+                self.window = Duration::ZERO;
+                self.holdoff = self.next_holdoff;
+                self.next_holdoff = self.next_holdoff.saturating_mul(2).min(MAX_HOLDOFF);
+                return;
+            }
+        }
+        if self.window < max {
             // A longer window may catch the next one: poll longer.
-            self.misses = 0;
             self.window = if self.window.is_zero() {
                 START
             } else {
                 self.window.saturating_mul(self.policy.grow.max(2))
             }
             .min(max);
-        } else {
-            // At the bound and still missing: give up after a while.
-            self.misses += 1;
-            if self.misses >= MAX_MISSES {
-                self.shrink();
-            }
         }
     }
 
     fn shrink(&mut self) {
-        self.misses = 0;
         self.window = match self.policy.shrink {
             0 => Duration::ZERO,
             n => self.window / n,
@@ -163,22 +185,49 @@ mod tests {
             p.woke_after(us(40));
         }
         assert_eq!(p.window(), us(32));
+        assert_eq!(p.window(), us(32));
     }
 
     #[test]
-    fn a_window_at_the_bound_that_only_misses_is_dropped() {
+    fn polls_that_only_miss_are_given_up_for_longer_and_longer() {
         let mut p = AdaptivePoll::new(PollPolicy::DEFAULT);
-        for _ in 0..4 {
-            p.woke_after(us(60));
-        }
-        assert_eq!(p.window(), us(32));
-        // Events 60 µs apart: a 32 µs window never catches them.
-        for _ in 0..MAX_MISSES - 1 {
-            p.woke_after(us(60));
-        }
-        assert_eq!(p.window(), us(32));
+        // Events 60 µs apart: no window up to 32 µs catches them. The first sleep starts the
+        // window; then MAX_MISSES polls miss and it is given up.
+        let mut sleeps = 1;
         p.woke_after(us(60));
-        assert_eq!(p.window(), Duration::ZERO);
+        while !p.window().is_zero() {
+            p.woke_after(us(60));
+            sleeps += 1;
+        }
+        assert_eq!(sleeps, 1 + MAX_MISSES);
+        // Sat out for FIRST_HOLDOFF events, then tried again; each give-up doubles it.
+        for holdoff in [FIRST_HOLDOFF, 2 * FIRST_HOLDOFF, 4 * FIRST_HOLDOFF] {
+            for _ in 0..holdoff {
+                p.woke_after(us(60));
+                assert_eq!(p.window(), Duration::ZERO, "sitting out");
+            }
+            p.woke_after(us(60));
+            assert_eq!(p.window(), us(4), "tried again");
+            while !p.window().is_zero() {
+                p.woke_after(us(60));
+            }
+        }
+        // A catch forgets it all.
+        for _ in 0..8 * FIRST_HOLDOFF {
+            p.woke_after(us(60));
+        }
+        p.woke_after(us(20));
+        assert_eq!(p.window(), us(4));
+        p.caught();
+        p.woke_after(us(20));
+        p.woke_after(us(20));
+        assert_eq!(p.window(), us(16));
+        p.caught();
+        for _ in 0..1000 {
+            p.woke_after(us(20));
+            p.caught();
+        }
+        assert_eq!(p.window(), us(32), "catching: never given up");
     }
 
     #[test]
