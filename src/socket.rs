@@ -67,8 +67,9 @@ pub fn bind_unix(
     }
     // Create the socket with no permissions beyond the owner's, then widen as asked, so that it
     // is never reachable by others in between.
-    // SAFETY: umask only swaps the process's file mode mask; vubd binds its sockets before it
-    // starts threads that create files.
+    // SAFETY: umask only swaps the process's file mode mask. vubd's threads create no files
+    // but sockets, and every socket is bound here: at startup, or at runtime under the graph's
+    // lock (block-export-add, nbd-server-start), so two binds never interleave their swaps.
     let old = unsafe { libc::umask(0o177) };
     let listener = UnixListener::bind(path);
     // SAFETY: as above.
