@@ -16,10 +16,11 @@
 //! around in 10 µs looks like one that takes 40 µs, and polling is dropped exactly where it
 //! helps most (qemu-storage-daemon's depth-1 latency shows it: its polling never catches the
 //! next request here). So a sleep counts as too long only past the bound plus
-//! [`WAKE_ALLOWANCE`]; and polls that keep missing are given up after [`MAX_MISSES`] in a
-//! row, for a number of events that doubles at each give-up until a poll catches again, so
-//! that polling costs next to nothing where it cannot help (a guest under emulation, whose
-//! requests come 50–80 µs apart).
+//! [`WAKE_ALLOWANCE`]; and polls that keep missing — [`MAX_MISSES`] in a row, or more than
+//! half of the last 16 — are given up for a number of events that doubles at each give-up,
+//! until polls catch again, so that polling costs little where it cannot help: a miss spins
+//! for the whole window, more CPU than the wake-up a catch saves (a guest under emulation,
+//! whose requests come 5 to 80 µs apart, catches some and misses many).
 
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ const START: Duration = Duration::from_micros(4);
 pub const WAKE_ALLOWANCE: Duration = Duration::from_micros(50);
 /// Polls in a row that catch nothing before polling is given up for a while.
 pub const MAX_MISSES: u32 = 8;
+/// Polls tallied before judging whether they catch more than they miss.
+const TALLY: u32 = 16;
 /// Events sat out after the first give-up; doubled at each give-up in a row, up to
 /// [`MAX_HOLDOFF`], and forgotten at the first catch.
 const FIRST_HOLDOFF: u32 = 8;
@@ -82,6 +85,9 @@ pub struct AdaptivePoll {
     holdoff: u32,
     /// The hold-off of the next give-up.
     next_holdoff: u32,
+    /// Catches and misses of the current tally.
+    tally_caught: u32,
+    tally_missed: u32,
 }
 
 impl AdaptivePoll {
@@ -92,6 +98,8 @@ impl AdaptivePoll {
             misses: 0,
             holdoff: 0,
             next_holdoff: FIRST_HOLDOFF,
+            tally_caught: 0,
+            tally_missed: 0,
         }
     }
 
@@ -109,7 +117,34 @@ impl AdaptivePoll {
     #[inline]
     pub fn caught(&mut self) {
         self.misses = 0;
-        self.next_holdoff = FIRST_HOLDOFF;
+        self.tally_caught += 1;
+        self.judge_tally();
+    }
+
+    /// After [`TALLY`] polls: polls that mostly miss are given up; polls that mostly catch
+    /// forget earlier give-ups.
+    fn judge_tally(&mut self) {
+        if self.tally_caught + self.tally_missed < TALLY {
+            return;
+        }
+        let missing = self.tally_missed > self.tally_caught;
+        self.tally_caught = 0;
+        self.tally_missed = 0;
+        if missing {
+            self.give_up();
+        } else {
+            self.next_holdoff = FIRST_HOLDOFF;
+        }
+    }
+
+    /// Stop polling for the next hold-off's events; the one after is twice as long.
+    fn give_up(&mut self) {
+        self.misses = 0;
+        self.tally_caught = 0;
+        self.tally_missed = 0;
+        self.window = Duration::ZERO;
+        self.holdoff = self.next_holdoff;
+        self.next_holdoff = self.next_holdoff.saturating_mul(2).min(MAX_HOLDOFF);
     }
 
     /// The queue slept; `idle` passed from its last work to its waking up for the next event
@@ -131,11 +166,13 @@ impl AdaptivePoll {
         if !self.window.is_zero() {
             // A poll ran and missed.
             self.misses += 1;
+            self.tally_missed += 1;
             if self.misses >= MAX_MISSES {
-                self.misses = 0;
-                self.window = Duration::ZERO;
-                self.holdoff = self.next_holdoff;
-                self.next_holdoff = self.next_holdoff.saturating_mul(2).min(MAX_HOLDOFF);
+                self.give_up();
+                return;
+            }
+            self.judge_tally();
+            if self.window.is_zero() {
                 return;
             }
         }
@@ -212,22 +249,49 @@ mod tests {
                 p.woke_after(us(60));
             }
         }
-        // A catch forgets it all.
+        // Polls that catch keep going, and a tally of catches forgets the give-ups.
         for _ in 0..8 * FIRST_HOLDOFF {
             p.woke_after(us(60));
         }
         p.woke_after(us(20));
         assert_eq!(p.window(), us(4));
-        p.caught();
         p.woke_after(us(20));
         p.woke_after(us(20));
         assert_eq!(p.window(), us(16));
-        p.caught();
         for _ in 0..1000 {
-            p.woke_after(us(20));
             p.caught();
         }
-        assert_eq!(p.window(), us(32), "catching: never given up");
+        assert_eq!(p.window(), us(16), "catching: never given up");
+        assert_eq!(p.next_holdoff, FIRST_HOLDOFF);
+    }
+
+    #[test]
+    fn polls_that_miss_more_than_they_catch_are_given_up() {
+        let mut p = AdaptivePoll::new(PollPolicy::DEFAULT);
+        for _ in 0..4 {
+            p.woke_after(us(20));
+        }
+        assert_eq!(p.window(), us(32));
+        // One catch, two misses, again and again: never 8 misses in a row, but mostly misses.
+        let mut rounds = 0;
+        while !p.window().is_zero() {
+            p.caught();
+            p.woke_after(us(60));
+            p.woke_after(us(60));
+            rounds += 1;
+            assert!(rounds <= TALLY, "given up within a tally");
+        }
+        // Two catches for one miss: polling goes on.
+        let mut p = AdaptivePoll::new(PollPolicy::DEFAULT);
+        for _ in 0..4 {
+            p.woke_after(us(20));
+        }
+        for _ in 0..100 {
+            p.caught();
+            p.caught();
+            p.woke_after(us(60));
+        }
+        assert_eq!(p.window(), us(32));
     }
 
     #[test]
