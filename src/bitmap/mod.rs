@@ -377,17 +377,7 @@ impl BitmapManager {
             .collect();
         let entries: Vec<StoreEntry> = datas
             .iter()
-            .map(|(b, data)| StoreEntry {
-                name: b.name(),
-                granularity_bits: b.granularity_bits(),
-                recording: b.is_recording(),
-                // An inconsistent bitmap stays flagged until it is removed.
-                in_use: in_use || b.is_inconsistent(),
-                data: match data {
-                    Some(d) => StoreData::Data(d),
-                    None => StoreData::Keep,
-                },
-            })
+            .map(|(b, data)| StoreEntry::of(b, in_use, data.as_deref()))
             .collect();
         store.store_bitmaps(&entries, false)?;
         *self.stored.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -431,17 +421,7 @@ impl BitmapManager {
         let entries: Vec<StoreEntry> = persistent
             .iter()
             .zip(&datas)
-            .map(|(b, data)| StoreEntry {
-                name: b.name(),
-                granularity_bits: b.granularity_bits(),
-                recording: b.is_recording(),
-                // An inconsistent bitmap stays flagged until it is removed.
-                in_use: b.is_inconsistent(),
-                data: match data {
-                    Some(d) => StoreData::Data(d),
-                    None => StoreData::Keep,
-                },
-            })
+            .map(|(b, data)| StoreEntry::of(b, false, data.as_deref()))
             .collect();
         let layouts = match store.store_bitmaps(&entries, true) {
             Ok(layouts) => layouts,

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{BitmapError, BitmapManager, DirtyBitmap, Persistence, StoreData, StoreEntry};
+use super::{BitmapError, BitmapManager, DirtyBitmap, Persistence, StoreEntry};
 use super::{DRAIN_TIMEOUT, MAX_BITMAP_BYTES};
 use crate::block::BlockDriver;
 use crate::error::Chain;
@@ -65,13 +65,9 @@ impl BitmapManager {
                 let entries: Vec<StoreEntry> = persistent
                     .iter()
                     .zip(&datas)
-                    .map(|(b, data)| StoreEntry {
-                        name: b.name(),
-                        granularity_bits: b.granularity_bits(),
-                        recording: b.is_recording(),
-                        // Saved on close: in use while served, as QEMU keeps them.
-                        in_use: self.persistence == Persistence::OnClose,
-                        data: StoreData::Data(data),
+                    // Saved on close: in use while served, as QEMU keeps them.
+                    .map(|(b, data)| {
+                        StoreEntry::of(b, self.persistence == Persistence::OnClose, Some(data))
                     })
                     .collect();
                 match store.grow_with_bitmaps(size, &entries, live) {

@@ -35,6 +35,20 @@ pub struct StoreEntry<'a> {
     pub data: StoreData<'a>,
 }
 
+impl<'a> StoreEntry<'a> {
+    /// `bitmap` as stored: `in_use` if asked or inconsistent (an inconsistent bitmap stays
+    /// flagged until it is removed), with `data`, or keeping what is stored.
+    pub fn of(bitmap: &'a super::DirtyBitmap, in_use: bool, data: Option<&'a [u8]>) -> Self {
+        StoreEntry {
+            name: bitmap.name(),
+            granularity_bits: bitmap.granularity_bits(),
+            recording: bitmap.is_recording(),
+            in_use: in_use || bitmap.is_inconsistent(),
+            data: data.map_or(StoreData::Keep, StoreData::Data),
+        }
+    }
+}
+
 /// Persistent storage of a node's bitmaps (the qcow2 bitmaps extension).
 pub trait BitmapStore: Send + Sync {
     /// The bitmaps stored in the image. Ones vubd cannot use (unknown type, incompatible extra
