@@ -346,6 +346,16 @@ fn a_store_rewrites_the_data_of_a_bitmap_whose_marks_did_not_all_reach_the_disk(
         !mark_durably(&m, &mut cursor, 0, 4096),
         "in memory, not on disk"
     );
+    // That last look asked for one more commit: let it fail too before the disk works again,
+    // or it may make the mark durable before the operation below, which then has nothing to
+    // rewrite (the test was flaky so, about 1 run in 6).
+    if let Some(epoch) = m.mark(&mut cursor, 0, 4096) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !m.committed(epoch) {
+            assert!(std::time::Instant::now() < deadline, "commit {epoch} hangs");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     store.fail_write.store(false, Ordering::SeqCst);
     // An operation that changes nothing of "p" still stores its data: the new track will take
     // what memory holds as durable, so the disk must hold it.
