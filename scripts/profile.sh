@@ -7,6 +7,8 @@
 # usage: scripts/profile.sh vubd|qsd RW BS IODEPTH [RUNTIME_S] [EXTRA VUBD ARGS...]
 #   e.g. scripts/profile.sh vubd randwrite 4k 1 5 --poll-us 50
 # PERF_DATA=FILE keeps the perf recording (perf report -i FILE).
+# PROFILE_DIR=/var/tmp PROFILE_CACHE=none profiles on a disk filesystem with O_DIRECT on the data
+# file (vubd --cache none, qemu-storage-daemon cache.direct=on), as make bench's real-disk table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backend=${1:?usage: scripts/profile.sh vubd|qsd RW BS IODEPTH [RUNTIME_S] [VUBD ARGS...]}
@@ -19,7 +21,9 @@ command -v perf >/dev/null || { echo "profile.sh: perf not found (apt-get instal
 cargo build --release --quiet --bin vubd --example loadgen
 vubd=$PWD/target/release/vubd
 loadgen=$PWD/target/release/examples/loadgen
-dir=$(mktemp -d /dev/shm/vubd-profile.XXXXXX)
+cache=${PROFILE_CACHE:-writeback}
+case $cache in none) direct=on ;; writeback) direct=off ;; *) echo "profile.sh: PROFILE_CACHE must be none or writeback" >&2; exit 2 ;; esac
+dir=$(mktemp -d "${PROFILE_DIR:-/dev/shm}/vubd-profile.XXXXXX")
 trap 'kill $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
 pid=
 dd if=/dev/urandom of="$dir/disk.raw" bs=1M count=1024 status=none
@@ -30,12 +34,12 @@ start() {
     rm -f "$dir/s.sock"
     case $backend in
     vubd)
-        taskset -c 1 "$vubd" serve --socket "$dir/s.sock" --image "$dir/meta.qcow2" --format qcow2 "$@" \
+        taskset -c 1 "$vubd" serve --socket "$dir/s.sock" --image "$dir/meta.qcow2" --format qcow2 --cache "$cache" "$@" \
             2>"$dir/backend.log" &
         ;;
     qsd)
         taskset -c 1 qemu-storage-daemon \
-            --blockdev "driver=file,node-name=data,filename=$dir/disk.raw,aio=io_uring" \
+            --blockdev "driver=file,node-name=data,filename=$dir/disk.raw,aio=io_uring,cache.direct=$direct" \
             --blockdev "driver=file,node-name=meta,filename=$dir/meta.qcow2" \
             --blockdev driver=qcow2,node-name=fmt,file=meta,data-file=data \
             --object iothread,id=io0 \

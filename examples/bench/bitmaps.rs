@@ -84,7 +84,7 @@ fn both_modes(
 }
 
 /// Make every granule of the bench image's bitmap dirty (and durable): one sequential pass.
-fn dirty_everything(o: &Options, work: &Path) -> Result<(), String> {
+pub fn dirty_everything(o: &Options, work: &Path) -> Result<(), String> {
     let w = Workload {
         bs: "1M",
         iodepth: 8,
@@ -106,13 +106,16 @@ fn dirty_everything(o: &Options, work: &Path) -> Result<(), String> {
 }
 
 /// The type of the filesystem holding `dir`, as the mount table names it (statfs's magic
-/// cannot tell ext4 from ext2).
-fn filesystem(dir: &Path) -> String {
+/// cannot tell ext4 from ext2). Of mounts stacked on one place, the last is the one seen.
+pub fn filesystem(dir: &Path) -> String {
     let probe = |cmd: &mut Command| {
         cmd.output()
             .ok()
             .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .and_then(|o| {
+                let out = String::from_utf8_lossy(&o.stdout).into_owned();
+                out.lines().last().map(|l| l.trim().to_string())
+            })
             .filter(|s| !s.is_empty())
     };
     probe(

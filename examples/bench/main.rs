@@ -2,7 +2,10 @@
 //! qcow2 metadata image over a raw data file (`data_file_raw`) with one enabled persistent
 //! dirty bitmap — driven by the same independent frontend (the libblkio-based `loadgen`),
 //! backends alternating run by run, each figure the median of several runs. The limit is fio
-//! with io_uring straight on the raw data file. Writes `docs/benchmarks.md` and a chart.
+//! straight on the raw data file. Writes `docs/benchmarks.md` and a chart.
+//!
+//! The second table runs the same workloads on a disk filesystem (`--disk-dir`) with O_DIRECT,
+//! against fio on the same file ([`disk`]).
 //!
 //! Then what crash-consistent bitmaps cost against bitmaps saved on close ([`bitmaps`]).
 //! `--only guest` (`make guest-bench`) runs fio inside a Linux guest instead ([`guest`]) and
@@ -10,12 +13,13 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--runtime 5] [--reps 3] [--dir /dev/shm]
-//!     [--disk-dir /var/tmp] [--cache none] [--size-mib 1024] [--vubd-args "..."]
-//!     [--only backends|bitmaps|guest|overhead|many|scale] [--out docs/benchmarks.md]
+//!     [--disk-dir /var/tmp] [--size-mib 1024] [--vubd-args "..."]
+//!     [--only backends|disk|bitmaps|guest|overhead|many|scale] [--out docs/benchmarks.md]
 //! ```
 
 mod bitmaps;
 mod chart;
+mod disk;
 mod guest;
 mod host;
 mod idle;
@@ -46,21 +50,22 @@ pub struct Options {
     pub runtime: u32,
     pub reps: u32,
     pub dir: PathBuf,
+    /// O_DIRECT on the data file: set for the disk table only.
     pub direct: bool,
     pub size_mib: u64,
     pub vubd_args: Vec<String>,
     pub out: PathBuf,
-    /// A directory on a disk filesystem, for the first-touch runs whose syncs must be real.
+    /// A directory on a disk filesystem: the disk table, and the first-touch runs whose syncs
+    /// must be real.
     pub disk_dir: PathBuf,
-    /// Run only one part: `backends` (vubd against qemu-storage-daemon), `bitmaps`, `guest`,
-    /// `overhead`, `many` or `scale`.
+    /// Run only one part: `backends` (vubd against qemu-storage-daemon), `disk` (the same on a
+    /// disk with O_DIRECT), `bitmaps`, `guest`, `overhead`, `many` or `scale`.
     pub only: Option<String>,
 }
 
 fn usage() -> String {
-    "usage: bench [--runtime S] [--reps N] [--dir DIR] [--disk-dir DIR] [--cache none|writeback] \
-     [--size-mib N] [--vubd-args ARGS] [--only backends|bitmaps|guest|overhead|many|scale] \
-     [--out FILE.md]"
+    "usage: bench [--runtime S] [--reps N] [--dir DIR] [--disk-dir DIR] [--size-mib N] \
+     [--vubd-args ARGS] [--only backends|disk|bitmaps|guest|overhead|many|scale] [--out FILE.md]"
         .into()
 }
 
@@ -85,7 +90,6 @@ fn parse_args() -> Result<Options, String> {
             "--runtime" => o.runtime = v.parse().map_err(|_| "bad --runtime")?,
             "--reps" => o.reps = v.parse::<u32>().map_err(|_| "bad --reps")?.max(1),
             "--dir" => o.dir = PathBuf::from(v),
-            "--cache" => o.direct = v == "none",
             "--size-mib" => o.size_mib = v.parse().map_err(|_| "bad --size-mib")?,
             "--vubd-args" => o.vubd_args = v.split_whitespace().map(String::from).collect(),
             "--out" => o.out = PathBuf::from(v),
@@ -93,7 +97,7 @@ fn parse_args() -> Result<Options, String> {
             "--only"
                 if matches!(
                     v.as_str(),
-                    "backends" | "bitmaps" | "guest" | "overhead" | "many" | "scale"
+                    "backends" | "disk" | "bitmaps" | "guest" | "overhead" | "many" | "scale"
                 ) =>
             {
                 o.only = Some(v)
@@ -136,22 +140,23 @@ fn run(o: Options) -> Result<(), String> {
         Some("scale") => Some((scale::HEADING, scale::run)),
         _ => None,
     };
+    if o.only.as_deref() == Some("disk") {
+        let section = disk::run(&o, have_qsd, have_fio)?;
+        drop(cleanup);
+        return write_section(&o, disk::HEADING, &section);
+    }
     if let Some((heading, measure)) = one_section {
         let section = measure(&o, &work)?;
         drop(cleanup);
-        print!("{section}");
-        let old = fs::read_to_string(&o.out).unwrap_or_default();
-        let md = replace_section(&old, heading, &section);
-        fs::write(&o.out, md).map_err(|e| format!("{}: {e}", o.out.display()))?;
-        eprintln!(
-            "bench: wrote the section {heading:?} of {}",
-            o.out.display()
-        );
-        return Ok(());
+        return write_section(&o, heading, &section);
     }
     let results = match o.only.as_deref() {
         Some("bitmaps") => None,
         _ => Some(measure_backends(&o, &work, have_qsd, have_fio)?),
+    };
+    let disk = match o.only.as_deref() {
+        None | Some("backends") => Some(disk::run(&o, have_qsd, have_fio)?),
+        _ => None,
     };
     let bitmaps = match o.only.as_deref() {
         Some("backends") => None,
@@ -182,6 +187,7 @@ fn run(o: Options) -> Result<(), String> {
             started.elapsed().as_secs_f64()
         ),
     };
+    md.push_str(disk.as_deref().unwrap_or_default());
     md.push_str(idle.as_deref().unwrap_or_default());
     md.push_str(bitmaps.as_deref().unwrap_or_default());
     md.push_str(overhead.as_deref().unwrap_or_default());
@@ -266,6 +272,19 @@ fn measure_backends(
         }
     }
     Ok(results)
+}
+
+/// Print `section` and put it into the report in place of the one under `heading`.
+fn write_section(o: &Options, heading: &str, section: &str) -> Result<(), String> {
+    print!("{section}");
+    let old = fs::read_to_string(&o.out).unwrap_or_default();
+    let md = replace_section(&old, heading, section);
+    fs::write(&o.out, md).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    eprintln!(
+        "bench: wrote the section {heading:?} of {}",
+        o.out.display()
+    );
+    Ok(())
 }
 
 /// A section measured on its own (`--only overhead`, `--only many`).

@@ -153,14 +153,15 @@ pub fn run_loadgen(
     })
 }
 
-/// One run of workload `w` with fio straight on the data file: the limit.
+/// One run of workload `w` with fio straight on the data file: the limit. fio stands for a
+/// backend with no virtio in between, so it runs on the backend's CPU.
 pub fn run_fio(o: &Options, work: &Path, w: &Workload, engine: Backend) -> Result<Sample, String> {
     let engine = if engine == Backend::FioSync {
         "psync"
     } else {
         "io_uring"
     };
-    let out = pinned(0, "fio")
+    let out = pinned(1, "fio")
         .args(["--name=limit", "--time_based"])
         .arg(format!("--ioengine={engine}"))
         .args(["--group_reporting"])

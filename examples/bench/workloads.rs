@@ -15,13 +15,15 @@ pub struct Workload {
     pub targets: &'static [Target],
 }
 
-/// A target of the issue, as a ratio of vubd's figure to qemu-storage-daemon's.
+/// A target of the issue: a ratio of vubd's figure to qemu-storage-daemon's, or to fio's.
 #[derive(Clone, Copy, Debug)]
 pub enum Target {
     IopsAtLeast(f64),
     P50AtMost(f64),
     CpuAtMost(f64),
-    MbsAtLeast(f64),
+    /// MB/s against fio with `ioengine=psync` on the same file: the memory-copy ceiling on
+    /// tmpfs.
+    PsyncMbsAtLeast(f64),
 }
 
 pub const fn workload(
@@ -45,7 +47,9 @@ pub const fn workload(
 /// Issue 15's targets at depth 1, with vubd's default (adaptive) polling.
 const DEPTH_1: &[Target] = &[Target::P50AtMost(0.6), Target::CpuAtMost(1.0)];
 const DEPTH_32: &[Target] = &[Target::IopsAtLeast(2.5), Target::CpuAtMost(0.5)];
-const SEQUENTIAL: &[Target] = &[Target::MbsAtLeast(1.5)];
+/// Issue 15: near the copy ceiling. (Issue 5's 1.5x qemu-storage-daemon was out of reach: qsd
+/// already reaches about two thirds of that ceiling.)
+const SEQUENTIAL: &[Target] = &[Target::PsyncMbsAtLeast(0.85)];
 
 pub const RANDREAD_QD1: Workload = workload("4k randread qd1", "randread", "4k", 1, DEPTH_1);
 const RANDWRITE_QD1: Workload = workload("4k randwrite qd1", "randwrite", "4k", 1, DEPTH_1);
