@@ -22,7 +22,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::dirty::word_masks;
+use super::dirty::{word_masks, zeroed_words};
 use super::DirtyBitmap;
 
 /// log2 of the largest block a commit writes.
@@ -48,16 +48,20 @@ impl DurableTrack {
         let words = bitmap.words();
         let block_bits = cluster_bits.min(MAX_BLOCK_BITS);
         let blocks = clusters.len() << (cluster_bits - block_bits);
+        // Zeroed, then only the dirty words copied: the shadow of a clean stretch of the
+        // bitmap takes no memory until a write dirties it.
+        let durable = zeroed_words(words.len());
+        for (shadow, word) in durable.iter().zip(words.iter()) {
+            let bits = word.load(Ordering::Acquire);
+            if bits != 0 {
+                shadow.store(bits, Ordering::Relaxed);
+            }
+        }
         DurableTrack {
             cluster_bits,
             block_bits,
-            durable: words
-                .iter()
-                .map(|w| AtomicU64::new(w.load(Ordering::Acquire)))
-                .collect(),
-            flush: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            durable,
+            flush: zeroed_words(blocks.div_ceil(64)),
             clusters,
         }
     }
@@ -68,9 +72,7 @@ impl DurableTrack {
         DurableTrack {
             cluster_bits: 9,
             block_bits: 9,
-            durable: (0..bitmap.words().len())
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            durable: zeroed_words(bitmap.words().len()),
             flush: Box::new([]),
             clusters: Vec::new(),
         }

@@ -278,6 +278,7 @@ impl Qcow2Node {
         }
         let cs = self.cluster_size() as usize;
         let mut data = vec![0u8; bytes as usize];
+        let mut scratch = vec![0u8; cs.min(bytes as usize)];
         for (i, raw) in self.read_table(e)?.into_iter().enumerate() {
             let chunk = &mut data[(i * cs).min(bytes as usize)..((i + 1) * cs).min(bytes as usize)];
             let offset = raw & OFFSET_MASK;
@@ -291,7 +292,14 @@ impl Qcow2Node {
                 .into());
             }
             if offset != 0 {
-                self.meta_file.read_exact_at(chunk, offset)?;
+                // Read into a scratch cluster and copy only what is not zero: `data` is
+                // allocated zeroed, and its clean stretches then take no memory (vubd
+                // preallocates every cluster of a recording bitmap, mostly zeros).
+                let scratch = &mut scratch[..chunk.len()];
+                self.meta_file.read_exact_at(scratch, offset)?;
+                if scratch.iter().any(|&b| b != 0) {
+                    chunk.copy_from_slice(scratch);
+                }
             } else if raw & TABLE_ALL_ONES != 0 {
                 chunk.fill(0xff);
             }
