@@ -204,3 +204,32 @@ fn logs_are_filtered_per_module_and_can_be_json_lines() {
     ]);
     assert!(err.contains("--log-format"), "{err}");
 }
+
+#[test]
+fn submission_polling_needs_io_uring_and_a_cpu_that_exists() {
+    let dir = TempDir::new("cli-sqpoll");
+    let image = dir.join("disk.raw");
+    create_image(&image, 1 << 20, 1);
+    let serve = |extra: &[&str]| {
+        let sock = dir.join("s");
+        let mut args = vec![
+            "--socket",
+            sock.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let err = serve_fails(&args);
+        one_line_error(&err).to_string()
+    };
+    let line = serve(&["--io-sqpoll", "0", "--io-engine", "sync"]);
+    assert!(
+        line.contains("--io-sqpoll") && line.contains("--io-engine sync"),
+        "{line}"
+    );
+    let line = serve(&["--io-sqpoll", "4096"]);
+    assert!(
+        line.contains("--io-sqpoll 4096") && line.contains("CPUs 0 to"),
+        "{line}"
+    );
+}

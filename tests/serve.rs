@@ -88,6 +88,36 @@ fn read_write_flush_round_trip_busy_polling() {
     round_trip_in(&std::env::temp_dir(), "io-uring", &["--poll-us", "100"]);
 }
 
+#[test]
+fn read_write_flush_round_trip_submission_polling() {
+    // O_DIRECT first, so that every transfer goes through the ring the kernel thread polls.
+    round_trip_in(
+        &std::env::temp_dir(),
+        "io-uring",
+        &["--cache", "none", "--io-sqpoll", "0"],
+    );
+    round_trip_in(&std::env::temp_dir(), "auto", &["--io-sqpoll", "0"]);
+
+    // The kernel's polling thread is there while a frontend is connected.
+    let dir = TempDir::new("sqpoll-thread");
+    let image = dir.join("disk.raw");
+    create_image(&image, MIB, 1);
+    let vubd = Vubd::start(
+        &dir.join("vubd.sock"),
+        &["--image", image.to_str().unwrap(), "--io-sqpoll", "0"],
+    );
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    client.read(0, 0, 4096).unwrap();
+    let threads: Vec<String> = fs::read_dir(format!("/proc/{}/task", vubd.pid()))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(
+        threads.iter().any(|c| c.starts_with("iou-sqp-")),
+        "no submission-polling thread among {threads:?}"
+    );
+}
+
 fn memory_backed_dir() -> std::path::PathBuf {
     let shm = std::path::Path::new("/dev/shm");
     if shm.is_dir() {

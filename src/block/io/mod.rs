@@ -8,7 +8,7 @@
 
 mod sync;
 pub mod transfer;
-mod uring;
+pub mod uring;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -61,11 +61,21 @@ pub enum InlinePolicy {
 pub enum EngineKind {
     /// io_uring where the kernel allows it (else synchronous), with transfers the page cache
     /// or memory can serve at once done inline.
-    Auto,
+    Auto(UringSetup),
     /// Everything through io_uring.
-    IoUring,
+    IoUring(UringSetup),
     /// Everything synchronous.
     Sync,
+}
+
+/// How each queue's io_uring is set up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UringSetup {
+    /// Have a kernel thread pinned to this CPU poll the submission ring
+    /// (`IORING_SETUP_SQPOLL`), so that submitting costs no system call while it is awake.
+    /// It spins for [`uring::SQPOLL_IDLE_MS`] after the last submission: a CPU traded for
+    /// latency, worth it only with a CPU to spare.
+    pub sqpoll_cpu: Option<u32>,
 }
 
 /// A queue thread's I/O engine.
@@ -131,11 +141,17 @@ impl Engine {
     pub fn new(kind: EngineKind, depth: u32, completion_fd: RawFd) -> io::Result<Engine> {
         match kind {
             EngineKind::Sync => Ok(Engine::Sync(SyncEngine::new())),
-            EngineKind::IoUring => UringEngine::new(depth, completion_fd).map(|mut e| {
-                e.allow_inline = false;
-                Engine::Uring(Box::new(e))
-            }),
-            EngineKind::Auto => match UringEngine::new(depth, completion_fd) {
+            EngineKind::IoUring(setup) => {
+                UringEngine::new(depth, completion_fd, setup).map(|mut e| {
+                    e.allow_inline = false;
+                    Engine::Uring(Box::new(e))
+                })
+            }
+            // SQPOLL was asked for: failing to set it up is an error, not a fallback.
+            EngineKind::Auto(setup) if setup.sqpoll_cpu.is_some() => {
+                UringEngine::new(depth, completion_fd, setup).map(|e| Engine::Uring(Box::new(e)))
+            }
+            EngineKind::Auto(setup) => match UringEngine::new(depth, completion_fd, setup) {
                 Ok(engine) => Ok(Engine::Uring(Box::new(engine))),
                 Err(e) => {
                     log::warn!("io_uring unavailable ({e}); using synchronous I/O");

@@ -6,7 +6,11 @@ use std::os::fd::RawFd;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::Op;
+use super::{Op, UringSetup};
+
+/// How long a submission-polling kernel thread (`--io-sqpoll`) spins after the last submission
+/// before it sleeps (the next submission then wakes it with a system call).
+pub const SQPOLL_IDLE_MS: u32 = 10;
 
 /// One io_uring instance that signals an eventfd on every completion.
 pub struct UringEngine {
@@ -23,8 +27,20 @@ pub struct UringEngine {
 impl UringEngine {
     /// A ring with room for `depth` operations (rounded up by the kernel to a power of two),
     /// signalling `completion_fd` when operations complete.
-    pub fn new(depth: u32, completion_fd: RawFd) -> io::Result<Self> {
-        let ring = IoUring::new(depth.clamp(8, 4096))?;
+    pub fn new(depth: u32, completion_fd: RawFd, setup: UringSetup) -> io::Result<Self> {
+        let mut builder = IoUring::builder();
+        if let Some(cpu) = setup.sqpoll_cpu {
+            builder.setup_sqpoll(SQPOLL_IDLE_MS).setup_sqpoll_cpu(cpu);
+        }
+        let ring = builder
+            .build(depth.clamp(8, 4096))
+            .map_err(|e| match setup.sqpoll_cpu {
+                Some(cpu) => io::Error::new(
+                    e.kind(),
+                    format!("io_uring with a submission-polling thread on CPU {cpu}: {e}"),
+                ),
+                None => e,
+            })?;
         ring.submitter().register_eventfd(completion_fd)?;
         Ok(UringEngine {
             ring,
