@@ -18,5 +18,6 @@ pub mod ratelimit;
 pub mod socket;
 pub mod stats;
 pub mod systemd;
+pub mod thread;
 pub mod vhost;
 pub mod virtio_blk;

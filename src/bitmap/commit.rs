@@ -61,12 +61,9 @@ impl Committer {
     ) -> std::io::Result<Committer> {
         let shared = Arc::new(Shared::default());
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("vubd-bitmaps".into())
-            .spawn(move || {
-                block_signals();
-                run(&thread_shared, &list, &*store, &gate, &store_lock)
-            })?;
+        let thread = crate::thread::spawn_quiet("vubd-bitmaps", move || {
+            run(&thread_shared, &list, &*store, &gate, &store_lock)
+        })?;
         Ok(Committer {
             shared,
             thread: Some(thread),
@@ -158,16 +155,5 @@ fn run(
         drop(stored);
         shared.completed.store(epoch, Ordering::Release);
         gate.wake_all();
-    }
-}
-
-/// Leave signals to the daemon's signal thread: this thread may start before the daemon
-/// blocks them, and a SIGTERM delivered here would kill the process without a clean shutdown.
-fn block_signals() {
-    // SAFETY: sigfillset initialises the set; pthread_sigmask changes only this thread's mask.
-    unsafe {
-        let mut set = std::mem::zeroed::<libc::sigset_t>();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
