@@ -87,8 +87,7 @@ impl DirtyBitmap {
             self.is_recording(),
             self.persistent,
         );
-        grown.load_bytes(&self.to_bytes());
-        grown
+        grown.with_bytes(&self.to_bytes())
     }
 
     /// A bitmap whose stored content cannot be trusted. It keeps no bits (it can only be
@@ -306,21 +305,21 @@ impl DirtyBitmap {
         out
     }
 
-    /// Load bitmap data in the on-disk layout. Bits past the last granule are ignored.
-    pub fn load_bytes(&self, data: &[u8]) {
-        for (i, w) in self.words.iter().enumerate() {
-            let mut word = [0u8; 8];
-            let start = i * 8;
-            if start < data.len() {
-                let n = (data.len() - start).min(8);
-                word[..n].copy_from_slice(&data[start..start + n]);
-            }
-            let word = u64::from_le_bytes(word);
-            // A zero over a zero is not written: the pages of a clean stretch stay untouched,
-            // and so take no memory (see [`zeroed_words`]).
-            if word != 0 || w.load(Ordering::Relaxed) != 0 {
+    /// This new, clean bitmap holding `data`, in the on-disk layout. Bits past the last granule
+    /// are ignored. Only the words with a bit set are written: the pages of clean stretches
+    /// stay untouched and take no memory (see [`zeroed_words`]).
+    pub fn with_bytes(self, data: &[u8]) -> Self {
+        let (whole, partial) = data.as_chunks::<8>();
+        for (w, bytes) in self.words.iter().zip(whole) {
+            let word = u64::from_le_bytes(*bytes);
+            if word != 0 {
                 w.store(word, Ordering::Release);
             }
+        }
+        if let (Some(w), false) = (self.words.get(whole.len()), partial.is_empty()) {
+            let mut bytes = [0u8; 8];
+            bytes[..partial.len()].copy_from_slice(partial);
+            w.store(u64::from_le_bytes(bytes), Ordering::Release);
         }
         // Clear tail bits beyond the disk (the spec requires them to be zero).
         let granules = self.granules();
@@ -330,6 +329,7 @@ impl DirtyBitmap {
                 last.fetch_and((1u64 << used) - 1, Ordering::AcqRel);
             }
         }
+        self
     }
 }
 
@@ -425,10 +425,9 @@ mod tests {
         assert_eq!(bytes[0], 1);
         assert_eq!(bytes[1], 2);
         assert_eq!(bytes[12], 8);
-        let c = DirtyBitmap::new("c", 9, 512 * 100, true, false);
         let mut with_tail = bytes.clone();
         with_tail[12] |= 0xf0; // bits past granule 99 must be ignored
-        c.load_bytes(&with_tail);
+        let c = DirtyBitmap::new("c", 9, 512 * 100, true, false).with_bytes(&with_tail);
         assert_eq!(c.to_bytes(), bytes);
     }
 

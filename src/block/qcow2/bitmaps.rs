@@ -297,7 +297,7 @@ impl Qcow2Node {
                 // preallocates every cluster of a recording bitmap, mostly zeros).
                 let scratch = &mut scratch[..chunk.len()];
                 self.meta_file.read_exact_at(scratch, offset)?;
-                if scratch.iter().any(|&b| b != 0) {
+                if !is_zero(scratch) {
                     chunk.copy_from_slice(scratch);
                 }
             } else if raw & TABLE_ALL_ONES != 0 {
@@ -306,4 +306,14 @@ impl Qcow2Node {
         }
         Ok(data)
     }
+}
+
+/// Whether every byte of `bytes` is zero, 64 at a time (a 1 TiB disk has 16 MiB of bitmap data
+/// for 8 bitmaps at 64 KiB granularity, read at every open).
+fn is_zero(bytes: &[u8]) -> bool {
+    let (blocks, rest) = bytes.as_chunks::<64>();
+    blocks
+        .iter()
+        .all(|b| b.iter().fold(0, |acc, &x| acc | x) == 0)
+        && rest.iter().all(|&x| x == 0)
 }
