@@ -125,11 +125,11 @@ fn run(
                 continue;
             };
             for c in track.take_flush() {
-                let Some((offset, bytes)) = track.block(bitmap, c) else {
+                let Some((offset, bytes, generation)) = track.block(bitmap, c) else {
                     continue;
                 };
                 match store.write_data_cluster(offset, &bytes) {
-                    Ok(()) => written.push((track.clone(), c, bytes)),
+                    Ok(()) => written.push((track.clone(), c, generation)),
                     Err(e) => {
                         log::error!("bitmap '{}': writing its marks: {e}", bitmap.name());
                         track.flag(c);
@@ -140,8 +140,8 @@ fn run(
         if !written.is_empty() {
             match store.sync_bitmaps() {
                 Ok(()) => {
-                    for (track, c, bytes) in &written {
-                        track.set_durable(*c, bytes);
+                    for (track, c, generation) in &written {
+                        track.set_durable(*c, *generation);
                     }
                 }
                 Err(e) => {

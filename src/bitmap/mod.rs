@@ -129,6 +129,17 @@ impl std::fmt::Debug for BitmapManager {
     }
 }
 
+/// What a write whose marks are not on disk yet waits for ([`BitmapManager::mark`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingMarks {
+    /// The group commit that makes them durable.
+    pub epoch: u64,
+    /// The generation they were marked with.
+    marked: u64,
+    /// The manager's generation then: which tracks recorded them.
+    tracks: u64,
+}
+
 /// A queue's view of the recording bitmaps, refreshed when the generation moves (every
 /// change of the list or of a bitmap's recording state publishes a new generation, and happens
 /// while no write is being marked).
@@ -248,33 +259,106 @@ impl BitmapManager {
         }
     }
 
-    /// Mark `[offset, offset + len)` in every recording bitmap. Returns the group commit the
-    /// write must wait for, if some of its granules are not on disk yet (crash-consistent
-    /// bitmaps); `None` if it may go ahead. No lock is taken unless the list changed since the
-    /// cursor last looked, or a commit is needed.
+    /// Mark `[offset, offset + len)` in every recording bitmap. Returns what the write must
+    /// wait for, if some of its granules are not on disk yet (crash-consistent bitmaps);
+    /// `None` if it may go ahead. No lock is taken unless the list changed since the cursor
+    /// last looked, or a commit is needed.
     #[inline]
-    pub fn mark(&self, cursor: &mut BitmapCursor, offset: u64, len: u64) -> Option<u64> {
+    pub fn mark(&self, cursor: &mut BitmapCursor, offset: u64, len: u64) -> Option<PendingMarks> {
+        self.mark_ranges(cursor, std::iter::once((offset, len)))
+    }
+
+    /// [`Self::mark`] for a request that changes several ranges: one wait for all of them.
+    pub fn mark_ranges(
+        &self,
+        cursor: &mut BitmapCursor,
+        ranges: impl Iterator<Item = (u64, u64)> + Clone,
+    ) -> Option<PendingMarks> {
         let generation = self.generation.load(Ordering::Acquire);
         if generation != cursor.generation {
             *cursor = self.cursor();
         }
-        let mut commit = false;
+        let mut settled = true;
         for (b, track) in &cursor.recording {
             match track {
-                Some(track) => commit |= track.mark(b, offset, len),
+                Some(track) => {
+                    settled = settled
+                        && ranges
+                            .clone()
+                            .all(|(offset, len)| track.settled(b, offset, len));
+                }
                 None => {
-                    b.mark(offset, len);
+                    for (offset, len) in ranges.clone() {
+                        b.mark(offset, len);
+                    }
                 }
             }
         }
-        match (&self.committer, commit) {
-            (Some(committer), true) => Some(committer.request()),
-            _ => None,
+        if settled {
+            return None;
+        }
+        // Every tracked bitmap takes the slow path, so that one generation confirms them all.
+        let tracked = || {
+            cursor
+                .recording
+                .iter()
+                .filter_map(|(b, t)| Some((b, t.as_ref()?)))
+        };
+        for (b, track) in tracked() {
+            for (offset, len) in ranges.clone() {
+                track.begin_mark(b, offset, len);
+            }
+        }
+        let marked = durable::next_generation();
+        for (b, track) in tracked() {
+            for (offset, len) in ranges.clone() {
+                track.end_mark(b, offset, len, marked);
+            }
+        }
+        let committer = self.committer.as_ref()?;
+        Some(PendingMarks {
+            epoch: committer.request(),
+            marked,
+            tracks: cursor.generation,
+        })
+    }
+
+    /// After the group commit `pending` waited for: whether the marks of the ranges are on
+    /// disk. If not, the commit failed, and the write must fail rather than reach the disk
+    /// unrecorded.
+    pub fn confirm(
+        &self,
+        cursor: &mut BitmapCursor,
+        ranges: impl Iterator<Item = (u64, u64)> + Clone,
+        pending: PendingMarks,
+    ) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != cursor.generation {
+            *cursor = self.cursor();
+        }
+        let tracked = cursor
+            .recording
+            .iter()
+            .filter_map(|(b, t)| Some((b, t.as_ref()?)));
+        if cursor.generation == pending.tracks {
+            tracked.into_iter().all(|(b, track)| {
+                ranges
+                    .clone()
+                    .all(|(offset, len)| track.durable_since(b, offset, len, pending.marked))
+            })
+        } else {
+            // The tracks were replaced since (a store, which holds what memory held): what
+            // they say now is all there is.
+            tracked.into_iter().all(|(b, track)| {
+                ranges
+                    .clone()
+                    .all(|(offset, len)| track.settled(b, offset, len))
+            })
         }
     }
 
     /// Whether the group commit `epoch` has completed. The write that waited for it must then
-    /// mark again: if its granules are still not on disk, the commit failed.
+    /// [`Self::confirm`] its marks: if they are still not on disk, the commit failed.
     #[inline]
     pub fn committed(&self, epoch: u64) -> bool {
         self.committer
@@ -418,7 +502,7 @@ impl BitmapManager {
                 let fresh = !stored.contains(b.name());
                 // Memory ahead of the disk (a commit pending or failed): the data is written,
                 // since the new track takes what memory holds as durable.
-                let behind = b.track().is_some_and(|t| t.behind(b));
+                let behind = b.track().is_some_and(|t| t.behind());
                 let changed = rewrite_all || behind || changed.iter().any(|n| n == b.name());
                 ((fresh || changed) && !b.is_inconsistent()).then(|| b.to_bytes())
             })
@@ -453,7 +537,7 @@ impl BitmapManager {
     fn seal(&self, persistent: &[&Arc<DirtyBitmap>]) {
         for b in persistent {
             if b.is_recording() && !b.is_inconsistent() {
-                b.set_track(Some(Arc::new(DurableTrack::unwritable(b))));
+                b.set_track(Some(Arc::new(DurableTrack::unwritable())));
             }
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -472,7 +556,7 @@ impl BitmapManager {
         let cluster_bits = store.cluster_size().trailing_zeros();
         for (b, clusters) in persistent.iter().zip(layouts) {
             let live = b.is_recording() && !b.is_inconsistent() && !clusters.is_empty();
-            b.set_track(live.then(|| Arc::new(DurableTrack::new(b, cluster_bits, clusters))));
+            b.set_track(live.then(|| Arc::new(DurableTrack::new(cluster_bits, clusters))));
         }
         // Cursors pick up the new tracks.
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -487,7 +571,7 @@ impl BitmapManager {
         self.stale.store(true, Ordering::Release);
         for b in persistent {
             if b.is_recording() && !b.is_inconsistent() {
-                b.set_track(Some(Arc::new(DurableTrack::unwritable(b))));
+                b.set_track(Some(Arc::new(DurableTrack::unwritable())));
             }
         }
         self.generation.fetch_add(1, Ordering::AcqRel);

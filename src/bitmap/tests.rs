@@ -250,18 +250,22 @@ fn served(store: &Arc<MockStore>) -> BitmapManager {
     m
 }
 
-/// Mark as the write path does: wait for the commit a first touch needs, then ask again.
+/// Mark as the write path does: wait for the commit a first touch needs, then confirm.
 /// Returns whether the write may go to the disk.
 fn mark_durably(m: &BitmapManager, cursor: &mut BitmapCursor, offset: u64, len: u64) -> bool {
-    let Some(epoch) = m.mark(cursor, offset, len) else {
+    let Some(pending) = m.mark(cursor, offset, len) else {
         return true;
     };
+    wait_for(m, pending.epoch);
+    m.confirm(cursor, std::iter::once((offset, len)), pending)
+}
+
+fn wait_for(m: &BitmapManager, epoch: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !m.committed(epoch) {
         assert!(std::time::Instant::now() < deadline, "commit {epoch} hangs");
         std::thread::sleep(Duration::from_millis(1));
     }
-    m.mark(cursor, offset, len).is_none()
 }
 
 #[test]
@@ -346,15 +350,12 @@ fn a_store_rewrites_the_data_of_a_bitmap_whose_marks_did_not_all_reach_the_disk(
         !mark_durably(&m, &mut cursor, 0, 4096),
         "in memory, not on disk"
     );
-    // That last look asked for one more commit: let it fail too before the disk works again,
+    // Another write asks for one more commit: let it fail too before the disk works again,
     // or it may make the mark durable before the operation below, which then has nothing to
-    // rewrite (the test was flaky so, about 1 run in 6).
-    if let Some(epoch) = m.mark(&mut cursor, 0, 4096) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !m.committed(epoch) {
-            assert!(std::time::Instant::now() < deadline, "commit {epoch} hangs");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    // rewrite.
+    if let Some(pending) = m.mark(&mut cursor, 0, 4096) {
+        wait_for(&m, pending.epoch);
+        assert!(!m.confirm(&mut cursor, std::iter::once((0, 4096)), pending));
     }
     store.fail_write.store(false, Ordering::SeqCst);
     // An operation that changes nothing of "p" still stores its data: the new track will take

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::device::BlkDevice;
 use super::dirty_log::DirtyLog;
 use super::slot::{Slot, SlotOp};
-use crate::bitmap::BitmapCursor;
+use crate::bitmap::{BitmapCursor, PendingMarks};
 use crate::block::io::transfer::Transfer;
 use crate::block::io::transfer::{bounce_transfer, fill_zero, finish_short_transfer, is_aligned};
 use crate::block::io::{Engine, InlinePolicy, Op};
@@ -72,7 +72,7 @@ pub struct Executor {
     /// Writes held back while the write gate is closed.
     deferred: VecDeque<(u32, Request)>,
     /// Writes waiting for the group commit (epoch) that makes their bitmap marks durable.
-    committing: VecDeque<(u32, Request, u64)>,
+    committing: VecDeque<(u32, Request, PendingMarks)>,
     bitmap_cursor: BitmapCursor,
     root: RootCursor,
     slots: Vec<Slot>,
@@ -227,8 +227,8 @@ impl Executor {
                 return;
             }
             self.slots[slot_index as usize].gated = true;
-            if let Some(epoch) = self.mark(slot_index, req) {
-                self.committing.push_back((slot_index, req, epoch));
+            if let Some(pending) = self.mark(slot_index, req) {
+                self.committing.push_back((slot_index, req, pending));
                 return;
             }
         }
@@ -237,18 +237,38 @@ impl Executor {
 
     /// Mark what the modifying request `req` changes in every recording bitmap; returns the
     /// group commit it must wait for, if any.
-    fn mark(&mut self, slot_index: u32, req: Request) -> Option<u64> {
+    fn mark(&mut self, slot_index: u32, req: Request) -> Option<PendingMarks> {
         let bitmaps = self.device.export().bitmaps();
         match req.kind {
             RequestKind::Write { offset, len } => {
                 bitmaps.mark(&mut self.bitmap_cursor, offset, len)
             }
             _ => {
-                let mut epoch = None;
-                for seg in &self.slots[slot_index as usize].bufs.segments {
-                    epoch = epoch.max(bitmaps.mark(&mut self.bitmap_cursor, seg.offset, seg.len));
-                }
-                epoch
+                let segments = &self.slots[slot_index as usize].bufs.segments;
+                bitmaps.mark_ranges(
+                    &mut self.bitmap_cursor,
+                    segments.iter().map(|seg| (seg.offset, seg.len)),
+                )
+            }
+        }
+    }
+
+    /// Whether the marks `req` waited for are on disk now that their commit completed.
+    fn confirm(&mut self, slot_index: u32, req: Request, pending: PendingMarks) -> bool {
+        let bitmaps = self.device.export().bitmaps();
+        match req.kind {
+            RequestKind::Write { offset, len } => bitmaps.confirm(
+                &mut self.bitmap_cursor,
+                std::iter::once((offset, len)),
+                pending,
+            ),
+            _ => {
+                let segments = &self.slots[slot_index as usize].bufs.segments;
+                bitmaps.confirm(
+                    &mut self.bitmap_cursor,
+                    segments.iter().map(|seg| (seg.offset, seg.len)),
+                    pending,
+                )
             }
         }
     }
@@ -265,13 +285,13 @@ impl Executor {
     /// commit completed. Returns whether the gate is open (nothing is held back by it any more).
     pub fn run_deferred(&mut self) -> bool {
         let mut started = false;
-        while let Some(&(slot_index, req, epoch)) = self.committing.front() {
-            if !self.device.export().bitmaps().committed(epoch) {
+        while let Some(&(slot_index, req, pending)) = self.committing.front() {
+            if !self.device.export().bitmaps().committed(pending.epoch) {
                 break;
             }
             self.committing.pop_front();
             started = true;
-            if self.mark(slot_index, req).is_some() {
+            if !self.confirm(slot_index, req, pending) {
                 // The commit ran but the marks are still not on disk: it failed. The write
                 // must not reach the disk unrecorded.
                 self.log.warn(

@@ -194,16 +194,17 @@ impl Harness {
         let bitmaps = export.bitmaps();
         assert!(bitmaps.gate().try_enter(0));
         let mut landed = false;
-        if let Some(epoch) = bitmaps.mark(&mut self.cursor, offset, len) {
+        if let Some(pending) = bitmaps.mark(&mut self.cursor, offset, len) {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !bitmaps.committed(epoch) {
+            while !bitmaps.committed(pending.epoch) {
                 assert!(
                     Instant::now() < deadline,
-                    "group commit {epoch} never completed"
+                    "group commit {} never completed",
+                    pending.epoch
                 );
                 std::thread::sleep(Duration::from_millis(1));
             }
-            if bitmaps.mark(&mut self.cursor, offset, len).is_none() {
+            if bitmaps.confirm(&mut self.cursor, std::iter::once((offset, len)), pending) {
                 landed = apply(&export.root());
             }
         } else {
