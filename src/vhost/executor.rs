@@ -235,44 +235,6 @@ impl Executor {
         self.proceed(slot_index, req);
     }
 
-    /// Mark what the modifying request `req` changes in every recording bitmap; returns the
-    /// group commit it must wait for, if any.
-    fn mark(&mut self, slot_index: u32, req: Request) -> Option<PendingMarks> {
-        let bitmaps = self.device.export().bitmaps();
-        match req.kind {
-            RequestKind::Write { offset, len } => {
-                bitmaps.mark(&mut self.bitmap_cursor, offset, len)
-            }
-            _ => {
-                let segments = &self.slots[slot_index as usize].bufs.segments;
-                bitmaps.mark_ranges(
-                    &mut self.bitmap_cursor,
-                    segments.iter().map(|seg| (seg.offset, seg.len)),
-                )
-            }
-        }
-    }
-
-    /// Whether the marks `req` waited for are on disk now that their commit completed.
-    fn confirm(&mut self, slot_index: u32, req: Request, pending: PendingMarks) -> bool {
-        let bitmaps = self.device.export().bitmaps();
-        match req.kind {
-            RequestKind::Write { offset, len } => bitmaps.confirm(
-                &mut self.bitmap_cursor,
-                std::iter::once((offset, len)),
-                pending,
-            ),
-            _ => {
-                let segments = &self.slots[slot_index as usize].bufs.segments;
-                bitmaps.confirm(
-                    &mut self.bitmap_cursor,
-                    segments.iter().map(|seg| (seg.offset, seg.len)),
-                    pending,
-                )
-            }
-        }
-    }
-
     /// Execute a request that may go ahead, finishing it at once if it pushed no I/O.
     fn proceed(&mut self, slot_index: u32, req: Request) {
         self.execute(slot_index, req);
@@ -652,5 +614,6 @@ fn write_status(mem: &GuestMemory, addr: GuestAddress, status: Status) {
     let _ = mem.write_obj(status as u8, addr);
 }
 
+mod marks;
 #[cfg(test)]
 mod tests;
