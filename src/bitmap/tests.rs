@@ -269,6 +269,26 @@ fn wait_for(m: &BitmapManager, epoch: u64) {
 }
 
 #[test]
+fn after_close_no_write_goes_ahead_unrecorded() {
+    let store = Arc::new(MockStore::default());
+    let m = served(&store);
+    let mut cursor = m.cursor();
+    assert!(
+        mark_durably(&m, &mut cursor, 0, 4096),
+        "served: a first touch is committed"
+    );
+    m.close().unwrap();
+    assert!(
+        !mark_durably(&m, &mut cursor, 8192, 4096),
+        "sealed: a write that still came fails"
+    );
+    assert!(
+        !mark_durably(&m, &mut cursor, 0, 4096),
+        "even to a granule on disk: nothing tracks the disk any more"
+    );
+}
+
+#[test]
 fn a_first_touch_waits_for_its_mark_to_be_synced_then_marks_are_free() {
     let store = Arc::new(MockStore::default());
     let m = served(&store);
