@@ -207,6 +207,16 @@ mod tests {
         Duration::from_micros(n)
     }
 
+    /// A default poller whose window has grown to the bound (4, 8, 16, 32 µs).
+    fn polling_at_the_bound() -> AdaptivePoll {
+        let mut p = AdaptivePoll::new(PollPolicy::DEFAULT);
+        for _ in 0..4 {
+            p.woke_after(us(20));
+        }
+        assert_eq!(p.window(), us(32));
+        p
+    }
+
     #[test]
     fn grows_while_the_next_event_comes_soon_and_stays_while_it_catches() {
         let mut p = AdaptivePoll::new(PollPolicy::DEFAULT);
@@ -221,7 +231,6 @@ mod tests {
             p.caught();
             p.woke_after(us(40));
         }
-        assert_eq!(p.window(), us(32));
         assert_eq!(p.window(), us(32));
     }
 
@@ -267,11 +276,7 @@ mod tests {
 
     #[test]
     fn polls_that_miss_more_than_they_catch_are_given_up() {
-        let mut p = AdaptivePoll::new(PollPolicy::DEFAULT);
-        for _ in 0..4 {
-            p.woke_after(us(20));
-        }
-        assert_eq!(p.window(), us(32));
+        let mut p = polling_at_the_bound();
         // One catch, two misses, again and again: never 8 misses in a row, but mostly misses.
         let mut rounds = 0;
         while !p.window().is_zero() {
@@ -282,10 +287,7 @@ mod tests {
             assert!(rounds <= TALLY, "given up within a tally");
         }
         // Two catches for one miss: polling goes on.
-        let mut p = AdaptivePoll::new(PollPolicy::DEFAULT);
-        for _ in 0..4 {
-            p.woke_after(us(20));
-        }
+        let mut p = polling_at_the_bound();
         for _ in 0..100 {
             p.caught();
             p.caught();
@@ -296,11 +298,7 @@ mod tests {
 
     #[test]
     fn a_long_sleep_stops_polling_and_an_idle_queue_never_starts() {
-        let mut p = AdaptivePoll::new(PollPolicy::DEFAULT);
-        for _ in 0..5 {
-            p.woke_after(us(20));
-        }
-        assert_eq!(p.window(), us(32));
+        let mut p = polling_at_the_bound();
         p.woke_after(us(32) + WAKE_ALLOWANCE + us(1));
         assert_eq!(
             p.window(),
