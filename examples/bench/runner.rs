@@ -48,6 +48,35 @@ impl Drop for Running {
     }
 }
 
+/// qemu-storage-daemon serving `work`'s image as the bench's graph (qcow2 metadata over the raw
+/// data file), on its own iothread, pinned to the backend's CPU.
+pub fn qsd_command(work: &Path, sock: &Path, direct: bool, queues: u32) -> Command {
+    let direct = if direct { "on" } else { "off" };
+    let mut c = pinned(1, "qemu-storage-daemon");
+    c.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=data,filename={},aio=io_uring,cache.direct={direct}",
+            work.join("disk.raw").display()
+        ))
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=meta,filename={}",
+            work.join("meta.qcow2").display()
+        ))
+        .args([
+            "--blockdev",
+            "driver=qcow2,node-name=fmt,file=meta,data-file=data",
+        ])
+        .args(["--object", "iothread,id=io0"])
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path={},writable=on,\
+             num-queues={queues},iothread=io0",
+            sock.display()
+        ));
+    c
+}
+
 /// Start `backend` serving the prepared image for workload `w`, and wait until its socket is up.
 pub fn start_backend(
     backend: Backend,
@@ -75,25 +104,7 @@ pub fn start_backend(
                 .args(w.vubd_args);
             c
         }
-        Backend::Qsd => {
-            let direct = if o.direct { "on" } else { "off" };
-            let mut c = pinned(1, "qemu-storage-daemon");
-            c.arg("--blockdev")
-                .arg(format!(
-                    "driver=file,node-name=data,filename={},aio=io_uring,cache.direct={direct}",
-                    work.join("disk.raw").display()
-                ))
-                .arg("--blockdev")
-                .arg(format!("driver=file,node-name=meta,filename={}", work.join("meta.qcow2").display()))
-                .args(["--blockdev", "driver=qcow2,node-name=fmt,file=meta,data-file=data"])
-                .args(["--object", "iothread,id=io0"])
-                .arg("--export")
-                .arg(format!(
-                    "type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path={},writable=on,num-queues={queues},iothread=io0",
-                    sock.display()
-                ));
-            c
-        }
+        Backend::Qsd => qsd_command(work, &sock, o.direct, queues),
         Backend::FioUring | Backend::FioSync => return Err("fio is not a backend".into()),
     };
     let child = cmd

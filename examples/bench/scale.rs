@@ -12,7 +12,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::host::{pinned, which};
-use crate::runner::{prepare_image, vubd_offline};
+use crate::runner::{prepare_image, qsd_command, vubd_offline};
 use crate::Options;
 
 /// The heading of the section.
@@ -59,29 +59,7 @@ fn prepare(dir: &Path) -> Result<(), String> {
 fn spawn(qsd: bool, dir: &Path) -> Result<Child, String> {
     let sock = dir.join("scale.sock");
     let mut c = if qsd {
-        let mut c = pinned(1, "qemu-storage-daemon");
-        c.arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=data,filename={},aio=io_uring",
-                dir.join("disk.raw").display()
-            ))
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=meta,filename={}",
-                dir.join("meta.qcow2").display()
-            ))
-            .args([
-                "--blockdev",
-                "driver=qcow2,node-name=fmt,file=meta,data-file=data",
-            ])
-            .args(["--object", "iothread,id=io0"])
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path={},\
-                 writable=on,iothread=io0",
-                sock.display()
-            ));
-        c
+        qsd_command(dir, &sock, false, 1)
     } else {
         let mut c = pinned(1, "target/release/vubd");
         c.args(["serve", "--socket"])
