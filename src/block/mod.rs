@@ -16,6 +16,7 @@ pub mod io;
 pub mod lock;
 pub mod qcow2;
 pub mod raw;
+pub mod remote;
 
 use std::fmt::Debug;
 use std::path::Path;
