@@ -285,21 +285,17 @@ fn check_rbd(spec: &RbdSpec) -> Result<(), String> {
 
 /// Split `text` at unescaped `sep`, removing the backslashes of `\sep` and `\\`.
 fn split_escaped(text: &str, sep: char) -> Vec<String> {
-    let mut parts = vec![String::new()];
+    let mut parts = Vec::new();
+    let mut current = String::new();
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                if let Some(next) = chars.next() {
-                    parts.last_mut().map(|p| p.push(next));
-                }
-            }
-            c if c == sep => parts.push(String::new()),
-            c => {
-                parts.last_mut().map(|p| p.push(c));
-            }
+            '\\' => current.extend(chars.next()),
+            c if c == sep => parts.push(std::mem::take(&mut current)),
+            c => current.push(c),
         }
     }
+    parts.push(current);
     parts
 }
 
