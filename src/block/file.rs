@@ -19,6 +19,10 @@ use super::error::{BlockError, ErrorKind};
 use super::fault::FaultInjector;
 use super::io::InlinePolicy;
 use super::lock::{self, LockError, LockRequest};
+use super::remote::location::RemoteSpec;
+use super::remote::rbd::{RbdImage, RbdOpen};
+use super::remote::RemoteStore;
+use super::ZeroOp;
 
 /// How to open a file node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,10 +81,26 @@ struct OpenHow {
     resolve: u64,
 }
 
-/// An open host file.
+/// What holds a node's bytes.
+#[derive(Debug)]
+enum Backend {
+    /// A host file or block device: data I/O through the queue's io_uring.
+    Local(File),
+    /// A remote store (RBD, NBD): data I/O through its own asynchronous API.
+    Remote(Arc<dyn RemoteStore>),
+}
+
+/// Where a node's data operations go.
+#[derive(Clone, Copy, Debug)]
+pub enum IoTarget<'a> {
+    Fd(RawFd),
+    Remote(&'a Arc<dyn RemoteStore>),
+}
+
+/// An open protocol node: a host file, or a remote store (see [`super::remote`]).
 #[derive(Debug)]
 pub struct FileNode {
-    file: File,
+    backend: Backend,
     path: PathBuf,
     options: FileOptions,
     /// The size at open, or as last grown ([`FileNode::grow_to`]).
@@ -98,8 +118,13 @@ pub struct FileNode {
 }
 
 impl FileNode {
-    /// Open `path` (a path the user gave: followed wherever it leads).
+    /// Open `path` (a name the user gave: followed wherever it leads, and a remote store if
+    /// it names one, see [`super::remote::location`]).
     pub fn open(path: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
+        if let Some(spec) = path.to_str().and_then(RemoteSpec::parse) {
+            let spec = spec.map_err(|e| BlockError::new(ErrorKind::Refused, e))?;
+            return Self::open_remote(&spec, path, options);
+        }
         let mut open = OpenOptions::new();
         open.read(true).write(!options.read_only);
         // Non-blocking, so that a FIFO (or anything that waits for a peer) is refused instead
@@ -213,6 +238,64 @@ impl FileNode {
         }
     }
 
+    /// Open the remote store `spec` names (`path` is its name, for messages and queries).
+    /// Its own exclusion stands in for file locks: RBD's exclusive lock for writers.
+    pub fn open_remote(
+        spec: &RemoteSpec,
+        path: &Path,
+        options: FileOptions,
+    ) -> Result<FileNode, BlockError> {
+        let at = |e: BlockError| e.with_path(Path::new(&spec.to_string()));
+        let store: Arc<dyn RemoteStore> = match spec {
+            RemoteSpec::Rbd(rbd) => {
+                let how = RbdOpen {
+                    read_only: options.read_only,
+                    lock: options.lock.is_some(),
+                    cache: !options.direct,
+                };
+                let image =
+                    RbdImage::open(rbd, how).map_err(|e| at(BlockError::new(e.kind(), e)))?;
+                Arc::new(image)
+            }
+            RemoteSpec::Nbd(_) => {
+                return Err(at(BlockError::new(
+                    ErrorKind::Unsupported,
+                    "NBD protocol nodes are not available in this build",
+                )))
+            }
+        };
+        let size = store
+            .size()
+            .map_err(|e| at(BlockError::new(ErrorKind::Io, e)))?;
+        Ok(FileNode {
+            backend: Backend::Remote(store),
+            path: path.to_path_buf(),
+            options,
+            size: AtomicU64::new(size),
+            inline: InlinePolicy::Never,
+            direct_align: 1,
+            no_zero_range: AtomicBool::new(false),
+            no_punch_hole: AtomicBool::new(false),
+            fault: None,
+        })
+    }
+
+    /// The host file, for what only a host file can do.
+    fn local(&self) -> io::Result<&File> {
+        match &self.backend {
+            Backend::Local(file) => Ok(file),
+            Backend::Remote(_) => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        }
+    }
+
+    /// The remote store, if this node is one.
+    pub fn remote(&self) -> Option<&Arc<dyn RemoteStore>> {
+        match &self.backend {
+            Backend::Remote(store) => Some(store),
+            Backend::Local(_) => None,
+        }
+    }
+
     /// Check what was opened, lock it, and learn its properties.
     fn from_file(file: File, path: &Path, options: FileOptions) -> Result<FileNode, BlockError> {
         let err = |e| FileError::Open(e).at(path);
@@ -247,7 +330,7 @@ impl FileNode {
             InlinePolicy::NoWait
         };
         let mut node = FileNode {
-            file,
+            backend: Backend::Local(file),
             path: path.to_path_buf(),
             options,
             size: AtomicU64::new(size),
@@ -264,19 +347,23 @@ impl FileNode {
     }
 
     /// Whether `other` is the same file (device and inode), whatever the paths say.
+    /// Remote stores compare by name.
     pub fn same_file(&self, other: &FileNode) -> bool {
         use std::os::unix::fs::MetadataExt;
-        other
-            .file
-            .metadata()
-            .is_ok_and(|m| self.is_inode(m.dev(), m.ino()))
+        match (&self.backend, &other.backend) {
+            (Backend::Remote(_), Backend::Remote(_)) => self.path == other.path,
+            (_, Backend::Local(file)) => file
+                .metadata()
+                .is_ok_and(|m| self.is_inode(m.dev(), m.ino())),
+            _ => false,
+        }
     }
 
     /// Whether this is the file with inode `ino` on device `dev`.
     pub fn is_inode(&self, dev: u64, ino: u64) -> bool {
         use std::os::unix::fs::MetadataExt;
-        self.file
-            .metadata()
+        self.local()
+            .and_then(File::metadata)
             .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
     }
 
@@ -284,8 +371,17 @@ impl FileNode {
         &self.path
     }
 
-    pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+    /// The host file's descriptor (`None` for a remote store).
+    pub fn fd(&self) -> Option<RawFd> {
+        self.local().ok().map(File::as_raw_fd)
+    }
+
+    /// Where this node's data operations go.
+    pub fn io_target(&self) -> IoTarget<'_> {
+        match &self.backend {
+            Backend::Local(file) => IoTarget::Fd(file.as_raw_fd()),
+            Backend::Remote(store) => IoTarget::Remote(store),
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -296,8 +392,14 @@ impl FileNode {
     /// new length durable before this returns. A block device cannot grow: it must already be
     /// as large.
     pub fn grow_to(&self, size: u64) -> io::Result<()> {
-        if self.file.metadata()?.file_type().is_block_device() {
-            let current = block_device_size(&self.file)?;
+        if let Some(store) = self.remote() {
+            store.grow_to(size)?;
+            self.size.fetch_max(size, Ordering::AcqRel);
+            return Ok(());
+        }
+        let file = self.local()?;
+        if file.metadata()?.file_type().is_block_device() {
+            let current = block_device_size(file)?;
             if current < size {
                 return Err(io::Error::other(format!(
                     "the block device holds {current} bytes, fewer than {size}"
@@ -308,8 +410,8 @@ impl FileNode {
         }
         let current = self.current_size()?;
         if current < size {
-            self.file.set_len(size)?;
-            self.file.sync_all()?;
+            file.set_len(size)?;
+            file.sync_all()?;
         }
         self.size.fetch_max(size.max(current), Ordering::AcqRel);
         Ok(())
@@ -317,7 +419,10 @@ impl FileNode {
 
     /// The file's size now (it grows as a format driver allocates clusters).
     pub fn current_size(&self) -> io::Result<u64> {
-        self.file.metadata().map(|m| m.len())
+        match &self.backend {
+            Backend::Local(file) => file.metadata().map(|m| m.len()),
+            Backend::Remote(store) => store.size(),
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -350,7 +455,8 @@ impl FileNode {
                 break;
             };
             let len = align.min(size as usize);
-            match self.file.read_at(&mut buf.as_mut_slice()[..len], 0) {
+            let Ok(file) = self.local() else { break };
+            match file.read_at(&mut buf.as_mut_slice()[..len], 0) {
                 Ok(_) => return align as u64,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
                 Err(_) => break,
@@ -361,27 +467,38 @@ impl FileNode {
 
     /// Read exactly `buf.len()` bytes at `offset` (for metadata; data goes through the engine).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match &self.backend {
+            Backend::Local(file) => file.read_exact_at(buf, offset),
+            Backend::Remote(store) => store.read_at(buf, offset),
+        }
     }
 
     /// Write all of `buf` at `offset` (for metadata; data goes through the engine).
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let file = match &self.backend {
+            Backend::Local(file) => file,
+            Backend::Remote(store) => return store.write_at(buf, offset),
+        };
         if let Some(fault) = &self.fault {
-            fault.before_write(self.fd(), offset, buf)?;
+            fault.before_write(file.as_raw_fd(), offset, buf)?;
         }
-        self.file.write_all_at(buf, offset)
+        file.write_all_at(buf, offset)
     }
 
     /// Whether the file stores data at `offset` (`false`: a hole, reading as zeroes) and for
     /// how many bytes from there on, at most `len`, asked with `SEEK_DATA`/`SEEK_HOLE`. A file
     /// system that cannot tell says data everywhere.
     pub fn allocation(&self, offset: u64, len: u64) -> io::Result<(u64, bool)> {
+        let fd = match &self.backend {
+            Backend::Local(file) => file.as_raw_fd(),
+            Backend::Remote(store) => return store.allocation(offset, len),
+        };
         let seek = |whence: libc::c_int| -> io::Result<Option<u64>> {
             let at = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             // SAFETY: lseek on our own descriptor; it moves the file offset, which vubd never
             // uses (all I/O is positional).
-            let r = unsafe { libc::lseek(self.fd(), at, whence) };
+            let r = unsafe { libc::lseek(fd, at, whence) };
             if r >= 0 {
                 return Ok(Some(r as u64));
             }
@@ -408,10 +525,14 @@ impl FileNode {
     }
 
     pub fn sync_data(&self) -> io::Result<()> {
+        let file = match &self.backend {
+            Backend::Local(file) => file,
+            Backend::Remote(store) => return store.flush(),
+        };
         if let Some(fault) = &self.fault {
-            fault.before_sync(self.fd())?;
+            fault.before_sync(file.as_raw_fd())?;
         }
-        self.file.sync_data()
+        file.sync_data()
     }
 
     /// A named metadata step is about to happen (fault injection's cut points; a no-op
@@ -468,6 +589,9 @@ impl FileNode {
     /// reallocate where holes are supported (keeping the range allocated as asked), else write
     /// zeroes.
     pub fn write_zeroes_fallback(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if let Some(store) = self.remote() {
+            return store.zeroes(offset, len, ZeroOp::WriteZeroes { unmap });
+        }
         if let Some(mode) = self.discard_mode() {
             match self.fallocate(mode, offset, len) {
                 Ok(()) if unmap => return Ok(()),
@@ -488,7 +612,9 @@ impl FileNode {
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate takes no pointers; the fd is owned by self.
-        let ret = unsafe { libc::fallocate(self.fd(), mode, offset as i64, len as i64) };
+        let fd = self.local()?.as_raw_fd();
+        // SAFETY: as above.
+        let ret = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
         if ret == 0 {
             Ok(())
         } else {
@@ -503,7 +629,8 @@ impl FileNode {
         let end = offset + len;
         while offset < end {
             let n = (end - offset).min(CHUNK as u64) as usize;
-            self.file.write_all_at(&zeroes.as_slice()[..n], offset)?;
+            self.local()?
+                .write_all_at(&zeroes.as_slice()[..n], offset)?;
             offset += n as u64;
         }
         Ok(())

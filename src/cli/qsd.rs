@@ -9,7 +9,7 @@
 //!          writable=on,num-queues=2,iothread=io0
 //! ```
 //!
-//! The subset vubd implements: `file`, `raw` and `qcow2` nodes (children by node name or
+//! The subset vubd implements: `file`, `rbd`, `nbd`, `raw` and `qcow2` nodes (children by node name or
 //! inline as `file.driver=...`), `vhost-user-blk` exports on UNIX sockets (any number, each
 //! its own disk), and iothread objects. Options are `key=value` lists (`,,` is a literal comma) or JSON objects. Any
 //! option outside that subset is an error naming it.
@@ -21,7 +21,7 @@ use super::keyval::{parse_options, Opts, Taker};
 use super::spec::DiskSpec;
 use super::Failure;
 use crate::block::{BackingChoice, Format, Locking, NodeNames, OpenOptions};
-use crate::graph::options::VhostExportSpec;
+use crate::graph::options::{VhostExportSpec, PROTOCOL_DRIVERS};
 
 /// A block node definition.
 #[derive(Clone, Debug)]
@@ -75,11 +75,11 @@ impl Graph {
     }
 
     fn file(&self, node: &Node) -> Result<FileSpec, Failure> {
-        let what = format!("--blockdev driver=file ({})", node_label(node));
+        let what = format!("--blockdev driver={} ({})", node.driver, node_label(node));
         let mut t = Taker::new(what, node.opts.clone());
         t.take("driver");
         t.take("node-name");
-        let file = crate::graph::options::file_spec(&mut t)?;
+        let file = crate::graph::options::protocol_spec(&mut t, &node.driver)?;
         t.finish()?;
         Ok(FileSpec {
             filename: file.filename,
@@ -90,7 +90,7 @@ impl Graph {
         })
     }
 
-    /// The file under a format node, which must be a `file` node.
+    /// The file under a format node, which must be a protocol node (`file`, `rbd`, `nbd`).
     fn format_child_file(
         &self,
         parent: &mut Taker,
@@ -98,9 +98,9 @@ impl Graph {
     ) -> Result<Option<FileSpec>, Failure> {
         match self.child(parent, key)? {
             None => Ok(None),
-            Some(n) if n.driver == "file" => self.file(&n).map(Some),
+            Some(n) if PROTOCOL_DRIVERS.contains(&n.driver.as_str()) => self.file(&n).map(Some),
             Some(n) => Err(Failure::msg(format!(
-                "{}: '{key}' must be a driver=file node (got driver={})",
+                "{}: '{key}' must be a protocol node, driver=file, rbd or nbd (got driver={})",
                 parent.what, n.driver
             ))),
         }
@@ -149,9 +149,10 @@ pub fn parse(
             .get("node-name")
             .cloned()
             .ok_or_else(|| Failure::msg(format!("--blockdev {b}: node-name is required")))?;
-        if !matches!(driver.as_str(), "file" | "raw" | "qcow2") {
+        if !matches!(driver.as_str(), "file" | "rbd" | "nbd" | "raw" | "qcow2") {
             return Err(Failure::msg(format!(
-                "--blockdev driver={driver}: vubd supports the file, raw and qcow2 drivers"
+                "--blockdev driver={driver}: vubd supports the file, rbd, nbd, raw and qcow2 \
+                 drivers"
             )));
         }
         if graph
@@ -196,7 +197,7 @@ fn disk_spec(graph: &Graph, export: &str) -> Result<DiskSpec, Failure> {
     };
     let mut node_names = NodeNames::derived(&node_name);
     let (image, format) = match node.driver.as_str() {
-        "file" => {
+        "file" | "rbd" | "nbd" => {
             let f = graph.file(&node)?;
             open.direct = f.direct;
             open.read_only |= f.read_only;
@@ -373,6 +374,7 @@ fn backing_choice(graph: &Graph, node: &Node) -> Result<BackingChoice, Failure> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::remote::location::RemoteSpec;
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
@@ -400,6 +402,38 @@ mod tests {
         assert_eq!(spec.export.num_queues, 2);
         assert_eq!(spec.export.id, "e");
         assert_eq!(spec.export.socket, PathBuf::from("/run/v.sock"));
+    }
+
+    #[test]
+    fn remote_protocol_nodes_become_json_names() {
+        let spec = parse(
+            &strings(&[
+                "driver=rbd,node-name=meta,pool=vms,image=vm1-meta,conf=/etc/ceph/ceph.conf,user=vubd",
+                "driver=nbd,node-name=data,server.type=unix,server.path=/run/d.sock,export=vm1,reconnect-delay=5",
+                "driver=qcow2,node-name=fmt,file=meta,data-file=data",
+            ]),
+            &strings(&["type=vhost-user-blk,node-name=fmt,addr.path=s,writable=on"]),
+            &[],
+        )
+        .unwrap_or_else(|f| panic!("{}", f.message));
+        let spec = &spec[0];
+        let name = |p: &PathBuf| {
+            let text = p.to_str().unwrap();
+            RemoteSpec::parse(text).unwrap().unwrap()
+        };
+        let RemoteSpec::Rbd(meta) = name(&spec.image) else {
+            panic!("the image is the rbd node")
+        };
+        assert_eq!(
+            (meta.pool.as_str(), meta.image.as_str()),
+            ("vms", "vm1-meta")
+        );
+        assert_eq!(meta.user.as_deref(), Some("vubd"));
+        let RemoteSpec::Nbd(data) = name(spec.open.data_file.as_ref().unwrap()) else {
+            panic!("the data file is the nbd node")
+        };
+        assert_eq!(data.export, "vm1");
+        assert_eq!(data.reconnect_delay, std::time::Duration::from_secs(5));
     }
 
     #[test]
@@ -439,7 +473,13 @@ mod tests {
         };
         let file = ["driver=file,node-name=f,filename=x"];
         let export = ["type=vhost-user-blk,node-name=f,addr.path=s"];
-        assert!(err(&["driver=nbd,node-name=n"], &export, &[]).contains("driver=nbd"));
+        assert!(err(&["driver=vvfat,node-name=n"], &export, &[]).contains("driver=vvfat"));
+        assert!(err(
+            &["driver=rbd,node-name=f,pool=p,image=i,key-secret=s"],
+            &export,
+            &[]
+        )
+        .contains("keyring"));
         assert!(err(
             &["driver=file,node-name=f,filename=x,bogus=1"],
             &export,

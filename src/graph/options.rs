@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use crate::block::remote::location::RemoteSpec;
 use crate::block::Format;
 use crate::cli::keyval::{Opts, Taker};
 use crate::cli::Failure;
@@ -161,6 +162,35 @@ pub(crate) fn file_spec(t: &mut Taker) -> Result<FileSpec, Failure> {
     })
 }
 
+/// The protocol drivers vubd opens below its format nodes.
+pub const PROTOCOL_DRIVERS: [&str; 3] = ["file", "rbd", "nbd"];
+
+/// A protocol node's options (`driver` taken): a `file` node's by [`file_spec`]; an `rbd` or
+/// `nbd` node's checked by [`RemoteSpec::from_options`], its file name the `json:` name that
+/// reopens it.
+pub(crate) fn protocol_spec(t: &mut Taker, driver: &str) -> Result<FileSpec, Failure> {
+    if driver == "file" {
+        return file_spec(t);
+    }
+    if !PROTOCOL_DRIVERS.contains(&driver) {
+        return Err(Failure::msg(format!(
+            "{}: driver={driver} is not a protocol vubd opens ({})",
+            t.what,
+            PROTOCOL_DRIVERS.join(", ")
+        )));
+    }
+    let read_only = t.take_bool("read-only")?.unwrap_or(false);
+    let direct = t.take_bool("cache.direct")?.unwrap_or(false);
+    let spec = RemoteSpec::from_options(&t.what, driver, std::mem::take(&mut t.opts))
+        .map_err(Failure::msg)?;
+    Ok(FileSpec {
+        filename: PathBuf::from(spec.json_name()),
+        read_only,
+        direct,
+        locking: true,
+    })
+}
+
 /// A format node's child `key` (`file`, `data-file`): an added `file` node by name, or inline
 /// `key.driver=file,key.filename=...`; `None` if not given.
 fn file_ref(t: &mut Taker, key: &str) -> Result<Option<FileRef>, Failure> {
@@ -174,13 +204,8 @@ fn file_ref(t: &mut Taker, key: &str) -> Result<Option<FileRef>, Failure> {
         None if inline.is_empty() => Ok(None),
         None => {
             let mut child = Taker::new(format!("{} {key}", t.what), inline);
-            if child.take("driver").as_deref() != Some("file") {
-                return Err(Failure::msg(format!(
-                    "{}: an inline {key} must be driver=file",
-                    t.what
-                )));
-            }
-            let spec = file_spec(&mut child)?;
+            let driver = child.take("driver").unwrap_or_default();
+            let spec = protocol_spec(&mut child, &driver)?;
             child.finish()?;
             Ok(Some(FileRef::Inline(spec)))
         }
@@ -195,7 +220,7 @@ impl NodeSpec {
         let name = required(&mut t, "node-name")?;
         t.what = format!("blockdev-add (node-name={name})");
         let kind = match driver.as_str() {
-            "file" => NodeKind::File(file_spec(&mut t)?),
+            "file" | "rbd" | "nbd" => NodeKind::File(protocol_spec(&mut t, &driver)?),
             "raw" | "qcow2" => {
                 let format = if driver == "qcow2" {
                     Format::Qcow2
@@ -244,7 +269,8 @@ impl NodeSpec {
             }
             other => {
                 return Err(Failure::msg(format!(
-                    "blockdev-add: driver '{other}' is not supported by vubd (file, raw, qcow2)"
+                    "blockdev-add: driver '{other}' is not supported by vubd (file, rbd, nbd, \
+                     raw, qcow2)"
                 )))
             }
         };

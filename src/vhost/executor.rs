@@ -16,11 +16,13 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::device::BlkDevice;
 use super::dirty_log::DirtyLog;
-use super::slot::{Slot, SlotOp};
+use super::slot::{HostOp, Slot, SlotOp};
 use crate::bitmap::{BitmapCursor, PendingMarks};
+use crate::block::file::IoTarget;
 use crate::block::io::transfer::Transfer;
 use crate::block::io::transfer::{bounce_transfer, fill_zero, finish_short_transfer, is_aligned};
 use crate::block::io::{Engine, InlinePolicy, Op};
+use crate::block::remote::RemoteOp;
 use crate::block::{BlockError, Extent, GuestIo, HostZeroOp, Mapping, ZeroOp};
 use crate::error::Chain;
 use crate::export::RootCursor;
@@ -368,11 +370,15 @@ impl Executor {
                         io.failed = true;
                         continue;
                     };
-                    let transfer = Transfer {
-                        fd: node.fd(),
-                        offset,
-                        write,
+                    let fd = match node.io_target() {
+                        IoTarget::Fd(fd) => fd,
+                        IoTarget::Remote(store) => {
+                            let op = RemoteOp::transfer(write, offset, iov);
+                            io.push_remote(&mut self.engine, slot_index, &**store, op);
+                            continue;
+                        }
                     };
+                    let transfer = Transfer { fd, offset, write };
                     let align = node.direct_align();
                     if align > 1 && !is_aligned(iov, align) {
                         // SAFETY: validated guest memory, kept mapped and owned by the slot.
@@ -385,7 +391,7 @@ impl Executor {
                         continue;
                     }
                     let slot_op = SlotOp {
-                        op: transfer.op(iov),
+                        op: HostOp::Local(transfer.op(iov)),
                         inline: node.inline_policy(),
                         expected: extent.len,
                         zero: None,
@@ -404,8 +410,17 @@ impl Executor {
             if file.read_only() {
                 continue;
             }
+            let fd = match file.io_target() {
+                IoTarget::Fd(fd) => fd,
+                IoTarget::Remote(store) => {
+                    let op = RemoteOp::Flush;
+                    slot.io
+                        .push_remote(&mut self.engine, slot_index, &**store, op);
+                    continue;
+                }
+            };
             let op = SlotOp {
-                op: Op::Fdatasync { fd: file.fd() },
+                op: HostOp::Local(Op::Fdatasync { fd }),
                 inline: InlinePolicy::Never,
                 expected: 0,
                 zero: None,
@@ -431,6 +446,19 @@ impl Executor {
                 slot.io.failed = true;
                 continue;
             };
+            let fd = match file.io_target() {
+                IoTarget::Fd(fd) => fd,
+                IoTarget::Remote(store) => {
+                    let op = RemoteOp::Zeroes {
+                        offset: zop.offset,
+                        len: zop.len,
+                        op: zop.op,
+                    };
+                    slot.io
+                        .push_remote(&mut self.engine, slot_index, &**store, op);
+                    continue;
+                }
+            };
             let mode = match zop.op {
                 ZeroOp::Discard => file.discard_mode(),
                 ZeroOp::WriteZeroes { unmap } => file.zero_mode(unmap),
@@ -439,12 +467,12 @@ impl Executor {
                 Some(mode) => {
                     let op = SlotOp {
                         inline: InlinePolicy::Never,
-                        op: Op::Fallocate {
-                            fd: file.fd(),
+                        op: HostOp::Local(Op::Fallocate {
+                            fd,
                             mode,
                             offset: zop.offset,
                             len: zop.len,
-                        },
+                        }),
                         expected: 0,
                         zero: Some((zop.file, zop.op)),
                     };
@@ -516,12 +544,17 @@ impl Executor {
     /// synchronously.
     fn finish_op(&self, op: SlotOp, result: i32) -> std::io::Result<()> {
         let errno = |e: i32| std::io::Error::from_raw_os_error(e);
-        match op.op {
+        let op_local = match op.op {
+            HostOp::Local(local) => local,
+            HostOp::Remote if result < 0 => return Err(errno(-result)),
+            HostOp::Remote => return Ok(()),
+        };
+        match op_local {
             Op::Readv { .. } | Op::Writev { .. } if result >= 0 => {
                 let done = result as u64;
                 if done < op.expected {
                     // SAFETY: the op's iovecs belong to the slot, still in flight.
-                    unsafe { finish_short_transfer(op.op, done, op.expected)? };
+                    unsafe { finish_short_transfer(op_local, done, op.expected)? };
                 }
                 Ok(())
             }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use vm_memory::GuestAddress;
 
 use crate::block::io::{Engine, InlinePolicy, Op};
+use crate::block::remote::{RemoteOp, RemoteStore};
 use crate::block::{IoTicket, ZeroOp};
 use crate::stats::Stamp;
 use crate::virtio_blk::request::{GuestMemory, Request, RequestBuffers, RequestKind};
@@ -45,19 +46,29 @@ pub(super) struct SlotIo {
 }
 
 impl SlotIo {
-    /// Push `op` for slot `slot_index`, tagging it with the slot and operation index.
+    /// The next operation's tag: the slot and operation index.
+    fn next_user_data(&self, slot_index: u32) -> u64 {
+        (u64::from(slot_index) << 32) | self.ops.len() as u64
+    }
+
+    /// Push a host-file operation for slot `slot_index`.
     pub fn push(&mut self, engine: &mut Engine, slot_index: u32, op: SlotOp) {
-        let user_data = (u64::from(slot_index) << 32) | self.ops.len() as u64;
+        let user_data = self.next_user_data(slot_index);
         self.ops.push(op);
         // SAFETY: the op's pointers are iovecs in the slot's `bufs` / `split_iov` (not modified
         // until the slot completes) naming guest memory that the slot's `mem` keeps mapped.
         let pushed = match op.op {
             // SAFETY: as above.
-            Op::Readv { .. } | Op::Writev { .. } => unsafe {
-                engine.push_transfer(op.op, user_data, op.inline)
+            HostOp::Local(local @ (Op::Readv { .. } | Op::Writev { .. })) => unsafe {
+                engine.push_transfer(local, user_data, op.inline)
             },
             // SAFETY: as above.
-            _ => unsafe { engine.push(op.op, user_data, false) },
+            HostOp::Local(local) => unsafe { engine.push(local, user_data, false) },
+            HostOp::Remote => {
+                log::error!("a remote operation was pushed without its store");
+                self.failed = true;
+                return;
+            }
         };
         match pushed {
             Ok(()) => self.pending += 1,
@@ -67,12 +78,42 @@ impl SlotIo {
             }
         }
     }
+
+    /// Start an operation on a remote store for slot `slot_index`.
+    pub fn push_remote(
+        &mut self,
+        engine: &mut Engine,
+        slot_index: u32,
+        store: &dyn RemoteStore,
+        op: RemoteOp,
+    ) {
+        let user_data = self.next_user_data(slot_index);
+        self.ops.push(SlotOp {
+            op: HostOp::Remote,
+            inline: InlinePolicy::Never,
+            expected: 0,
+            zero: None,
+        });
+        self.pending += 1;
+        // SAFETY: as in `push`: the pointers stay valid until the slot completes, which is
+        // after this operation's completion has been reaped.
+        unsafe { engine.push_remote(store, op, user_data) };
+    }
+}
+
+/// What a slot's operation was.
+#[derive(Clone, Copy)]
+pub(super) enum HostOp {
+    /// On a host file, through the engine's io_uring or synchronous runner.
+    Local(Op),
+    /// On a remote store, which reports only success or an errno.
+    Remote,
 }
 
 /// An operation a slot has pushed, kept to retry short transfers and fall back on refusals.
 #[derive(Clone, Copy)]
 pub(super) struct SlotOp {
-    pub op: Op,
+    pub op: HostOp,
     /// For transfers: whether the engine may complete it inline.
     pub inline: InlinePolicy,
     /// Bytes a transfer moves.

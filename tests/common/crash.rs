@@ -151,7 +151,7 @@ impl Harness {
             for extent in &extents {
                 if let Mapping::Data { file, offset } = extent.mapping {
                     let piece = &data[at..at + extent.len as usize];
-                    ok &= pwrite(root.files()[file].fd(), piece, offset);
+                    ok &= pwrite(root.files()[file].fd().expect("a host file"), piece, offset);
                 }
                 at += extent.len as usize;
             }
@@ -171,7 +171,7 @@ impl Harness {
                 return false;
             }
             ops.iter().all(|op| {
-                let fd = root.files()[op.file].fd();
+                let fd = root.files()[op.file].fd().expect("a host file");
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 // SAFETY: fallocate on a descriptor the graph holds open.
                 unsafe { libc::fallocate(fd, mode, op.offset as i64, op.len as i64) == 0 }

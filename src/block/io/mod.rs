@@ -16,6 +16,8 @@ use std::os::fd::RawFd;
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
+use super::remote::{CompletionSink, RemoteOp, RemoteStore};
+
 /// One host operation. Pointers must stay valid until the operation completes.
 #[derive(Clone, Copy, Debug)]
 pub enum Op {
@@ -78,8 +80,16 @@ pub struct UringSetup {
     pub sqpoll_cpu: Option<u32>,
 }
 
-/// A queue thread's I/O engine.
-pub enum Engine {
+/// A queue thread's I/O engine: host files through io_uring (or synchronously), remote stores
+/// through their own asynchronous APIs, both completing into one [`Engine::reap`] and
+/// signalling the same eventfd.
+pub struct Engine {
+    local: Local,
+    remote: CompletionSink,
+}
+
+/// The engine for host files.
+enum Local {
     Uring(Box<UringEngine>),
     Sync(SyncEngine),
 }
@@ -139,26 +149,19 @@ impl Engine {
     /// An engine with room for `depth` operations in flight. An asynchronous engine signals
     /// `completion_fd` (an eventfd) when operations complete.
     pub fn new(kind: EngineKind, depth: u32, completion_fd: RawFd) -> io::Result<Engine> {
-        match kind {
-            EngineKind::Sync => Ok(Engine::Sync(SyncEngine::new())),
-            EngineKind::IoUring(setup) => {
-                UringEngine::new(depth, completion_fd, setup).map(|mut e| {
-                    e.allow_inline = false;
-                    Engine::Uring(Box::new(e))
-                })
-            }
-            // SQPOLL was asked for: failing to set it up is an error, not a fallback.
-            EngineKind::Auto(setup) if setup.sqpoll_cpu.is_some() => {
-                UringEngine::new(depth, completion_fd, setup).map(|e| Engine::Uring(Box::new(e)))
-            }
-            EngineKind::Auto(setup) => match UringEngine::new(depth, completion_fd, setup) {
-                Ok(engine) => Ok(Engine::Uring(Box::new(engine))),
-                Err(e) => {
-                    log::warn!("io_uring unavailable ({e}); using synchronous I/O");
-                    Ok(Engine::Sync(SyncEngine::new()))
-                }
-            },
-        }
+        Ok(Engine {
+            local: Local::new(kind, depth, completion_fd)?,
+            remote: CompletionSink::new(completion_fd)?,
+        })
+    }
+
+    /// Start `op` on a remote store.
+    ///
+    /// # Safety
+    /// Every pointer in `op` must stay valid until its completion has been reaped.
+    pub unsafe fn push_remote(&mut self, store: &dyn RemoteStore, op: RemoteOp, user_data: u64) {
+        // SAFETY: forwarded contract.
+        unsafe { self.remote.submit(store, op, user_data) }
     }
 
     /// Queue `op`. When `link` is set, the next pushed operation runs only after this one
@@ -167,11 +170,11 @@ impl Engine {
     /// # Safety
     /// Every pointer in `op` must stay valid until its completion has been reaped.
     pub unsafe fn push(&mut self, op: Op, user_data: u64, link: bool) -> io::Result<()> {
-        match self {
+        match &mut self.local {
             // SAFETY: forwarded contract.
-            Engine::Uring(e) => unsafe { e.push(op, user_data, link) },
+            Local::Uring(e) => unsafe { e.push(op, user_data, link) },
             // SAFETY: forwarded contract.
-            Engine::Sync(e) => unsafe { e.push(op, user_data, link) },
+            Local::Sync(e) => unsafe { e.push(op, user_data, link) },
         }
     }
 
@@ -186,7 +189,7 @@ impl Engine {
         user_data: u64,
         policy: InlinePolicy,
     ) -> io::Result<()> {
-        let Engine::Uring(e) = self else {
+        let Local::Uring(e) = &mut self.local else {
             // SAFETY: forwarded contract.
             return unsafe { self.push(op, user_data, false) };
         };
@@ -214,43 +217,86 @@ impl Engine {
 
     /// Hand every pushed operation to the kernel.
     pub fn submit(&mut self) -> io::Result<()> {
-        match self {
-            Engine::Uring(e) => e.submit(),
-            Engine::Sync(_) => Ok(()),
+        match &mut self.local {
+            Local::Uring(e) => e.submit(),
+            Local::Sync(_) => Ok(()),
         }
     }
 
     /// Call `f(user_data, result)` for every finished operation; `result` is the syscall's
     /// return value or a negated errno.
-    pub fn reap(&mut self, f: impl FnMut(u64, i32)) {
-        match self {
-            Engine::Uring(e) => e.reap(f),
-            Engine::Sync(e) => e.reap(f),
+    pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) {
+        match &mut self.local {
+            Local::Uring(e) => e.reap(&mut f),
+            Local::Sync(e) => e.reap(&mut f),
         }
+        self.remote.reap(f);
     }
 
     /// Bytes moved by transfers done in the calling thread whose results are not reaped yet:
     /// work the caller has finished but not yet handed back.
     pub fn done_inline_bytes(&self) -> u64 {
-        match self {
-            Engine::Uring(e) => e.inline_bytes(),
-            Engine::Sync(e) => e.done_bytes(),
+        match &self.local {
+            Local::Uring(e) => e.inline_bytes(),
+            Local::Sync(e) => e.done_bytes(),
         }
     }
 
     /// Block until at least one completion is ready, if any operation is in flight.
     pub fn wait(&mut self) -> io::Result<()> {
-        match self {
-            Engine::Uring(e) => e.wait(),
-            Engine::Sync(_) => Ok(()),
+        let local = match &self.local {
+            Local::Uring(e) => e.in_flight(),
+            Local::Sync(_) => 0,
+        };
+        match (local, self.remote.in_flight()) {
+            (_, 0) => match &mut self.local {
+                Local::Uring(e) => e.wait(),
+                Local::Sync(_) => Ok(()),
+            },
+            (0, _) => {
+                self.remote.wait(None);
+                Ok(())
+            }
+            // Both kinds in flight (a graph of local and remote nodes): neither wait covers
+            // the other, so wait on the remote side briefly and let the caller look again.
+            _ => {
+                self.remote.wait(Some(std::time::Duration::from_millis(1)));
+                Ok(())
+            }
         }
     }
 
     /// Operations pushed and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        match self {
-            Engine::Uring(e) => e.in_flight(),
-            Engine::Sync(e) => e.in_flight(),
+        let local = match &self.local {
+            Local::Uring(e) => e.in_flight(),
+            Local::Sync(e) => e.in_flight(),
+        };
+        local + self.remote.in_flight()
+    }
+}
+
+impl Local {
+    fn new(kind: EngineKind, depth: u32, completion_fd: RawFd) -> io::Result<Local> {
+        match kind {
+            EngineKind::Sync => Ok(Local::Sync(SyncEngine::new())),
+            EngineKind::IoUring(setup) => {
+                UringEngine::new(depth, completion_fd, setup).map(|mut e| {
+                    e.allow_inline = false;
+                    Local::Uring(Box::new(e))
+                })
+            }
+            // SQPOLL was asked for: failing to set it up is an error, not a fallback.
+            EngineKind::Auto(setup) if setup.sqpoll_cpu.is_some() => {
+                UringEngine::new(depth, completion_fd, setup).map(|e| Local::Uring(Box::new(e)))
+            }
+            EngineKind::Auto(setup) => match UringEngine::new(depth, completion_fd, setup) {
+                Ok(engine) => Ok(Local::Uring(Box::new(engine))),
+                Err(e) => {
+                    log::warn!("io_uring unavailable ({e}); using synchronous I/O");
+                    Ok(Local::Sync(SyncEngine::new()))
+                }
+            },
         }
     }
 }

@@ -78,9 +78,31 @@ pub fn is_aligned(iovecs: &[libc::iovec], align: u64) -> bool {
 /// # Safety
 /// Every iovec must name memory valid for writes that nothing else accesses meanwhile.
 pub unsafe fn fill_zero(iovecs: &[libc::iovec]) {
+    // SAFETY: forwarded contract.
+    unsafe { fill_zero_from(iovecs, 0) }
+}
+
+/// Zero the bytes of `iovecs` from byte `from` of them on (the tail of a short read).
+///
+/// # Safety
+/// As for [`fill_zero`].
+pub unsafe fn fill_zero_from(iovecs: &[libc::iovec], from: usize) {
+    let mut skip = from;
     for iov in iovecs {
-        // SAFETY: the caller guarantees the buffer is valid for `iov_len` bytes of writes.
-        unsafe { libc::memset(iov.iov_base, 0, iov.iov_len) };
+        if skip >= iov.iov_len {
+            skip -= iov.iov_len;
+            continue;
+        }
+        // SAFETY: the caller guarantees the buffer is valid for `iov_len` bytes of writes;
+        // `skip < iov_len`.
+        unsafe {
+            libc::memset(
+                iov.iov_base.cast::<u8>().add(skip).cast(),
+                0,
+                iov.iov_len - skip,
+            )
+        };
+        skip = 0;
     }
 }
 

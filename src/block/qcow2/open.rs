@@ -14,6 +14,7 @@ use super::refcount::Refcounts;
 use super::units::{be64_entries, HostOffset};
 use super::{check, layout, snapshot, Backing, Meta, Qcow2Error, Qcow2Node};
 use crate::block::file::{FileNode, FileOptions};
+use crate::block::remote::location::RemoteSpec;
 use crate::block::{
     open_image, BackingChoice, BlockDriver, BlockError, FileId, Format, OpenOptions,
 };
@@ -44,6 +45,10 @@ pub fn resolve_stored_name(
     };
     if name.is_empty() {
         return Err(refuse("empty name"));
+    }
+    if image.to_str().and_then(RemoteSpec::parse).is_some() {
+        // A remote image has no directory for its names to stay in.
+        return Err(refuse("the image is on a remote store"));
     }
     let p = Path::new(name);
     if p.is_absolute() {
@@ -200,7 +205,8 @@ impl Qcow2Node {
             if options.data_file.is_some() {
                 return Err(Qcow2Error::NoExternalDataFile.at(path));
             }
-            if !options.direct {
+            // A remote store has no page cache to bypass, and one handle holds its lock.
+            if !options.direct || meta_file.remote().is_some() {
                 return Ok(meta_file.clone());
             }
             let direct = FileNode::open_in(

@@ -13,6 +13,7 @@
 //! `rbd:pool/image`, `nbd+unix:///export?socket=PATH`, `json:{"driver": "rbd", ...}`.
 
 pub mod location;
+pub mod rbd;
 
 use std::fmt::Debug;
 use std::io;
@@ -44,6 +45,24 @@ pub enum RemoteOp {
 }
 
 impl RemoteOp {
+    /// A read (or, with `write`, a write) of `iov` at `offset`.
+    pub fn transfer(write: bool, offset: u64, iov: &[libc::iovec]) -> RemoteOp {
+        let (iov, iovcnt) = (iov.as_ptr(), iov.len() as u32);
+        if write {
+            RemoteOp::Writev {
+                offset,
+                iov,
+                iovcnt,
+            }
+        } else {
+            RemoteOp::Readv {
+                offset,
+                iov,
+                iovcnt,
+            }
+        }
+    }
+
     /// The iovecs of a transfer.
     ///
     /// # Safety
@@ -233,7 +252,8 @@ struct SinkShared {
     cond: Condvar,
     /// A duplicate of the queue's eventfd: a store's thread may complete an operation after
     /// the queue let go of its own descriptor, and must never write to a reused number.
-    wake: OwnedFd,
+    /// `None` for a queue that only waits (tests with the synchronous engine).
+    wake: Option<OwnedFd>,
 }
 
 impl SinkShared {
@@ -244,23 +264,30 @@ impl SinkShared {
             .push((user_data, result));
         self.ready.store(true, Ordering::Release);
         self.cond.notify_all();
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: an 8-byte write from a live buffer to our own descriptor. It can only fail
-        // if the counter would overflow, in which case the queue is awake anyway.
-        let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        if let Some(wake) = &self.wake {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: an 8-byte write from a live buffer to our own descriptor. It can only
+            // fail if the counter would overflow, in which case the queue is awake anyway.
+            let _ = unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
     }
 }
 
 impl CompletionSink {
-    /// A sink signalling `wake_fd` (an eventfd; duplicated, the caller keeps its own).
+    /// A sink signalling `wake_fd` (an eventfd; duplicated, the caller keeps its own; a
+    /// negative number for none).
     pub fn new(wake_fd: RawFd) -> io::Result<CompletionSink> {
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller owns; the new one is ours.
-        let dup = unsafe { libc::fcntl(wake_fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `dup` was just created and is owned by nothing else.
-        let wake = unsafe { OwnedFd::from_raw_fd(dup) };
+        let wake = if wake_fd < 0 {
+            None
+        } else {
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller owns; the new one is ours.
+            let dup = unsafe { libc::fcntl(wake_fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `dup` was just created and is owned by nothing else.
+            Some(unsafe { OwnedFd::from_raw_fd(dup) })
+        };
         Ok(CompletionSink {
             shared: Arc::new(SinkShared {
                 done: Mutex::new(Vec::new()),
