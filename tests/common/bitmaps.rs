@@ -64,13 +64,24 @@ pub fn granules(ops: &[(Op, u64, u64)], granularity: u64) -> BTreeSet<u64> {
 
 /// The dirty granules of bitmap `name`, read by QEMU's NBD server and libnbd's nbdinfo.
 pub fn nbd_dirty_granules(dir: &Path, image: &str, name: &str, granularity: u64) -> BTreeSet<u64> {
+    nbd_dirty_granules_of(dir, &["-f", "qcow2", image], name, granularity)
+}
+
+/// [`nbd_dirty_granules`] of the image `image_args` name to qemu-nbd (`-f FORMAT FILE`, or
+/// `--image-opts OPTIONS`).
+pub fn nbd_dirty_granules_of(
+    dir: &Path,
+    image_args: &[&str],
+    name: &str,
+    granularity: u64,
+) -> BTreeSet<u64> {
     let sock = dir.join(format!("nbd-{name}.sock"));
     let _ = fs::remove_file(&sock);
     let mut server = Command::new("qemu-nbd")
         .current_dir(dir)
-        .args(["-r", "-t", "-f", "qcow2", "-B", name, "-k"])
+        .args(["-r", "-t", "-B", name, "-k"])
         .arg(&sock)
-        .arg(image)
+        .args(image_args)
         .stderr(Stdio::piped())
         .spawn()
         .expect("qemu-nbd");

@@ -21,6 +21,7 @@
 
 pub mod bitmaps;
 pub mod blkio_client;
+pub mod ceph;
 pub mod cli;
 pub mod crash;
 pub mod data;

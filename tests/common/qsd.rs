@@ -15,8 +15,9 @@ use super::{read_stderr, signal_and_wait, vubd_bin};
 /// `data` as its external data file when there is one.
 #[derive(Clone, Debug)]
 pub struct Export {
-    meta: PathBuf,
-    data: Option<PathBuf>,
+    /// The protocol node options of the image (`driver=file,filename=...`), node name aside.
+    meta: String,
+    data: Option<String>,
     socket: PathBuf,
     monitor: Option<PathBuf>,
     discard_unmap: bool,
@@ -26,9 +27,16 @@ pub struct Export {
 
 impl Export {
     pub fn new(meta: &Path, data: Option<&Path>, socket: &Path) -> Export {
+        let file = |p: &Path| format!("driver=file,filename={}", p.display());
+        Self::with_protocols(&file(meta), data.map(file).as_deref(), socket)
+    }
+
+    /// An export whose image and data file are the protocol nodes `meta` and `data`, given as
+    /// `--blockdev` options without `node-name` (`driver=rbd,pool=...`, say).
+    pub fn with_protocols(meta: &str, data: Option<&str>, socket: &Path) -> Export {
         Export {
-            meta: meta.to_path_buf(),
-            data: data.map(Path::to_path_buf),
+            meta: meta.to_string(),
+            data: data.map(str::to_string),
             socket: socket.to_path_buf(),
             monitor: None,
             discard_unmap: false,
@@ -80,17 +88,11 @@ impl Export {
             args.push("chardev=mon".into());
         }
         args.push("--blockdev".into());
-        args.push(format!(
-            "driver=file,node-name=meta,filename={}",
-            self.meta.display()
-        ));
+        args.push(format!("{},node-name=meta", self.meta));
         let mut fmt = "driver=qcow2,node-name=fmt,file=meta".to_string();
         if let Some(data) = &self.data {
             args.push("--blockdev".into());
-            args.push(format!(
-                "driver=file,node-name=data,filename={}",
-                data.display()
-            ));
+            args.push(format!("{data},node-name=data"));
             fmt.push_str(",data-file=data");
         }
         if self.discard_unmap {

@@ -1,0 +1,210 @@
+//! vubd on Ceph RBD: the `rbd` protocol node under raw and qcow2 disks, against a single-host
+//! Ceph cluster each test starts (`scripts/ceph-test-cluster.sh`), with QEMU's rbd driver
+//! (qemu-img, qemu-nbd) as the independent reader.
+
+mod common;
+
+use common::bitmaps::{granules, nbd_dirty_granules_of, Op};
+use common::blkio_client::BlkioClient;
+use common::ceph::Cluster;
+use common::cli::{one_line_error, serve_fails};
+use common::data::assert_same;
+use common::qemu::qemu_img;
+use common::qsd::{Daemon, Export};
+use common::{pattern, TempDir, Vubd};
+
+const MIB: usize = 1 << 20;
+
+/// Apply a write to the model of the disk.
+fn apply(model: &mut [u8], offset: u64, data: &[u8]) {
+    model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+}
+
+#[test]
+fn a_raw_disk_on_rbd_round_trips_and_qemu_reads_what_it_wrote() {
+    let cluster = Cluster::start("raw");
+    let dir = TempDir::new("rbd-raw");
+    cluster.create("disk", "32M");
+    let name = cluster.name("disk");
+    let vubd = Vubd::start(
+        &dir.join("vubd.sock"),
+        &["--image", &name, "--num-queues", "2"],
+    );
+    let mut client = BlkioClient::connect(&vubd.socket, 2).unwrap();
+    assert_eq!(client.capacity(), 32 * MIB as u64);
+    let mut model = vec![0u8; 32 * MIB];
+    assert_same(
+        &client.read(0, 0, MIB).unwrap(),
+        &model[..MIB],
+        "a new image",
+    );
+
+    // Writes of several sizes, on both queues, one spanning several RBD objects (4 MiB).
+    let writes: [(u64, usize); 5] = [
+        (0, 4096),
+        (512 * 7, 512),
+        (3 * MIB as u64 + 4096, 3 * MIB),
+        (32 * MIB as u64 - 512, 512),
+        (17 * MIB as u64 + 512, 64 * 1024),
+    ];
+    for (i, &(offset, len)) in writes.iter().enumerate() {
+        let data = pattern(len, 10 + i as u64);
+        client.write(i % 2, offset, &data).unwrap();
+        apply(&mut model, offset, &data);
+    }
+    client.write_zeroes(1, 4 * MIB as u64, 8192, false).unwrap();
+    model[4 * MIB..4 * MIB + 8192].fill(0);
+    client
+        .write_zeroes(0, 6 * MIB as u64, MIB as u64, true)
+        .unwrap();
+    model[6 * MIB..7 * MIB].fill(0);
+    client.flush(0).unwrap();
+    assert_same(&client.read_all(1, 32 * MIB).unwrap(), &model, "read back");
+    drop(client);
+    drop(vubd);
+
+    assert_same(
+        &cluster.read_image("disk", dir.path()),
+        &model,
+        "QEMU's view",
+    );
+}
+
+/// The mission graph with metadata and data both on RBD, from the one command line that
+/// qemu-storage-daemon runs too: guest writes land on the data image, the qcow2 image stays
+/// valid for qemu-img check, and its persistent bitmap covers every write.
+#[test]
+fn the_mission_graph_on_rbd_from_qemu_storage_daemons_command_line() {
+    let cluster = Cluster::start("mission");
+    let dir = TempDir::new("rbd-mission");
+    let (meta, data) = (cluster.name("meta"), cluster.name("data"));
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={data},data_file_raw=on"),
+            &meta,
+            "16M",
+        ],
+    );
+    let opts = cluster.qcow2_opts("meta", "data");
+    qemu_img(
+        dir.path(),
+        &["bitmap", "--add", "--image-opts", &opts, "since-full"],
+    );
+    let export = Export::with_protocols(
+        &cluster.blockdev("meta"),
+        Some(&cluster.blockdev("data")),
+        &dir.join("vhost.sock"),
+    );
+
+    // The command line is qemu-storage-daemon's own: it serves the graph as well.
+    let qsd = Daemon::qsd(dir.path(), &export);
+    let mut client = BlkioClient::connect(qsd.socket(), 1).unwrap();
+    let first = pattern(4096, 1);
+    client.write(0, 0, &first).unwrap();
+    drop(client);
+    let (status, stderr) = qsd.stop();
+    assert!(status.success(), "qemu-storage-daemon: {stderr}");
+
+    let vubd = Daemon::vubd(dir.path(), &export);
+    let mut client = BlkioClient::connect(vubd.socket(), 1).unwrap();
+    let mut model = vec![0u8; 16 * MIB];
+    apply(&mut model, 0, &first);
+    assert_same(&client.read(0, 0, 4096).unwrap(), &first, "qsd's write");
+    let mut ops = vec![(Op::Write, 0, 4096)];
+    for (i, &(offset, len)) in [
+        (MIB as u64, 70_000 / 512 * 512),
+        (9 * MIB as u64 + 512, 512),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let bytes = pattern(len as usize, 20 + i as u64);
+        client.write(0, offset, &bytes).unwrap();
+        apply(&mut model, offset, &bytes);
+        ops.push((Op::Write, offset, len));
+    }
+    client
+        .write_zeroes(0, 12 * MIB as u64, 65536, false)
+        .unwrap();
+    ops.push((Op::Zeroes, 12 * MIB as u64, 65536));
+    client.flush(0).unwrap();
+    drop(client);
+    let (status, stderr) = vubd.stop();
+    assert!(status.success(), "vubd: {stderr}");
+
+    assert_same(
+        &cluster.read_image("data", dir.path()),
+        &model,
+        "the data image",
+    );
+    let check = qemu_img(dir.path(), &["check", "--image-opts", &opts]);
+    assert!(check.contains("No errors"), "{check}");
+    // qemu-storage-daemon's write was before vubd; QEMU marks it too (the bitmap is enabled).
+    assert_eq!(
+        nbd_dirty_granules_of(dir.path(), &["--image-opts", &opts], "since-full", 65536),
+        granules(&ops, 65536),
+        "the bitmap as qemu-nbd reads it"
+    );
+}
+
+#[test]
+fn a_second_writer_is_kept_out_by_the_exclusive_lock() {
+    let cluster = Cluster::start("lock");
+    let dir = TempDir::new("rbd-lock");
+    cluster.create("disk", "8M");
+    let name = cluster.name("disk");
+    let mut first = Vubd::start(&dir.join("first.sock"), &["--image", &name]);
+    let second = dir.join("second.sock");
+    let err = serve_fails(&["--socket", second.to_str().unwrap(), "--image", &name]);
+    let line = one_line_error(&err);
+    assert!(
+        line.contains("rbd:rbd/disk") && line.contains("in use by another client"),
+        "{line}"
+    );
+    // Readers are not writers: a read-only open goes ahead.
+    let reader = Vubd::start(&dir.join("reader.sock"), &["--image", &name, "--readonly"]);
+    drop(reader);
+    // Once the first has stopped, the lock is free again.
+    first.stop();
+    drop(Vubd::start(&second, &["--image", &name]));
+}
+
+#[test]
+fn missing_images_pools_and_features_are_one_line_errors() {
+    let cluster = Cluster::start("errors");
+    let dir = TempDir::new("rbd-errors");
+    let sock = dir.join("s.sock");
+    let serve = |image: &str, extra: &[&str]| {
+        let mut args = vec!["--socket", sock.to_str().unwrap(), "--image", image];
+        args.extend_from_slice(extra);
+        one_line_error(&serve_fails(&args)).to_string()
+    };
+    let conf = cluster.conf().display().to_string();
+    let line = serve(&cluster.name("nothing"), &[]);
+    assert!(line.contains("rbd create"), "{line}");
+    let line = serve(&format!("rbd:nopool/x:conf={conf}"), &[]);
+    assert!(line.contains("no pool 'nopool'"), "{line}");
+    let line = serve(&format!("rbd:rbd/x:conf={conf}.missing"), &[]);
+    assert!(line.contains("configuration"), "{line}");
+
+    cluster.rbd(&[
+        "create",
+        "--size",
+        "4M",
+        "--image-feature",
+        "layering",
+        "rbd/nolock",
+    ]);
+    let line = serve(&cluster.name("nolock"), &[]);
+    assert!(line.contains("exclusive-lock"), "{line}");
+    // As the message says: locking off serves it.
+    drop(Vubd::start(
+        &sock,
+        &["--image", &cluster.name("nolock"), "--locking", "off"],
+    ));
+}
