@@ -4,6 +4,10 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use common::bitmaps::{granules, nbd_dirty_granules_of, Op};
 use common::blkio_client::BlkioClient;
 use common::ceph::Cluster;
@@ -207,4 +211,76 @@ fn missing_images_pools_and_features_are_one_line_errors() {
         &sock,
         &["--image", &cluster.name("nolock"), "--locking", "off"],
     ));
+}
+
+/// While the cluster's only OSD stalls, the guest's flush waits for it (Ceph's default: no
+/// operation timeout; librbd's writeback cache may take the writes meanwhile, as a page cache
+/// would) and completes once it resumes, with every write on the image: nothing acknowledged
+/// by a flush is lost.
+#[test]
+fn a_stalled_osd_delays_the_flush_and_loses_nothing() {
+    let cluster = Cluster::start("stall");
+    let dir = TempDir::new("rbd-stall");
+    cluster.create("disk", "8M");
+    let vubd = Vubd::start(&dir.join("vubd.sock"), &["--image", &cluster.name("disk")]);
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    client.write(0, 0, &pattern(4096, 99)).unwrap();
+    client.flush(0).unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            for i in 0..64u64 {
+                client.write(0, i * 65536, &pattern(65536, i)).unwrap();
+                progress.store(i as usize + 1, Ordering::SeqCst);
+            }
+            client.flush(0).unwrap();
+            progress.store(usize::MAX, Ordering::SeqCst);
+        })
+    };
+    while progress.load(Ordering::SeqCst) < 8 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cluster.signal_osd(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(2));
+    let during = progress.load(Ordering::SeqCst);
+    cluster.signal_osd(libc::SIGCONT);
+    writer.join().unwrap();
+    assert_ne!(during, usize::MAX, "the flush waited for the stalled OSD");
+    drop(vubd);
+    let expected: Vec<u8> = (0..64).flat_map(|i| pattern(65536, i)).collect();
+    assert_same(
+        &cluster.read_image("disk", dir.path())[..4 * MIB],
+        &expected,
+        "what QEMU reads",
+    );
+}
+
+/// With an operation timeout set (a Ceph option, here in the image's name), a stalled OSD
+/// fails the guest's request with an I/O error it sees, and the disk works again once the OSD
+/// is back. `--cache none` turns librbd's cache off, so the write itself goes to the OSD.
+#[test]
+fn with_an_operation_timeout_a_stalled_osd_is_an_io_error_the_guest_sees() {
+    let cluster = Cluster::start("timeout");
+    let dir = TempDir::new("rbd-timeout");
+    cluster.create("disk", "8M");
+    let name = format!("{}:rados_osd_op_timeout=2", cluster.name("disk"));
+    let vubd = Vubd::start(
+        &dir.join("vubd.sock"),
+        &["--image", &name, "--cache", "none"],
+    );
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    client.write(0, 0, &pattern(4096, 1)).unwrap();
+    cluster.signal_osd(libc::SIGSTOP);
+    let stalled = client.write(0, 4096, &pattern(4096, 2));
+    cluster.signal_osd(libc::SIGCONT);
+    assert_eq!(stalled, Err(-libc::EIO), "the guest sees the failure");
+    let again = pattern(4096, 3);
+    client.write(0, 4096, &again).unwrap();
+    client.flush(0).unwrap();
+    assert_same(
+        &client.read(0, 4096, 4096).unwrap(),
+        &again,
+        "after the OSD is back",
+    );
 }

@@ -62,6 +62,15 @@ impl Cluster {
         )
     }
 
+    /// Send `signal` to the OSD (SIGSTOP stalls the cluster's only data server, SIGCONT
+    /// resumes it).
+    pub fn signal_osd(&self, signal: i32) {
+        let pid = std::fs::read_to_string(self.dir.join("run/osd.0.pid")).expect("the OSD's pid");
+        let pid: i32 = pid.trim().parse().expect("a pid");
+        // SAFETY: kill(2) on the test cluster's own OSD.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal the OSD");
+    }
+
     /// Run `rbd -c CONF ARGS...`; its stdout, or a panic with its stderr.
     pub fn rbd(&self, args: &[&str]) -> String {
         let out = Command::new("rbd")
