@@ -14,7 +14,7 @@
 //! ```text
 //! cargo run --release --example bench -- [--runtime 5] [--reps 3] [--dir /dev/shm]
 //!     [--disk-dir /var/tmp] [--size-mib 1024] [--vubd-args "..."]
-//!     [--only backends|disk|bitmaps|guest|overhead|many|scale] [--out docs/benchmarks.md]
+//!     [--only backends|disk|bitmaps|guest|overhead|many|scale|remote] [--out docs/benchmarks.md]
 //! ```
 
 mod bitmaps;
@@ -28,6 +28,7 @@ mod idle;
 mod kit;
 mod many;
 mod overhead;
+mod remote;
 mod report;
 mod runner;
 mod scale;
@@ -65,7 +66,7 @@ pub struct Options {
 
 fn usage() -> String {
     "usage: bench [--runtime S] [--reps N] [--dir DIR] [--disk-dir DIR] [--size-mib N] \
-     [--vubd-args ARGS] [--only backends|disk|bitmaps|guest|overhead|many|scale] [--out FILE.md]"
+     [--vubd-args ARGS] [--only backends|disk|bitmaps|guest|overhead|many|scale|remote] [--out FILE.md]"
         .into()
 }
 
@@ -97,7 +98,14 @@ fn parse_args() -> Result<Options, String> {
             "--only"
                 if matches!(
                     v.as_str(),
-                    "backends" | "disk" | "bitmaps" | "guest" | "overhead" | "many" | "scale"
+                    "backends"
+                        | "disk"
+                        | "bitmaps"
+                        | "guest"
+                        | "overhead"
+                        | "many"
+                        | "scale"
+                        | "remote"
                 ) =>
             {
                 o.only = Some(v)
@@ -138,6 +146,7 @@ fn run(o: Options) -> Result<(), String> {
         Some("overhead") => Some((overhead::HEADING, overhead::run)),
         Some("many") => Some((many::HEADING, many::run)),
         Some("scale") => Some((scale::HEADING, scale::run)),
+        Some("remote") => Some((remote::HEADING, remote::run)),
         _ => None,
     };
     if o.only.as_deref() == Some("disk") {
@@ -178,6 +187,10 @@ fn run(o: Options) -> Result<(), String> {
         None => Some(scale::run(&o, &work)?),
         _ => None,
     };
+    let remote = match o.only.as_deref() {
+        None => Some(remote::run(&o, &work)?),
+        _ => None,
+    };
     drop(cleanup);
     let mut md = match &results {
         Some(results) => report(&o, results, have_qsd, have_fio, started.elapsed()),
@@ -193,6 +206,7 @@ fn run(o: Options) -> Result<(), String> {
     md.push_str(overhead.as_deref().unwrap_or_default());
     md.push_str(many.as_deref().unwrap_or_default());
     md.push_str(scale.as_deref().unwrap_or_default());
+    md.push_str(remote.as_deref().unwrap_or_default());
     // The guest section comes from `--only guest` (`make guest-bench`), which takes longer:
     // a full run keeps the last one.
     let old = fs::read_to_string(&o.out).unwrap_or_default();

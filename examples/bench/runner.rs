@@ -107,17 +107,22 @@ pub fn start_backend(
         Backend::Qsd => qsd_command(work, &sock, o.direct, queues),
         Backend::FioUring | Backend::FioSync => return Err("fio is not a backend".into()),
     };
+    spawn_backend(&mut cmd, backend.name(), &sock)
+}
+
+/// Start `cmd`, a backend serving `sock`, and wait until the socket is up.
+pub fn spawn_backend(cmd: &mut Command, name: &str, sock: &Path) -> Result<Running, String> {
     let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", backend.name()))?;
+        .map_err(|e| format!("starting {name}: {e}"))?;
     let pid = child.id();
     let running = Running { child, pid };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
         if Instant::now() > deadline {
-            return Err(format!("{} did not start", backend.name()));
+            return Err(format!("{name} did not start"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
