@@ -7,9 +7,11 @@
 #   scripts/ceph-test-cluster.sh stop DIR    kills the daemons and removes DIR
 #
 # One monitor (mon.a) on 127.0.0.1 with msgr v2 only, on a free port the script picks, so
-# that several clusters run at once; no manager; one OSD (osd.0) on memstore (the data lives
-# in the OSD's memory, at most `memstore device bytes`); pool `rbd`, of size 1, initialised for
-# RBD. Auth is cephx: DIR/keyring holds client.admin, which ceph.conf names for every client.
+# that several clusters run at once; no manager; one OSD (osd.0) on memstore: the data lives
+# in the OSD's memory, whose RSS is ~36 MB idle plus about twice what the images hold (nothing
+# caps it: the OSD accepted 1.1 GiB beyond its 1 GiB `memstore device bytes`, taking 2.3 GB);
+# pool `rbd`, of size 1, initialised for RBD. Auth is cephx: DIR/keyring holds client.admin,
+# which ceph.conf names for every client.
 # Everything lives under DIR (configuration, keyrings, mon store, OSD directory, logs in
 # DIR/log, admin sockets and pid files in DIR/run); nothing under /etc/ceph, /var/lib/ceph,
 # /var/log/ceph or /run/ceph. The daemons run as the current user, detached from the
@@ -19,7 +21,7 @@
 # line naming the step and its log, stops what it started and keeps DIR for the post-mortem.
 set -eu
 prog=ceph-test-cluster.sh
-memstore_bytes=1073741824 # 1 GiB: what the OSD reports as its capacity, in RAM
+memstore_bytes=1073741824 # 1 GiB: the capacity the OSD reports (not a limit on its RAM)
 
 usage() {
     echo "usage: $0 start DIR | stop DIR" >&2
@@ -37,9 +39,12 @@ case $dir in
     ;;
 esac
 
+# fd 3: the caller's stderr, for die, which may run (from the trap) inside a command whose
+# output goes to a log. The daemons get it closed, not to hold the caller's pipe open.
+exec 3>&2
 starting=""
 die() { # message: one line on stderr; a failed start stops what it started
-    echo "$prog: $*" >&2
+    echo "$prog: $*" >&3
     [ -z "$starting" ] || kill_daemons
     exit 1
 }
@@ -53,7 +58,7 @@ daemon_pids() {
     for pid in $(cat "$dir"/run/*.pid 2>/dev/null) \
         $(grep -lF -- "$conf" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
         case $(readlink "/proc/$pid/exe" 2>/dev/null) in
-        */ceph-mon | */ceph-osd) ;;
+        */ceph-mon | */ceph-osd | */ceph-mon" (deleted)" | */ceph-osd" (deleted)") ;;
         *) continue ;;
         esac
         tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$conf" || continue
@@ -64,7 +69,9 @@ daemon_pids() {
 kill_daemons() { # SIGTERM, then SIGKILL after 5 s
     pids=$(daemon_pids)
     [ -n "$pids" ] || return 0
+    # SIGCONT: a test may have stopped the OSD (SIGSTOP) to stall the cluster.
     kill -TERM $pids 2>/dev/null || true
+    kill -CONT $pids 2>/dev/null || true
     i=0
     while [ $i -lt 100 ]; do
         alive=""
@@ -76,7 +83,7 @@ kill_daemons() { # SIGTERM, then SIGKILL after 5 s
         sleep 0.1
         i=$((i + 1))
     done
-    echo "$prog: could not kill the daemons of $dir:$alive" >&2
+    echo "$prog: could not kill the daemons of $dir:$alive" >&3
     return 1
 }
 
@@ -104,6 +111,7 @@ dir=$(cd "$dir" && pwd -P)
 conf=$dir/ceph.conf
 log=$dir/log/start.log
 starting=1
+trap 'die "interrupted"' INT TERM HUP
 mkdir -p "$dir/log" "$dir/run" "$dir/crash" "$dir/osd.0"
 : >"$log"
 
@@ -181,8 +189,12 @@ public addr = 127.0.0.1
 cluster addr = 127.0.0.1
 osd objectstore = memstore
 memstore device bytes = $memstore_bytes
+# (osd memory target only sizes BlueStore's caches: nothing to lower for memstore.)
 # On SIGTERM, exit without waiting for the monitor (which may be stopping too) to ack.
 osd fast shutdown notify mon = false
+# A client that died (SIGKILL) keeps an image's exclusive lock until its watch times out;
+# 5 s instead of 30 lets the crash-restart tests see the lock broken soon.
+osd client watch timeout = 5
 EOF
 }
 
@@ -201,11 +213,11 @@ while :; do
     rm -rf "$dir/mon.a" "$dir/monmap"
     run "$log" "creating the monitor map" monmaptool --create --fsid "$fsid" \
         --addv a "[v2:127.0.0.1:$port]" "$dir/monmap"
-    run "$dir/log/mon.a.log" "creating the monitor" ceph-mon -c "$conf" -i a --mkfs \
+    run "$log and $dir/log/mon.a.log" "creating the monitor" ceph-mon -c "$conf" -i a --mkfs \
         --monmap "$dir/monmap" --keyring "$dir/mon.keyring"
     # Daemonizes once it listens: the exit status tells whether it got the port.
     echo "+ ceph-mon -c $conf -i a" >>"$log"
-    if ceph-mon -c "$conf" -i a </dev/null >>"$dir/log/mon.a.out" 2>&1; then
+    if timeout --foreground 60 ceph-mon -c "$conf" -i a </dev/null >>"$dir/log/mon.a.out" 2>&1 3>&-; then
         break
     fi
     [ $attempt -lt 5 ] || die "starting ceph-mon failed (see $dir/log/mon.a.log and mon.a.out)"
@@ -214,34 +226,40 @@ while :; do
 done
 
 # The OSD: memstore needs no device; --no-mon-config: mkfs reads ceph.conf only.
-run "$dir/log/osd.0.log" "creating the OSD" ceph-osd -c "$conf" -i 0 --mkfs \
+run "$log and $dir/log/osd.0.log" "creating the OSD" ceph-osd -c "$conf" -i 0 --mkfs \
     --osd-uuid "$osd_uuid" --no-mon-config
-ceph_() { timeout 30 ceph -c "$conf" "$@"; }
+ceph_() { timeout --foreground 30 ceph -c "$conf" "$@"; }
 run "$log" "adding osd.0 to the cluster (ceph osd new)" ceph_ osd new "$osd_uuid" 0
 echo "+ ceph-osd -c $conf -i 0" >>"$log"
-ceph-osd -c "$conf" -i 0 </dev/null >>"$dir/log/osd.0.out" 2>&1 ||
+timeout --foreground 60 ceph-osd -c "$conf" -i 0 </dev/null >>"$dir/log/osd.0.out" 2>&1 3>&- ||
     die "starting ceph-osd failed (see $dir/log/osd.0.log and osd.0.out)"
 run "$log" "creating pool rbd" ceph_ osd pool create rbd 8 8
 # What `rbd pool init` does, without its I/O: the probe below waits for I/O, with a clear error.
 run "$log" "enabling application rbd on pool rbd" ceph_ osd pool application enable rbd rbd
 
 # Ready when a 1 MiB image can be written, read back and removed: the first attempt waits
-# for the OSD to boot and the PGs to peer; later ones cover transient errors.
+# for the OSD to boot and the PGs to peer; later ones cover transient errors. Every rbd
+# command has the time left: any I/O blocks while no PG is active.
 head -c 1048576 /dev/urandom >"$dir/run/probe.bin"
 probe() { # seconds
-    rbd -c "$conf" rm --no-progress rbd/probe >/dev/null 2>&1 || true
-    timeout "$1" rbd -c "$conf" import --no-progress "$dir/run/probe.bin" rbd/probe &&
-        timeout "$1" rbd -c "$conf" export --no-progress rbd/probe - | cmp -s - "$dir/run/probe.bin" &&
-        timeout "$1" rbd -c "$conf" rm --no-progress rbd/probe
+    rbd_="timeout --foreground $1 rbd -c $conf --no-progress"
+    # An earlier attempt may have left the image behind.
+    [ -z "$retry" ] || $rbd_ rm rbd/probe || true
+    $rbd_ import "$dir/run/probe.bin" rbd/probe &&
+        $rbd_ export rbd/probe - | cmp - "$dir/run/probe.bin" &&
+        $rbd_ rm rbd/probe
 }
 deadline=$(($(date +%s) + 60))
+retry=""
 while :; do
     left=$((deadline - $(date +%s)))
-    [ $left -gt 0 ] || die "the cluster could not serve I/O within 60 s (see $dir/log/osd.0.log and $log)"
-    echo "+ probe" >>"$log"
+    [ $left -gt 0 ] ||
+        die "the cluster could not serve I/O within 60 s (see $dir/log/osd.0.log and $log)"
+    echo "+ probe: rbd import, export, rm" >>"$log"
     if probe "$left" </dev/null >>"$log" 2>&1; then
         break
     fi
+    retry=1
     sleep 1
 done
 rm -f "$dir/run/probe.bin"

@@ -10,6 +10,10 @@
 #   systemd             systemd-socket-activate and systemd-analyze for the unit tests
 #   curl                what `make run` prints for reading the metrics endpoint
 #   fonts-dejavu-core   the font `make bench` draws its chart with
+#   ceph-mon, ceph-osd, ceph-common   the throwaway Ceph cluster of the RBD tests
+#                       (scripts/ceph-test-cluster.sh): its monitor, its memstore OSD, and
+#                       rbd / ceph / ceph-authtool / monmaptool with librbd
+#   nbdkit              NBD servers scripted by the tests
 #
 # QEMU comes from bookworm-backports (10.0): the oracle tests rely on qemu-img 10, and
 # bookworm's qemu-system-x86 7.2 would replace it with 7.2 (the packages must match).
@@ -27,7 +31,8 @@ for p in qemu-utils qemu-system-x86; do
     version_ok "$p" "1:10" || backports="$backports $p"
 done
 main=""
-for p in linux-image-cloud-amd64 busybox-static fio libnbd-bin openssl systemd curl fonts-dejavu-core; do
+for p in linux-image-cloud-amd64 busybox-static fio libnbd-bin openssl systemd curl fonts-dejavu-core \
+    ceph-mon ceph-osd ceph-common nbdkit; do
     dpkg -s "$p" >/dev/null 2>&1 || main="$main $p"
 done
 [ -z "$backports$main" ] && exit 0
