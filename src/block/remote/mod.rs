@@ -13,6 +13,7 @@
 //! `rbd:pool/image`, `nbd+unix:///export?socket=PATH`, `json:{"driver": "rbd", ...}`.
 
 pub mod location;
+pub mod nbd;
 
 use std::fmt::Debug;
 use std::io;
