@@ -2,6 +2,8 @@
 //! as child processes killed when their guard drops (a failing test leaves none behind), the
 //! specs that reach them, and asynchronous requests with a safety net against hangs.
 
+#![allow(dead_code)]
+
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
