@@ -52,10 +52,24 @@ pub enum NbdClientError {
          connect without tls-creds if the network is trusted"
     )]
     NoTls { server: String, why: String },
-    /// The TLS handshake failed (certificate not trusted, wrong name, no client
-    /// certificate...).
-    #[error("{server}: TLS handshake failed: {reason}")]
-    TlsHandshake { server: String, reason: String },
+    /// The TLS handshake failed (certificate not trusted, wrong name...).
+    #[error(
+        "{server}: TLS handshake failed: {reason} (the server's certificate must chain to \
+         ca-cert.pem and carry '{name}' in its subjectAltName)"
+    )]
+    TlsHandshake {
+        server: String,
+        reason: String,
+        name: String,
+    },
+    /// The server ended the session right after the TLS handshake: it refused our client
+    /// certificate, or our lack of one.
+    #[error(
+        "{server}: the server ended the TLS session ({source}); if it verifies clients \
+         (verify-peer=on, QEMU's default), it needs client-cert.pem and client-key.pem signed \
+         by its CA"
+    )]
+    TlsRejected { server: String, source: io::Error },
     /// TLS over a UNIX socket without `tls-hostname`.
     #[error(
         "{server}: TLS over a unix socket needs tls-hostname, the name the server's \

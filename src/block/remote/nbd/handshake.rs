@@ -7,6 +7,7 @@
 //! The server is untrusted: every length it sends is bounded before anything is read or
 //! allocated by it, and the whole handshake runs under a socket timeout.
 
+use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -179,6 +180,7 @@ fn negotiate(cfg: &Config, sock: Socket) -> Result<(Wire, ExportInfo), NbdClient
     let mut neg = Negotiation {
         cfg,
         no_zeroes: false,
+        replies: Cell::new(0),
     };
     let fixed = neg.greeting(&mut &sock)?;
     let Some((creds, name)) = &cfg.tls else {
@@ -195,6 +197,7 @@ fn negotiate(cfg: &Config, sock: Socket) -> Result<(Wire, ExportInfo), NbdClient
     let tls_failed = |e: String| NbdClientError::TlsHandshake {
         server: cfg.name.clone(),
         reason: e,
+        name: name.to_str().into_owned(),
     };
     let mut session = creds.session(name).map_err(|e| tls_failed(e.to_string()))?;
     while session.is_handshaking() {
@@ -202,7 +205,18 @@ fn negotiate(cfg: &Config, sock: Socket) -> Result<(Wire, ExportInfo), NbdClient
             .complete_io(&mut &sock)
             .map_err(|e| tls_failed(e.to_string()))?;
     }
-    let info = neg.options(&mut rustls::Stream::new(&mut session, &mut &sock), true)?;
+    let replies = neg.replies.get();
+    let info = neg
+        .options(&mut rustls::Stream::new(&mut session, &mut &sock), true)
+        .map_err(|e| match e {
+            // With TLS 1.3 the client's side of the handshake is over before the server has
+            // checked the client's certificate: a refusal shows as the connection ending at
+            // the first option.
+            NbdClientError::Handshake { server, source } if neg.replies.get() == replies => {
+                NbdClientError::TlsRejected { server, source }
+            }
+            e => e,
+        })?;
     let session = Box::new(Mutex::new(session));
     Ok((Wire::Tls { sock, session }, info))
 }
@@ -212,6 +226,8 @@ struct Negotiation<'a> {
     cfg: &'a Config,
     /// `NBD_FLAG_C_NO_ZEROES` was sent: `NBD_OPT_EXPORT_NAME`'s reply has no padding.
     no_zeroes: bool,
+    /// Option replies received so far.
+    replies: Cell<usize>,
 }
 
 impl Negotiation<'_> {
@@ -316,22 +332,14 @@ impl Negotiation<'_> {
         }
         let mut data = vec![0u8; len as usize];
         self.read(s, &mut data)?;
+        self.replies.set(self.replies.get() + 1);
         Ok((kind, data))
     }
 
     /// The error for error reply `kind` to `option`, with the server's message.
     fn refused(&self, option: u32, kind: u32, data: &[u8]) -> NbdClientError {
         let server = self.cfg.name.clone();
-        let detail = match printable(data) {
-            m if m.is_empty() => String::new(),
-            m => format!(" (server: {m})"),
-        };
-        let option = match option {
-            OPT_STARTTLS => "NBD_OPT_STARTTLS",
-            OPT_GO => "NBD_OPT_GO",
-            OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
-            _ => "an option",
-        };
+        let detail = detail(data);
         match kind {
             REP_ERR_UNKNOWN => NbdClientError::NoSuchExport {
                 server,
@@ -341,17 +349,12 @@ impl Negotiation<'_> {
             REP_ERR_TLS_REQD => NbdClientError::TlsRequired { server, detail },
             _ => NbdClientError::Refused {
                 server,
-                option,
-                why: match kind {
-                    REP_ERR_POLICY => "forbidden by its policy",
-                    REP_ERR_INVALID => "invalid request",
-                    REP_ERR_PLATFORM => "not supported on its platform",
-                    REP_ERR_SHUTDOWN => "the server is shutting down",
-                    REP_ERR_BLOCK_SIZE_REQD => "it wants block sizes negotiated",
-                    REP_ERR_TOO_BIG => "request too big",
-                    REP_ERR_UNSUP => "not supported",
-                    _ => "unknown error",
+                option: match option {
+                    OPT_GO => "NBD_OPT_GO",
+                    OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+                    _ => "an option",
                 },
+                why: why(kind),
                 detail,
             },
         }
@@ -365,10 +368,7 @@ impl Negotiation<'_> {
             (REP_ACK, _) => Ok(()),
             (kind, data) if kind & REP_FLAG_ERROR != 0 => Err(NbdClientError::NoTls {
                 server: self.cfg.name.clone(),
-                why: format!(
-                    "NBD_OPT_STARTTLS refused: {}",
-                    self.refused(OPT_STARTTLS, kind, &data)
-                ),
+                why: format!("NBD_OPT_STARTTLS refused: {}{}", why(kind), detail(&data)),
             }),
             (kind, _) => Err(protocol(
                 self.cfg,
@@ -541,5 +541,29 @@ impl Negotiation<'_> {
             max_block: DEFAULT_MAX_PAYLOAD,
             structured,
         })
+    }
+}
+
+/// What an option error reply means (proto.md, "Option reply types").
+fn why(kind: u32) -> &'static str {
+    match kind {
+        REP_ERR_UNSUP => "not supported",
+        REP_ERR_POLICY => "forbidden by its policy",
+        REP_ERR_INVALID => "invalid request",
+        REP_ERR_PLATFORM => "not supported on its platform",
+        REP_ERR_TLS_REQD => "TLS required first",
+        REP_ERR_UNKNOWN => "unknown export",
+        REP_ERR_SHUTDOWN => "the server is shutting down",
+        REP_ERR_BLOCK_SIZE_REQD => "it wants block sizes negotiated",
+        REP_ERR_TOO_BIG => "request too big",
+        _ => "unknown error",
+    }
+}
+
+/// The message an error reply carried, for the end of ours.
+fn detail(data: &[u8]) -> String {
+    match printable(data) {
+        m if m.is_empty() => String::new(),
+        m => format!(" (server: {m})"),
     }
 }
