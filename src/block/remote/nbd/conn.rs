@@ -22,7 +22,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use super::cmd::Cmd;
-use super::handshake::ExportInfo;
+use super::info::ExportInfo;
 use super::transport::Wire;
 use crate::nbd::wire::{Request, CMD_DISC, CMD_WRITE, REQUEST_MAGIC};
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 
 use super::error::{printable, NbdClientError};
+use super::info::{ExportInfo, DEFAULT_MAX_PAYLOAD};
 use super::socket::Socket;
 use super::tls::TlsClientCreds;
 use super::transport::Wire;
@@ -24,10 +25,6 @@ use crate::nbd::wire::*;
 
 /// The oldstyle handshake's second magic (proto.md, "Oldstyle negotiation"), refused.
 const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
-/// Transmission flags proto.md defines that `crate::nbd::wire` (a read-only server's) lacks.
-pub(super) const FLAG_SEND_TRIM: u16 = 1 << 5;
-pub(super) const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-
 /// How long any one read or write of the handshake may block: a server that accepts and then
 /// says nothing must not hold a connection attempt forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,66 +33,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REPLY: u32 = MAX_OPTION;
 /// Most replies read for one option before the server is deemed broken.
 const MAX_REPLIES: usize = 64;
-/// The largest payload assumed when the server advertises none (proto.md, "Size
-/// constraints": 2^25 is what every server takes), and the most this client sends in one
-/// command whatever the server advertises.
-pub(super) const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
-
-/// What the handshake learnt about the export (proto.md, `NBD_INFO_EXPORT`,
-/// `NBD_INFO_BLOCK_SIZE`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct ExportInfo {
-    pub size: u64,
-    /// Transmission flags.
-    pub flags: u16,
-    pub min_block: u32,
-    pub preferred_block: u32,
-    /// The server's maximum payload (`DEFAULT_MAX_PAYLOAD` if it said nothing).
-    pub max_block: u32,
-    /// Structured replies were negotiated.
-    pub structured: bool,
-}
-
-impl ExportInfo {
-    pub fn has(&self, flag: u16) -> bool {
-        self.flags & flag != 0
-    }
-
-    /// The most bytes one read or write carries: the server's maximum, at most 32 MiB,
-    /// rounded down to its minimum block.
-    pub fn max_transfer(&self) -> u32 {
-        let max = self.max_block.min(DEFAULT_MAX_PAYLOAD);
-        (max - max % self.min_block).max(self.min_block)
-    }
-
-    /// Whether a reconnection to an export with `new` serves what requests planned with
-    /// `self` need: not smaller, the same commands, and no stricter block sizes.
-    pub fn compatible(&self, new: &ExportInfo) -> Result<(), String> {
-        if new.size < self.size {
-            return Err(format!(
-                "the export shrank from {} to {} bytes",
-                self.size, new.size
-            ));
-        }
-        for (flag, what) in [
-            (FLAG_SEND_FLUSH, "flush"),
-            (FLAG_SEND_TRIM, "trim"),
-            (FLAG_SEND_WRITE_ZEROES, "write-zeroes"),
-        ] {
-            if self.has(flag) && !new.has(flag) {
-                return Err(format!("the server no longer offers {what}"));
-            }
-        }
-        if new.has(FLAG_READ_ONLY) && !self.has(FLAG_READ_ONLY) {
-            return Err("the export became read-only".into());
-        }
-        if new.min_block > self.min_block || new.max_transfer() < self.max_transfer() {
-            return Err("the export's block size constraints became stricter".into());
-        }
-        Ok(())
-    }
-}
-
 /// How to reach the export.
 pub(super) struct Config {
     /// The server as messages name it (`nbd+unix:///exp?socket=PATH`).

@@ -4,7 +4,8 @@
 //! and QEMU's `nbd` block driver options ([`NbdSpec`]).
 //!
 //! * `handshake.rs`: connecting and fixed newstyle negotiation (STARTTLS, structured replies,
-//!   `NBD_OPT_GO` with block sizes, `NBD_OPT_EXPORT_NAME` as the fallback);
+//!   `NBD_OPT_GO` with block sizes, `NBD_OPT_EXPORT_NAME` as the fallback); `info.rs`: what
+//!   it learns about the export, and what a reconnection must keep of it;
 //! * `tls.rs`: [`TlsClientCreds`], QEMU's client `tls-creds-x509` layout, with rustls;
 //! * `socket.rs`, `transport.rs`: the byte stream, zero-copy `sendmsg`/`readv` on plain
 //!   sockets, a shared rustls session with TLS;
@@ -24,6 +25,7 @@ mod cmd;
 mod conn;
 mod error;
 mod handshake;
+mod info;
 mod reconnect;
 mod reply;
 mod socket;
@@ -40,7 +42,8 @@ use std::time::{Duration, Instant};
 
 use self::cmd::{Bufs, Cmd, Parent};
 use self::conn::Conn;
-use self::handshake::{establish, Attempt, Config, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES};
+use self::handshake::{establish, Attempt, Config};
+use self::info::{ExportInfo, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES};
 use self::reconnect::{Phase, Shared, RETRY_INTERVAL};
 use super::location::{NbdSpec, RemoteSpec};
 use super::{Completion, RemoteOp, RemoteStore};
@@ -385,9 +388,7 @@ impl Drop for NbdClient {
 
 /// The first connection: retried once a second until `open_timeout` passes (QEMU's
 /// `open-timeout`; 0: one try).
-fn first_connection(
-    cfg: &Config,
-) -> Result<(transport::Wire, handshake::ExportInfo), NbdClientError> {
+fn first_connection(cfg: &Config) -> Result<(transport::Wire, ExportInfo), NbdClientError> {
     let timeout = cfg.spec.open_timeout;
     let deadline = Instant::now() + timeout;
     let attempt = Attempt::default();

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use super::cmd::Cmd;
 use super::conn::Conn;
 use super::error::NbdClientError;
-use super::handshake::{establish, Attempt, Config, ExportInfo};
+use super::handshake::{establish, Attempt, Config};
+use super::info::ExportInfo;
 use super::reply::Break;
 use super::transport::Receiver;
 use crate::thread::spawn_quiet;
@@ -332,7 +333,7 @@ impl Shared {
         readers: &mut Vec<JoinHandle<()>>,
     ) -> Result<bool, NbdClientError> {
         let (wire, info) = establish(&self.cfg, &self.attempt)?;
-        if let Err(why) = self.info.compatible(&info) {
+        if let Err(why) = self.info.compatible(&info, !self.read_only) {
             wire.socket().shutdown();
             self.give_up(&why);
             return Ok(false);

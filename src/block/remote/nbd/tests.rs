@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::block::remote::location::NbdServer;
+use crate::block::remote::nbd::info::{FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES};
 use crate::block::remote::Waiter;
 use crate::nbd::wire::*;
 
