@@ -79,6 +79,10 @@ pub enum NbdClientError {
     /// A `tls-hostname` (or host) that is neither a DNS name nor an IP address.
     #[error("{server}: '{host}' is not a valid TLS server name (DNS name or IP address)")]
     BadTlsHostname { server: String, host: String },
+    /// An export name the protocol cannot carry (proto.md, "Conventions": strings are at
+    /// most 4096 bytes).
+    #[error("{server}: the export name is {len} bytes long, NBD allows at most 4096")]
+    ExportNameTooLong { server: String, len: usize },
     /// The spec names TLS credentials but none were handed to the client.
     #[error("{server}: tls-creds={id} is set but no TLS credentials were loaded for it")]
     TlsCredsMissing { server: String, id: String },

@@ -50,7 +50,7 @@ use super::{Completion, RemoteOp, RemoteStore};
 use crate::block::ZeroOp;
 use crate::nbd::wire::{
     CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_READ_ONLY,
-    FLAG_SEND_FLUSH,
+    FLAG_SEND_FLUSH, MAX_STRING,
 };
 use crate::thread::spawn_quiet;
 
@@ -89,6 +89,12 @@ impl NbdClient {
         tls: Option<TlsClientCreds>,
     ) -> Result<NbdClient, NbdClientError> {
         let name = RemoteSpec::Nbd(spec.clone()).to_string();
+        if spec.export.len() > MAX_STRING {
+            return Err(NbdClientError::ExportNameTooLong {
+                server: name,
+                len: spec.export.len(),
+            });
+        }
         if let (Some(id), None) = (&spec.tls_creds, &tls) {
             return Err(NbdClientError::TlsCredsMissing {
                 server: name,

@@ -337,6 +337,20 @@ fn refusals_say_what_to_do() {
 }
 
 #[test]
+fn names_the_protocol_cannot_carry_are_refused_before_connecting() {
+    let fake = Fake::start(0, |_, _| {});
+    let spec = NbdSpec {
+        export: "x".repeat(4097),
+        ..fake.spec(0)
+    };
+    let msg = NbdClient::connect(&spec, false, None)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("4097 bytes long"), "{msg}");
+    fake.join();
+}
+
+#[test]
 fn a_reply_with_an_unknown_cookie_ends_the_connection() {
     let fake = Fake::start(1, |mut p, _| {
         p.negotiate(true, FLAGS, None);
