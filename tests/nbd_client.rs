@@ -274,7 +274,7 @@ fn nbdkit_without_write_zeroes_gets_written_zeroes() {
 }
 
 #[test]
-fn a_small_maximum_payload_forces_splits() {
+fn a_small_maximum_payload_forces_splits_of_transfers_and_written_zeroes() {
     let dir = TempDir::new("blocksize");
     let spec = unix_spec(&dir.join("nbd.sock"), "mem");
     let log = dir.join("requests.log");
@@ -285,6 +285,7 @@ fn a_small_maximum_payload_forces_splits() {
         &spec,
         &[
             "--filter=log",
+            "--filter=nozero",
             "--filter=blocksize-policy",
             "memory",
             "4M",
@@ -302,10 +303,12 @@ fn a_small_maximum_payload_forces_splits() {
     let (r, back) = read_async(&c, 4096, data.len(), 3).wait();
     assert_eq!(r, data.len() as i32);
     assert!(back == data);
-    // Writing zeroes without payload is not bound by the maximum payload.
+    // Without write-zeroes (the nozero filter), zeroes are written a payload at a time.
     store(&c)
         .zeroes(0, 2 * MIB as u64, ZeroOp::WriteZeroes { unmap: true })
         .unwrap();
+    let (_, zeroes) = read_async(&c, 0, 2 * MIB, 2).wait();
+    assert!(zeroes.iter().all(|&b| b == 0));
     // Not a multiple of the minimum block: refused before sending.
     let mut small = vec![0u8; 100];
     let e = store(&c).read_at(&mut small, 0).unwrap_err();
@@ -327,8 +330,8 @@ fn a_small_maximum_payload_forces_splits() {
         assert!(u64::from_str_radix(count, 16).unwrap() <= 65536, "{line}");
         transfers += 1;
     }
-    // 1 MiB + 4 KiB each way, in 64 KiB pieces.
-    assert_eq!(transfers, 2 * 17, "{log}");
+    // 1 MiB + 4 KiB each way, then 2 MiB of zeroes written and read, in 64 KiB pieces.
+    assert_eq!(transfers, 2 * 17 + 2 * 32, "{log}");
 }
 
 #[test]

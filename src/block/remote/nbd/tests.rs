@@ -14,7 +14,7 @@ use crate::block::remote::nbd::info::{FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES};
 use crate::block::remote::Waiter;
 use crate::nbd::wire::*;
 
-const SIZE: u64 = 1 << 20;
+const SIZE: u64 = 16 << 20;
 const FLAGS: u16 = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
 
 /// One connection's server side.
@@ -491,6 +491,26 @@ fn large_requests_are_split_and_complete_once_with_the_first_error() {
     assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
     let e = store(&c).write_at(&buf[..512], SIZE).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+    drop(c);
+    fake.join();
+}
+
+#[test]
+fn a_write_answered_before_its_payload_is_read_completes_after_the_send() {
+    // 8 MiB cannot fit in the socket's buffer: the sender is still sending when the early
+    // reply comes, so the reader must leave the completion to it.
+    const LEN: usize = 8 << 20;
+    let fake = Fake::start(1, |mut p, _| {
+        p.negotiate(true, FLAGS, None);
+        let b: [u8; Request::SIZE] = p.read_n(Request::SIZE).try_into().unwrap();
+        let w = Request::decode(&b);
+        assert_eq!((w.kind, w.length as usize), (CMD_WRITE, LEN));
+        p.simple(0, w.cookie, &[]);
+        assert!(p.read_n(LEN).iter().all(|&b| b == 0x42));
+        p.request();
+    });
+    let c = connect(&fake, 0);
+    store(&c).write_at(&vec![0x42u8; LEN], 0).unwrap();
     drop(c);
     fake.join();
 }
