@@ -172,6 +172,60 @@ fn tls_misconfigurations_fail_with_what_is_wrong() {
     assert!(m.contains("client-key.pem: missing"), "{m}");
 }
 
+/// Copy `certs/client` to `certs/NAME` with a `ca-crl.pem` from the test CA, revoking the
+/// server's certificate if `revoke`.
+fn client_with_crl(certs: &Path, name: &str, revoke: bool) -> TlsClientCreds {
+    let script = r#"
+set -e
+d=crl-$1; mkdir -p $d; : > $d/index.txt; echo 01 > $d/crlnumber
+printf '[ca]\ndefault_ca=d\n[d]\ndatabase=%s/index.txt\ncrlnumber=%s/crlnumber\ndefault_md=sha256\ndefault_crl_days=2\n' $d $d > $d/ca.cnf
+if [ "$2" = revoke ]; then
+  openssl ca -config $d/ca.cnf -keyfile ca/ca-key.pem -cert ca/ca-cert.pem -revoke srv-cert.pem 2>/dev/null
+fi
+openssl ca -config $d/ca.cnf -keyfile ca/ca-key.pem -cert ca/ca-cert.pem -gencrl -out $d/ca-crl.pem 2>/dev/null
+mkdir -p $1; cp client/* $1/; cp $d/ca-crl.pem $1/
+"#;
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            script,
+            "sh",
+            name,
+            if revoke { "revoke" } else { "keep" },
+        ])
+        .current_dir(certs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    creds(certs, name)
+}
+
+#[test]
+fn a_revocation_list_refuses_a_revoked_server_certificate() {
+    let dir = TempDir::new("tls-crl");
+    tls::make_certs(&dir.0);
+    let file = dir.join("disk.raw");
+    patterned_file(&file, MIB, 6);
+    let spec = with_tls(unix_spec(&dir.join("nbd.sock"), "disk"), Some("localhost"));
+    let _server = tls_server(&spec, &file, &dir.0, true);
+    let fine = client_with_crl(&dir.0, "crl-none", false);
+    let c = NbdClient::connect(&spec, false, Some(fine)).unwrap();
+    store(&c).read_at(&mut [0u8; 512], 0).unwrap();
+    drop(c);
+    let revoked = client_with_crl(&dir.0, "crl-server", true);
+    let m = NbdClient::connect(&spec, false, Some(revoked))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        m.contains("TLS handshake failed") && m.contains("Revoked"),
+        "{m}"
+    );
+}
+
 #[test]
 fn a_tls_client_to_a_server_without_tls_stops() {
     let dir = TempDir::new("tls-none");

@@ -8,8 +8,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use super::error::NbdClientError;
@@ -27,8 +28,9 @@ impl std::fmt::Debug for TlsClientCreds {
     }
 }
 
-const LAYOUT: &str = "a client tls-creds-x509 directory holds ca-cert.pem, and client-cert.pem \
-                      with client-key.pem for servers that verify their clients";
+const LAYOUT: &str = "a client tls-creds-x509 directory holds ca-cert.pem, maybe ca-crl.pem, \
+                      and client-cert.pem with client-key.pem for servers that verify their \
+                      clients";
 
 fn creds_err(path: &Path, reason: impl Into<String>) -> NbdClientError {
     NbdClientError::Creds {
@@ -53,9 +55,11 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, NbdClientErro
 
 impl TlsClientCreds {
     /// Load QEMU's client layout from `dir`: `ca-cert.pem` (the CAs the server's certificate
-    /// must chain to, required), and optionally `client-cert.pem` (this client's certificate,
-    /// then any intermediates) with `client-key.pem` (its key: PKCS#8, PKCS#1 or SEC1), which
-    /// servers with `verify-peer=on` (QEMU's default) ask for.
+    /// must chain to, required); optionally `ca-crl.pem` (revoked certificates: the server's
+    /// must not be one; as with GnuTLS, a certificate whose issuer has no list there passes);
+    /// and optionally `client-cert.pem` (this client's certificate, then any intermediates)
+    /// with `client-key.pem` (its key: PKCS#8, PKCS#1 or SEC1), which servers with
+    /// `verify-peer=on` (QEMU's default) ask for.
     pub fn load(dir: &Path) -> Result<TlsClientCreds, NbdClientError> {
         let ca_path = dir.join("ca-cert.pem");
         let cert_path = dir.join("client-cert.pem");
@@ -70,10 +74,30 @@ impl TlsClientCreds {
                 .map_err(|e| creds_err(&ca_path, format!("not a usable CA certificate: {e}")))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| creds_err(dir, format!("TLS setup: {e}")))?
-            .with_root_certificates(roots);
+            .map_err(|e| creds_err(dir, format!("TLS setup: {e}")))?;
+        let crl_path = dir.join("ca-crl.pem");
+        let builder = if crl_path.exists() {
+            let crls = CertificateRevocationListDer::pem_file_iter(&crl_path)
+                .map_err(|e| creds_err(&crl_path, format!("cannot read: {e}")))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| creds_err(&crl_path, format!("not valid PEM: {e}")))?;
+            if crls.is_empty() {
+                return Err(creds_err(
+                    &crl_path,
+                    "no revocation list in the file (expected PEM \"X509 CRL\" blocks)",
+                ));
+            }
+            let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .with_crls(crls)
+                .allow_unknown_revocation_status()
+                .build()
+                .map_err(|e| creds_err(&crl_path, format!("not usable: {e}")))?;
+            builder.with_webpki_verifier(verifier)
+        } else {
+            builder.with_root_certificates(roots)
+        };
         let config = match (cert_path.exists(), key_path.exists()) {
             (false, false) => builder.with_no_client_auth(),
             (true, true) => {
