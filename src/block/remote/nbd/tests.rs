@@ -288,6 +288,39 @@ fn an_absurd_option_reply_length_is_refused_before_reading() {
 }
 
 #[test]
+fn inconsistent_export_information_is_refused() {
+    // Block sizes that are not powers of two, and an export information reply without the
+    // export's size and flags.
+    let fake = Fake::start(2, |mut p, i| {
+        p.greet();
+        let (opt, _) = p.option();
+        p.reply(opt, REP_ACK, &[]);
+        let (opt, _) = p.option();
+        assert_eq!(opt, OPT_GO);
+        if i == 0 {
+            let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+            for v in [3u32, 4096, 1 << 20] {
+                b.extend_from_slice(&v.to_be_bytes());
+            }
+            p.reply(opt, REP_INFO, &b);
+        } else {
+            p.reply(opt, REP_INFO, &INFO_EXPORT.to_be_bytes());
+        }
+        // No ACK: the client hangs up on what it got (writing more could race with that).
+        assert_eq!(p.0.read(&mut [0u8; 1]).unwrap_or(0), 0);
+    });
+    let msg = NbdClient::connect(&fake.spec(0), false, None)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("invalid block sizes: minimum 3"), "{msg}");
+    let msg = NbdClient::connect(&fake.spec(0), false, None)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("malformed NBD_INFO_EXPORT"), "{msg}");
+    fake.join();
+}
+
+#[test]
 fn refusals_say_what_to_do() {
     let fake = Fake::start(3, |mut p, i| {
         p.greet();
