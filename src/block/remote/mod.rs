@@ -13,6 +13,7 @@
 //! `rbd:pool/image`, `nbd+unix:///export?socket=PATH`, `json:{"driver": "rbd", ...}`.
 
 pub mod location;
+pub mod nbd;
 pub mod rbd;
 
 use std::fmt::Debug;
