@@ -20,6 +20,7 @@ use super::fault::FaultInjector;
 use super::io::InlinePolicy;
 use super::lock::{self, LockError, LockRequest};
 use super::remote::location::RemoteSpec;
+use super::remote::nbd::{client_creds, NbdClient};
 use super::remote::rbd::{RbdImage, RbdOpen};
 use super::remote::RemoteStore;
 use super::ZeroOp;
@@ -257,11 +258,12 @@ impl FileNode {
                     RbdImage::open(rbd, how).map_err(|e| at(BlockError::new(e.kind(), e)))?;
                 Arc::new(image)
             }
-            RemoteSpec::Nbd(_) => {
-                return Err(at(BlockError::new(
-                    ErrorKind::Unsupported,
-                    "NBD protocol nodes are not available in this build",
-                )))
+            RemoteSpec::Nbd(nbd) => {
+                // The client's own errors name the server.
+                let tls = nbd.tls_creds.as_deref().and_then(client_creds);
+                let client = NbdClient::connect(nbd, options.read_only, tls)
+                    .map_err(|e| BlockError::new(ErrorKind::Io, e))?;
+                Arc::new(client)
             }
         };
         let size = store

@@ -11,8 +11,9 @@ use super::{qsd, Failure};
 use crate::bitmap::Persistence;
 use crate::block::io::{EngineKind, UringSetup};
 use crate::block::open_image;
+use crate::block::remote::nbd::{register_client_creds, TlsClientCreds};
 use crate::graph::disk::ExportSettings;
-use crate::graph::options::{NbdExportSpec, NbdServerSpec, TlsCredsSpec};
+use crate::graph::options::{NbdExportSpec, NbdServerSpec, TlsCredsSpec, TlsEndpoint};
 use crate::graph::Graph;
 use crate::stats::endpoint::{MetricsAddr, MetricsEndpoint};
 use crate::vhost::daemon;
@@ -113,7 +114,9 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
     crate::systemd::take_activated_sockets();
     daemon::block_shutdown_signals()
         .map_err(|e| Failure::msg(format!("blocking SIGTERM and SIGINT: {e}")))?;
-    let startup = Startup::parse(&args)?;
+    let mut startup = Startup::parse(&args)?;
+    // `nbd` nodes find their TLS credentials when the disks open.
+    startup.add_client_tls()?;
     let (disks, qsd_control) = disk_specs(&args, &startup)?;
     let control = qsd_control.or(args.control.clone());
     if disks.is_empty() && control.is_none() {
@@ -333,6 +336,23 @@ impl Startup {
             ));
         }
         Ok(s)
+    }
+
+    /// Load and add the `endpoint=client` credentials, which the disks' `nbd` nodes need.
+    fn add_client_tls(&mut self) -> Result<(), Failure> {
+        let (client, server) = std::mem::take(&mut self.tls)
+            .into_iter()
+            .partition(|t| t.endpoint == TlsEndpoint::Client);
+        self.tls = server;
+        for t in client {
+            let what = format!("--object tls-creds-x509,id={}", t.id);
+            let creds =
+                TlsClientCreds::load(&t.dir).map_err(|e| Failure::msg(format!("{what}: {e}")))?;
+            if !register_client_creds(&t.id, creds) {
+                return Err(Failure::msg(format!("{what}: the id is used twice")));
+            }
+        }
+        Ok(())
     }
 
     fn apply(self, graph: &Graph) -> Result<(), Failure> {

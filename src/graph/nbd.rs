@@ -9,10 +9,13 @@ use std::io;
 use std::sync::Arc;
 
 use super::job::ViewGuard;
-use super::options::{Addr, BitmapRef, NbdExportSpec, NbdServerSpec, TlsCredsSpec};
+use super::options::{Addr, BitmapRef, NbdExportSpec, NbdServerSpec, TlsCredsSpec, TlsEndpoint};
 use super::{Added, AddedKind, Graph, GraphError, State};
 use crate::bitmap::{BitmapError, DirtyBitmap};
 use crate::block::file::AlignedBuf;
+use crate::block::remote::nbd::{
+    client_creds, register_client_creds, unregister_client_creds, TlsClientCreds,
+};
 use crate::block::{Allocation, BlockDriver};
 use crate::error::Chain;
 use crate::export::Export;
@@ -149,13 +152,22 @@ impl ExportSource for NodeSource {
 
 impl Graph {
     /// `object-add` / `--object` of `qom-type: tls-creds-x509`.
+    /// Server credentials are the NBD server's; client credentials go to the process-wide
+    /// table `nbd` nodes look theirs up in.
     pub fn add_tls_creds(&self, spec: TlsCredsSpec) -> Result<(), GraphError> {
         let mut state = self.lock();
-        if state.nbd.tls.contains_key(&spec.id) {
-            return Err(GraphError::Invalid(format!(
-                "attempt to add duplicate object '{}'",
-                spec.id
-            )));
+        let duplicate =
+            || GraphError::Invalid(format!("attempt to add duplicate object '{}'", spec.id));
+        if state.nbd.tls.contains_key(&spec.id) || client_creds(&spec.id).is_some() {
+            return Err(duplicate());
+        }
+        if spec.endpoint == TlsEndpoint::Client {
+            let creds =
+                TlsClientCreds::load(&spec.dir).map_err(|e| GraphError::Nbd(e.to_string()))?;
+            if !register_client_creds(&spec.id, creds) {
+                return Err(duplicate());
+            }
+            return Ok(());
         }
         let creds = TlsCreds::load_x509(&spec.dir, spec.verify_peer)
             .map_err(|e| GraphError::Nbd(e.to_string()))?;
@@ -166,12 +178,10 @@ impl Graph {
     /// `object-del`.
     pub fn delete_object(&self, id: &str) -> Result<(), GraphError> {
         let mut state = self.lock();
-        state
-            .nbd
-            .tls
-            .remove(id)
-            .map(|_| ())
-            .ok_or_else(|| GraphError::Invalid(format!("object '{id}' not found")))
+        if state.nbd.tls.remove(id).is_some() || unregister_client_creds(id) {
+            return Ok(());
+        }
+        Err(GraphError::Invalid(format!("object '{id}' not found")))
     }
 
     /// `nbd-server-start` / `--nbd-server`.

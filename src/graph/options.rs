@@ -123,7 +123,17 @@ const SERIAL_BYTES: usize = 20;
 pub struct TlsCredsSpec {
     pub id: String,
     pub dir: PathBuf,
+    /// `endpoint=server` (vubd's NBD server) or `client` (`nbd` nodes' `tls-creds`).
+    pub endpoint: TlsEndpoint,
+    /// Servers only: clients must present a certificate the CA signed (a client always checks
+    /// the server's).
     pub verify_peer: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsEndpoint {
+    Server,
+    Client,
 }
 
 fn required(t: &mut Taker, key: &str) -> Result<String, Failure> {
@@ -505,14 +515,16 @@ impl TlsCredsSpec {
         let mut t = Taker::new(what.into(), opts);
         let id = required(&mut t, "id")?;
         let dir = PathBuf::from(required(&mut t, "dir")?);
-        match t.take("endpoint").as_deref() {
-            None | Some("server") => {}
+        let endpoint = match t.take("endpoint").as_deref() {
+            None | Some("server") => TlsEndpoint::Server,
+            Some("client") => TlsEndpoint::Client,
             Some(v) => {
                 return Err(Failure::msg(format!(
-                    "{what}: endpoint={v}: vubd's NBD server needs endpoint=server"
+                    "{what}: endpoint={v}: expected server (vubd's NBD server) or client (nbd \
+                     nodes)"
                 )))
             }
-        }
+        };
         // QEMU's default: clients must present a certificate the CA signed.
         let verify_peer = t.take_bool("verify-peer")?.unwrap_or(true);
         if t.take("passwordid").is_some() || t.take("priority").is_some() {
@@ -525,6 +537,7 @@ impl TlsCredsSpec {
         Ok(TlsCredsSpec {
             id,
             dir,
+            endpoint,
             verify_peer,
         })
     }

@@ -84,7 +84,10 @@ pub enum NbdClientError {
     #[error("{server}: the export name is {len} bytes long, NBD allows at most 4096")]
     ExportNameTooLong { server: String, len: usize },
     /// The spec names TLS credentials but none were handed to the client.
-    #[error("{server}: tls-creds={id} is set but no TLS credentials were loaded for it")]
+    #[error(
+        "{server}: tls-creds={id}: no tls-creds-x509 object '{id}' with endpoint=client; add \
+         --object tls-creds-x509,id={id},endpoint=client,dir=DIR (or object-add) first"
+    )]
     TlsCredsMissing { server: String, id: String },
     /// A file of the TLS credentials directory is missing or unusable.
     #[error("TLS credentials {}: {reason}", path.display())]

@@ -55,7 +55,7 @@ use crate::nbd::wire::{
 use crate::thread::spawn_quiet;
 
 pub use self::error::NbdClientError;
-pub use self::tls::TlsClientCreds;
+pub use self::tls::{client_creds, register_client_creds, unregister_client_creds, TlsClientCreds};
 
 /// The most a trim or write-zeroes command covers: they carry no payload, so the server's
 /// maximum payload does not bound them (proto.md, "Size constraints"), only the 32-bit length

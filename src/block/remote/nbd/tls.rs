@@ -148,3 +148,34 @@ pub(super) fn server_name(
         host,
     })
 }
+
+/// The `tls-creds-x509` objects with `endpoint=client`, by id: process-wide, as QEMU's
+/// objects are, so that an `nbd` node's `tls-creds=ID` finds them wherever it is opened
+/// (command line, `blockdev-add`, a `json:` name).
+static CLIENT_CREDS: std::sync::Mutex<std::collections::BTreeMap<String, TlsClientCreds>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn registry() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, TlsClientCreds>>
+{
+    CLIENT_CREDS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Add object `id`; false if an object of that id exists.
+pub fn register_client_creds(id: &str, creds: TlsClientCreds) -> bool {
+    let mut map = registry();
+    if map.contains_key(id) {
+        return false;
+    }
+    map.insert(id.to_string(), creds);
+    true
+}
+
+/// Remove object `id`; false if there was none (nodes already open keep their copy).
+pub fn unregister_client_creds(id: &str) -> bool {
+    registry().remove(id).is_some()
+}
+
+/// Object `id`, if it was added.
+pub fn client_creds(id: &str) -> Option<TlsClientCreds> {
+    registry().get(id).cloned()
+}
