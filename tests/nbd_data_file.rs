@@ -6,8 +6,6 @@
 mod common;
 #[path = "common/nbd_servers.rs"]
 mod servers;
-#[path = "common/tls.rs"]
-mod tls;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -221,7 +219,7 @@ fn the_data_file_over_tls() {
     let mut model = raw_with_metadata(&dir, 4 * MIB, 4);
     let certs = dir.join("certs");
     std::fs::create_dir_all(&certs).unwrap();
-    tls::make_certs(&certs);
+    common::tls::make_certs(&certs);
     let object = |endpoint: &str, sub: &str| {
         format!(
             "tls-creds-x509,id=tls0,endpoint={endpoint},dir={}",
