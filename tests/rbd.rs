@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::bitmaps::{granules, nbd_dirty_granules_of, Op};
 use common::blkio_client::BlkioClient;
 use common::ceph::Cluster;
-use common::cli::{one_line_error, serve_fails};
+use common::cli::{one_line_error, run_vubd, serve_fails, vubd_ok};
 use common::data::assert_same;
 use common::qemu::qemu_img;
 use common::qsd::{Daemon, Export};
@@ -282,5 +282,119 @@ fn with_an_operation_timeout_a_stalled_osd_is_an_io_error_the_guest_sees() {
         &client.read(0, 4096, 4096).unwrap(),
         &again,
         "after the OSD is back",
+    );
+}
+
+/// An existing raw RBD disk gets persistent bitmaps without a copy: `vubd create` writes the
+/// qcow2 metadata into an empty RBD image and adopts the data image untouched; `vubd bitmap`
+/// adds a bitmap; served, the disk keeps its old data and the bitmap covers the new writes.
+#[test]
+fn an_existing_raw_rbd_disk_gets_bitmaps_without_a_copy() {
+    let cluster = Cluster::start("adopt");
+    let dir = TempDir::new("rbd-adopt");
+    cluster.create("data", "8M");
+    cluster.create("meta", "1M");
+    let (meta, data) = (cluster.name("meta"), cluster.name("data"));
+    let old = pattern(8 * MIB, 5);
+    let old_file = dir.join("old.raw");
+    std::fs::write(&old_file, &old).unwrap();
+    qemu_img(
+        dir.path(),
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            old_file.to_str().unwrap(),
+            &data,
+        ],
+    );
+    vubd_ok(&["create", &meta, "--data-file", &data]);
+    // Never over an image that is already there.
+    let (code, _, err) = run_vubd(&["create", &meta, "--data-file", &data]);
+    assert_ne!(code, 0);
+    assert!(one_line_error(&err).contains("already exists"), "{err}");
+    vubd_ok(&[
+        "bitmap",
+        &meta,
+        "--data-file",
+        &data,
+        "add",
+        "since-adoption",
+    ]);
+
+    let mut vubd = Vubd::start(
+        &dir.join("v.sock"),
+        &["--image", &meta, "--format", "qcow2", "--data-file", &data],
+    );
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    assert_same(
+        &client.read_all(0, 8 * MIB).unwrap(),
+        &old,
+        "the adopted data",
+    );
+    let mut model = old;
+    let new = pattern(4096, 6);
+    client.write(0, 3 * MIB as u64, &new).unwrap();
+    apply(&mut model, 3 * MIB as u64, &new);
+    client.flush(0).unwrap();
+    drop(client);
+    vubd.stop();
+
+    assert_same(
+        &cluster.read_image("data", dir.path()),
+        &model,
+        "the data image",
+    );
+    let opts = cluster.qcow2_opts("meta", "data");
+    let check = qemu_img(dir.path(), &["check", "--image-opts", &opts]);
+    assert!(check.contains("No errors"), "{check}");
+    assert_eq!(
+        nbd_dirty_granules_of(
+            dir.path(),
+            &["--image-opts", &opts],
+            "since-adoption",
+            65536
+        ),
+        granules(&[(Op::Write, 3 * MIB as u64, 4096)], 65536)
+    );
+}
+
+/// After a crash (SIGKILL) the dead daemon's exclusive lock is broken once its watch on the
+/// image times out (5 s on the test cluster, 30 s by Ceph's default): a restarted daemon waits
+/// for that in its open, then serves, and what the dead one had flushed is there.
+#[test]
+fn a_restart_after_a_crash_takes_the_lock_over() {
+    let cluster = Cluster::start("crash");
+    let dir = TempDir::new("rbd-crash");
+    cluster.create("disk", "8M");
+    let name = cluster.name("disk");
+    let sock = dir.join("v.sock");
+    let mut first = Vubd::start(&sock, &["--image", &name]);
+    let mut client = BlkioClient::connect(&first.socket, 1).unwrap();
+    let flushed = pattern(65536, 8);
+    client.write(0, 0, &flushed).unwrap();
+    client.flush(0).unwrap();
+    first.stop_with(libc::SIGKILL);
+    drop(client);
+    let _ = std::fs::remove_file(&sock);
+
+    let second = Vubd::start(&sock, &["--image", &name]);
+    let mut client = BlkioClient::connect(&second.socket, 1).unwrap();
+    assert_same(
+        &client.read(0, 0, 65536).unwrap(),
+        &flushed,
+        "the flushed write",
+    );
+    client.write(0, 65536, &pattern(4096, 9)).unwrap();
+    client.flush(0).unwrap();
+    // The lock is this daemon's now: a third is refused.
+    let third = dir.join("third.sock");
+    let err = serve_fails(&["--socket", third.to_str().unwrap(), "--image", &name]);
+    assert!(
+        one_line_error(&err).contains("in use by another client"),
+        "{err}"
     );
 }

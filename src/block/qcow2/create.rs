@@ -16,6 +16,10 @@ use super::entry::{encode_normal, COPIED};
 use super::header::{self, autoclear, extension, incompatible, Header};
 use super::refcount::write_entry;
 use super::units::HostOffset;
+use crate::block::file::{FileNode, FileOptions};
+use crate::block::lock::LockRequest;
+use crate::block::remote::location::RemoteSpec;
+use crate::block::BlockError;
 
 /// What to create.
 #[derive(Clone, Debug)]
@@ -60,6 +64,57 @@ pub enum CreateError {
     ZeroSize(PathBuf),
     #[error("the disk is too large for {0}-byte clusters (the L1 table would exceed 32 MiB)")]
     TooLarge(u64),
+    /// A remote store (RBD, NBD) could not be opened.
+    #[error(transparent)]
+    Remote(#[from] BlockError),
+}
+
+/// Where a new image's bytes go: a new local file, or a remote store that already exists (an
+/// RBD image made with `rbd create`; it grows as the image is written).
+enum Target {
+    Local(File),
+    Remote(FileNode),
+}
+
+impl Target {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match self {
+            Target::Local(f) => f.write_all_at(buf, offset),
+            Target::Remote(node) => node.write_all_at(buf, offset),
+        }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        match self {
+            Target::Local(f) => f.sync_all(),
+            Target::Remote(node) => node.sync_data(),
+        }
+    }
+}
+
+fn is_remote(path: &Path) -> bool {
+    path.to_str().and_then(RemoteSpec::parse).is_some()
+}
+
+/// Open the remote store `path` names for a new image: writable and locked, and refused if
+/// it already holds a qcow2 image.
+fn open_remote_target(path: &Path) -> Result<Target, CreateError> {
+    let node = FileNode::open(
+        path,
+        FileOptions {
+            read_only: false,
+            direct: false,
+            lock: Some(LockRequest::for_access(false)),
+        },
+    )?;
+    let mut magic = [0u8; 4];
+    if node.size() >= 4 {
+        node.read_exact_at(&mut magic, 0).map_err(io_err(path))?;
+        if magic == header::MAGIC.to_be_bytes() {
+            return Err(CreateError::Exists(path.to_path_buf()));
+        }
+    }
+    Ok(Target::Remote(node))
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> CreateError + '_ {
@@ -75,7 +130,7 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<Created, CreateErr
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
         return Err(CreateError::ClusterSize(cs));
     }
-    if fs::symlink_metadata(path).is_ok() {
+    if !is_remote(path) && fs::symlink_metadata(path).is_ok() {
         return Err(CreateError::Exists(path.to_path_buf()));
     }
     let (size, adopted) = match &options.data_file {
@@ -93,15 +148,22 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<Created, CreateErr
         None => (None, false),
     };
 
-    let file = FsOpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io_err(path))?;
+    let file = if is_remote(path) {
+        open_remote_target(path)?
+    } else {
+        let file = FsOpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        Target::Local(file)
+    };
     let result = write_image(&file, size, cs, stored.as_deref());
     if let Err(e) = result {
-        drop(file);
-        let _ = fs::remove_file(path);
+        if let Target::Local(file) = file {
+            drop(file);
+            let _ = fs::remove_file(path);
+        }
         return Err(match e {
             WriteError::Io(source) => CreateError::Io {
                 path: path.to_path_buf(),
@@ -110,7 +172,7 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<Created, CreateErr
             WriteError::TooLarge => CreateError::TooLarge(cs),
         });
     }
-    file.sync_all().map_err(io_err(path))?;
+    file.sync().map_err(io_err(path))?;
     Ok(Created {
         size,
         stored_data_file: stored,
@@ -122,9 +184,18 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<Created, CreateErr
 /// The disk size for a data file: its own size if it exists (untouched), else `size` (the file
 /// is created sparse).
 fn data_file_size(data: &Path, size: Option<u64>) -> Result<(u64, bool), CreateError> {
-    match fs::metadata(data) {
-        Ok(meta) => {
-            let actual = meta.len();
+    let existing = if is_remote(data) {
+        // A remote data file must exist: vubd makes no RBD images or NBD exports.
+        let options = FileOptions {
+            read_only: true,
+            ..FileOptions::default()
+        };
+        Ok(FileNode::open(data, options)?.size())
+    } else {
+        fs::metadata(data).map(|m| m.len())
+    };
+    match existing {
+        Ok(actual) => {
             if let Some(requested) = size.filter(|s| *s != actual) {
                 return Err(CreateError::SizeMismatch {
                     path: data.to_path_buf(),
@@ -179,7 +250,12 @@ impl From<io::Error> for WriteError {
 
 /// Lay out and write the image: header, refcount table, refcount blocks, L1 table and (with a
 /// data file) L2 tables mapping every cluster to itself.
-fn write_image(file: &File, size: u64, cs: u64, data_file: Option<&str>) -> Result<(), WriteError> {
+fn write_image(
+    file: &Target,
+    size: u64,
+    cs: u64,
+    data_file: Option<&str>,
+) -> Result<(), WriteError> {
     let cluster_bits = cs.trailing_zeros();
     let l2_entries = cs / 8;
     let guest_clusters = size.div_ceil(cs);
