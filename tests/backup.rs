@@ -11,6 +11,8 @@
 //! * A SIGKILL during a backup under load leaves the disk, its bitmaps and metadata consistent.
 
 mod common;
+#[path = "common/nbd_servers.rs"]
+mod servers;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -22,10 +24,11 @@ use serde_json::{json, Value};
 
 use common::bitmaps::{granules, nbd_dirty_granules, qsd_export, run_ops, serve_meta, workload};
 use common::blkio_client::BlkioClient;
+use common::data::assert_same;
 use common::load::{self, Clock};
 use common::qemu::{assert_check_clean, info_json, try_run_in};
 use common::qmp::Qmp;
-use common::qsd::Daemon;
+use common::qsd::{Daemon, Export};
 use common::{raw_with_metadata, TempDir};
 
 const MIB: u64 = 1 << 20;
@@ -83,24 +86,6 @@ fn restored(dir: &Path, image: &Path) -> Vec<u8> {
     let data = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).unwrap();
     data
-}
-
-/// Panic with the first differing range if `a != b`.
-fn assert_same(a: &[u8], b: &[u8], what: &str) {
-    if a == b {
-        return;
-    }
-    let first = a
-        .iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .unwrap_or(a.len().min(b.len()));
-    let last = a.iter().zip(b).rposition(|(x, y)| x != y).unwrap_or(first);
-    panic!(
-        "{what}: lengths {} and {}, bytes differ from {first:#x} to {last:#x}",
-        a.len(),
-        b.len()
-    );
 }
 
 /// The granules an incremental copied: the dirty extents of its map.
@@ -165,6 +150,39 @@ fn full_and_two_incrementals(dir: &TempDir, daemon: &Daemon, node: &str, who: &s
         .map(|b| b["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, vec!["c2".to_string()], "{who}");
+}
+
+/// The same, with the disk's data file behind an NBD server (qemu-nbd): the graph and the
+/// backup flow do not depend on where the data lives.
+#[test]
+fn the_backup_script_runs_on_a_disk_whose_data_is_on_nbd() {
+    for vubd in [true, false] {
+        let who = if vubd { "vubd" } else { "qemu-storage-daemon" };
+        let dir = TempDir::new(&format!("backup-nbd-{who}"));
+        raw_with_metadata(&dir, DISK as usize, 4);
+        let sock = dir.join("nbd.sock");
+        let _server = servers::qemu_nbd(
+            &servers::unix_spec(&sock, "data"),
+            &dir.join("disk.raw"),
+            &[],
+        );
+        let meta = format!("driver=file,filename={}", dir.join("meta.qcow2").display());
+        let data = format!(
+            "driver=nbd,server.type=unix,server.path={},export=data",
+            sock.display()
+        );
+        let export = Export::with_protocols(&meta, Some(&data), &dir.join("qsd.sock"))
+            .monitor(&dir.join("qsd-qmp.sock"))
+            .discard_unmap();
+        let daemon = if vubd {
+            Daemon::vubd(dir.path(), &export)
+        } else {
+            Daemon::qsd(dir.path(), &export)
+        };
+        full_and_two_incrementals(&dir, &daemon, "fmt", who);
+        let (status, stderr) = daemon.stop();
+        assert!(status.success(), "{who}: {stderr}");
+    }
 }
 
 #[test]

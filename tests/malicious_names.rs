@@ -155,3 +155,56 @@ fn a_fifo_as_data_file_is_refused_at_once() {
     );
     assert!(err.contains("not a regular file"), "{err}");
 }
+
+/// A stored name that QEMU would read as a remote store (an NBD server here, listening) is
+/// refused without connecting: an image cannot make vubd reach the network.
+#[test]
+fn a_remote_store_named_in_an_image_is_not_contacted() {
+    let dir = TempDir::new("names-remote");
+    let listener_path = dir.join("lure.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&listener_path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let image = dir.join("m.qcow2");
+    for name in [
+        format!("nbd+unix:///x?socket={}", listener_path.display()),
+        format!(
+            r#"json:{{"driver": "nbd", "server": {{"type": "unix", "path": "{}"}}}}"#,
+            listener_path.display()
+        ),
+        "rbd:pool/image".to_string(),
+    ] {
+        // A fresh image each time: qemu-img amend opens the data file the image names.
+        qemu_img(
+            dir.path(),
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "data_file=d.raw,data_file_raw=on",
+                "m.qcow2",
+                "4M",
+            ],
+        );
+        qemu_img(
+            dir.path(),
+            &[
+                "amend",
+                "-f",
+                "qcow2",
+                "-o",
+                // qemu-img's option syntax: a comma in a value is doubled.
+                &format!("data_file={}", name.replace(',', ",,")),
+                "m.qcow2",
+            ],
+        );
+        let err = serve_qcow2_fails(&dir, &image, &[]);
+        let line = one_line_error(&err);
+        assert!(line.contains("does not follow"), "{name}: {line}");
+        assert!(
+            listener.accept().is_err(),
+            "{name}: vubd connected to the socket an image named"
+        );
+    }
+}

@@ -7,6 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::{parse_size, Failure};
+use crate::block::file::{FileNode, FileOptions};
 use crate::block::qcow2::check::{self, CheckReport};
 use crate::block::qcow2::create::{self, CreateOptions};
 use crate::block::qcow2::header::{self, compatible, extension, incompatible, Header};
@@ -95,11 +96,10 @@ pub fn create(args: CreateArgs) -> Result<i32, Failure> {
     Ok(0)
 }
 
-fn read_qcow2_header(path: &Path) -> Result<Option<Header>, Failure> {
-    let file = std::fs::File::open(path).map_err(|e| Failure::at(path, &e))?;
-    let len = file.metadata()?.len().min(1 << header::MAX_CLUSTER_BITS) as usize;
+fn read_qcow2_header(node: &FileNode, path: &Path) -> Result<Option<Header>, Failure> {
+    let len = node.size().min(1 << header::MAX_CLUSTER_BITS) as usize;
     let mut buf = vec![0u8; len];
-    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0)
+    node.read_exact_at(&mut buf, 0)
         .map_err(|e| Failure::at(path, &e))?;
     if buf.len() < 4 || buf[..4] != header::MAGIC.to_be_bytes() {
         return Ok(None);
@@ -128,30 +128,43 @@ fn human_size(bytes: u64) -> String {
 
 pub fn info(args: InfoArgs) -> Result<i32, Failure> {
     let path = &args.image;
-    let meta = std::fs::metadata(path).map_err(|e| Failure::at(path, &e))?;
-    let actual = meta.blocks() * 512;
+    // No lock (a look, as qemu-img info -U takes): a file, or a remote store by its name.
+    let node = peek(path)?;
+    // The space a host file takes; remote stores do not say (qemu-img: "unavailable").
+    let actual = match node.remote() {
+        Some(_) => None,
+        None => Some(
+            std::fs::metadata(path)
+                .map_err(|e| Failure::at(path, &e))?
+                .blocks()
+                * 512,
+        ),
+    };
+    let disk_size = actual.map_or_else(|| "unavailable".to_string(), human_size);
     // Display only: the format shown is read from the file, but nothing is opened on its
     // say-so (serving always takes the format from the command line).
-    let header = read_qcow2_header(path)?;
+    let header = read_qcow2_header(&node, path)?;
     let Some(h) = header else {
         if args.json {
-            let v = json!({
-                "virtual-size": meta.len(),
+            let mut v = json!({
+                "virtual-size": node.size(),
                 "filename": path.display().to_string(),
                 "format": "raw",
-                "actual-size": actual,
                 "dirty-flag": false,
             });
+            if let Some(actual) = actual {
+                v["actual-size"] = json!(actual);
+            }
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!("image: {}", path.display());
             println!("file format: raw");
             println!(
                 "virtual size: {} ({} bytes)",
-                human_size(meta.len()),
-                meta.len()
+                human_size(node.size()),
+                node.size()
             );
-            println!("disk size: {}", human_size(actual));
+            println!("disk size: {disk_size}");
         }
         return Ok(0);
     };
@@ -182,10 +195,12 @@ pub fn info(args: InfoArgs) -> Result<i32, Failure> {
             "filename": path.display().to_string(),
             "cluster-size": h.cluster_size(),
             "format": "qcow2",
-            "actual-size": actual,
             "format-specific": {"type": "qcow2", "data": specific},
             "dirty-flag": h.incompatible_features & incompatible::DIRTY != 0,
         });
+        if let Some(actual) = actual {
+            v["actual-size"] = json!(actual);
+        }
         if let Some(b) = &h.backing_file {
             v["backing-filename"] = json!(b);
             if let Some(f) = &backing_format {
@@ -198,7 +213,7 @@ pub fn info(args: InfoArgs) -> Result<i32, Failure> {
     println!("image: {}", path.display());
     println!("file format: qcow2");
     println!("virtual size: {} ({} bytes)", human_size(h.size), h.size);
-    println!("disk size: {}", human_size(actual));
+    println!("disk size: {disk_size}");
     println!("cluster_size: {}", h.cluster_size());
     if let Some(b) = &h.backing_file {
         println!("backing file: {b}");
@@ -220,8 +235,17 @@ pub fn info(args: InfoArgs) -> Result<i32, Failure> {
     Ok(0)
 }
 
+/// A look at `path` without a lock, for the commands that only read its header.
+fn peek(path: &Path) -> Result<FileNode, Failure> {
+    let options = FileOptions {
+        read_only: true,
+        ..FileOptions::default()
+    };
+    FileNode::open(path, options).map_err(Failure::from)
+}
+
 pub fn check(args: CheckArgs) -> Result<i32, Failure> {
-    if read_qcow2_header(&args.image)?.is_none() {
+    if read_qcow2_header(&peek(&args.image)?, &args.image)?.is_none() {
         return Err(Failure::msg(format!(
             "{}: not a qcow2 image (a raw image has no metadata to check)",
             args.image.display()
