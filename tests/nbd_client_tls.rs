@@ -157,7 +157,7 @@ fn tls_misconfigurations_fail_with_what_is_wrong() {
         None,
     ));
     assert!(
-        m.contains("tls-creds=tls0 is set but no TLS credentials"),
+        m.contains("tls-creds=tls0: no tls-creds-x509 object 'tls0' with endpoint=client"),
         "{m}"
     );
     // Credential files.

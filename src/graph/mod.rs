@@ -347,7 +347,7 @@ impl Graph {
             .map(|(name, n)| match &n.kind {
                 AddedKind::File(f) => AddedNodeInfo {
                     name: name.clone(),
-                    driver: "file",
+                    driver: protocol_driver(&f.filename),
                     filename: f.filename.clone(),
                     read_only: f.read_only,
                     size: std::fs::metadata(&f.filename).map_or(0, |m| m.len()),
@@ -400,5 +400,15 @@ impl Graph {
             }
         }
         result
+    }
+}
+
+/// The protocol driver a file node's name opens, as QEMU names it (`file`, `rbd`, `nbd`).
+fn protocol_driver(filename: &std::path::Path) -> &'static str {
+    use crate::block::remote::location::RemoteSpec;
+    match filename.to_str().and_then(RemoteSpec::parse) {
+        Some(Ok(RemoteSpec::Rbd(_))) => "rbd",
+        Some(Ok(RemoteSpec::Nbd(_))) => "nbd",
+        _ => "file",
     }
 }
