@@ -152,16 +152,44 @@ fn full_and_two_incrementals(dir: &TempDir, daemon: &Daemon, node: &str, who: &s
     assert_eq!(names, vec!["c2".to_string()], "{who}");
 }
 
-/// The same, with the disk's data file behind an NBD server (qemu-nbd): the graph and the
+/// Run the backup script on vubd and on qemu-storage-daemon, each serving what `export` sets
+/// up in a fresh directory holding `meta.qcow2` over `disk.raw` (and keeps running: a server
+/// the export uses), then check the image.
+fn script_on_both_daemons(
+    name: &str,
+    seed: u64,
+    export: impl Fn(&TempDir) -> (Export, Option<servers::Server>),
+) {
+    for vubd in [true, false] {
+        let who = if vubd { "vubd" } else { "qemu-storage-daemon" };
+        let dir = TempDir::new(&format!("{name}-{who}"));
+        raw_with_metadata(&dir, DISK as usize, seed);
+        let (export, server) = export(&dir);
+        let daemon = if vubd {
+            Daemon::vubd(dir.path(), &export)
+        } else {
+            Daemon::qsd(dir.path(), &export)
+        };
+        full_and_two_incrementals(&dir, &daemon, "fmt", who);
+        let (status, stderr) = daemon.stop();
+        assert!(status.success(), "{who}: {stderr}");
+        drop(server);
+        assert_check_clean(dir.path(), "meta.qcow2");
+    }
+}
+
+#[test]
+fn the_same_backup_script_runs_on_qemu_storage_daemon_and_vubd() {
+    script_on_both_daemons("backup-script", 3, |dir| (qsd_export(dir), None));
+}
+
+/// The same with the disk's data file behind an NBD server (qemu-nbd): the graph and the
 /// backup flow do not depend on where the data lives.
 #[test]
 fn the_backup_script_runs_on_a_disk_whose_data_is_on_nbd() {
-    for vubd in [true, false] {
-        let who = if vubd { "vubd" } else { "qemu-storage-daemon" };
-        let dir = TempDir::new(&format!("backup-nbd-{who}"));
-        raw_with_metadata(&dir, DISK as usize, 4);
+    script_on_both_daemons("backup-nbd", 4, |dir| {
         let sock = dir.join("nbd.sock");
-        let _server = servers::qemu_nbd(
+        let server = servers::qemu_nbd(
             &servers::unix_spec(&sock, "data"),
             &dir.join("disk.raw"),
             &[],
@@ -174,34 +202,8 @@ fn the_backup_script_runs_on_a_disk_whose_data_is_on_nbd() {
         let export = Export::with_protocols(&meta, Some(&data), &dir.join("qsd.sock"))
             .monitor(&dir.join("qsd-qmp.sock"))
             .discard_unmap();
-        let daemon = if vubd {
-            Daemon::vubd(dir.path(), &export)
-        } else {
-            Daemon::qsd(dir.path(), &export)
-        };
-        full_and_two_incrementals(&dir, &daemon, "fmt", who);
-        let (status, stderr) = daemon.stop();
-        assert!(status.success(), "{who}: {stderr}");
-    }
-}
-
-#[test]
-fn the_same_backup_script_runs_on_qemu_storage_daemon_and_vubd() {
-    for vubd in [true, false] {
-        let who = if vubd { "vubd" } else { "qemu-storage-daemon" };
-        let dir = TempDir::new(&format!("backup-script-{who}"));
-        raw_with_metadata(&dir, DISK as usize, 3);
-        let export = qsd_export(&dir);
-        let daemon = if vubd {
-            Daemon::vubd(dir.path(), &export)
-        } else {
-            Daemon::qsd(dir.path(), &export)
-        };
-        full_and_two_incrementals(&dir, &daemon, "fmt", who);
-        let (status, stderr) = daemon.stop();
-        assert!(status.success(), "{who}: {stderr}");
-        assert_check_clean(dir.path(), "meta.qcow2");
-    }
+        (export, Some(server))
+    });
 }
 
 /// A client for the backup steps, on vubd's control socket.
