@@ -259,3 +259,46 @@ fn the_data_file_over_tls() {
     let line = common::cli::one_line_error(&err);
     assert!(line.contains("endpoint=client"), "{line}");
 }
+
+/// An export that takes I/O only in 4 KiB blocks (nbdkit's blocksize-policy): serving it with
+/// 512-byte logical blocks, whose requests it would refuse, is a one-line error saying what to
+/// pass; with 4096-byte blocks every request fits and data round-trips.
+#[test]
+fn an_export_with_4k_blocks_needs_a_4k_logical_block_size() {
+    let dir = TempDir::new("nbd-4k");
+    let spec = unix_spec(&dir.join("nbd.sock"), "");
+    let _server = servers::nbdkit(
+        &spec,
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "8M",
+            "blocksize-minimum=4096",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let uri = format!("nbd+unix:///?socket={}", dir.join("nbd.sock").display());
+    let sock = dir.join("v.sock");
+    // (At `warn`: the connection itself is logged at `info`.)
+    let err = common::cli::serve_fails(&[
+        "--socket",
+        sock.to_str().unwrap(),
+        "--image",
+        &uri,
+        "--log",
+        "warn",
+    ]);
+    let line = common::cli::one_line_error(&err);
+    assert!(line.contains("--logical-block-size 4096"), "{line}");
+
+    let vubd = Vubd::start(&sock, &["--image", &uri, "--logical-block-size", "4096"]);
+    let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
+    let bytes = pattern(3 * 4096, 11);
+    client.write(0, 4096, &bytes).unwrap();
+    client.flush(0).unwrap();
+    assert_same(
+        &client.read(0, 4096, bytes.len()).unwrap(),
+        &bytes,
+        "4 KiB blocks",
+    );
+}

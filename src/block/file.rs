@@ -106,7 +106,8 @@ pub struct FileNode {
     options: FileOptions,
     /// The size at open, or as last grown ([`FileNode::grow_to`]).
     size: AtomicU64,
-    /// Alignment of memory buffers, offsets and lengths that direct I/O needs (1 when cached).
+    /// Alignment of memory buffers, offsets and lengths that direct I/O needs (1 when cached);
+    /// for a remote store, of offsets and lengths only (its minimum block).
     direct_align: u64,
     /// Whether transfers may complete inline in the queue thread.
     inline: InlinePolicy,
@@ -270,12 +271,12 @@ impl FileNode {
             .size()
             .map_err(|e| at(BlockError::new(ErrorKind::Io, e)))?;
         Ok(FileNode {
-            backend: Backend::Remote(store),
             path: path.to_path_buf(),
             options,
             size: AtomicU64::new(size),
             inline: InlinePolicy::Never,
-            direct_align: 1,
+            direct_align: store.min_block(),
+            backend: Backend::Remote(store),
             no_zero_range: AtomicBool::new(false),
             no_punch_hole: AtomicBool::new(false),
             fault: None,

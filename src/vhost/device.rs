@@ -48,6 +48,15 @@ pub enum DeviceError {
         align: u64,
         block_size: u32,
     },
+    #[error(
+        "{path}: the store takes I/O in multiples of {align} bytes, more than the logical \
+         block size {block_size}; pass --logical-block-size {align}"
+    )]
+    RemoteBlockSize {
+        path: PathBuf,
+        align: u64,
+        block_size: u32,
+    },
 }
 
 /// The guest-visible disk.
@@ -80,6 +89,13 @@ impl BlkDevice {
             });
         }
         for file in export.disk().files() {
+            if file.direct_align() > u64::from(block_size) && file.remote().is_some() {
+                return Err(DeviceError::RemoteBlockSize {
+                    path: file.path().to_path_buf(),
+                    align: file.direct_align(),
+                    block_size,
+                });
+            }
             if file.direct_align() > u64::from(block_size) {
                 return Err(DeviceError::DirectAlignment {
                     path: file.path().to_path_buf(),

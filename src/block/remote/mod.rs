@@ -101,6 +101,12 @@ pub trait RemoteStore: Send + Sync + Debug {
     /// Every pointer in `op` must stay valid until `done` is completed.
     unsafe fn submit(&self, op: RemoteOp, done: Completion);
 
+    /// The alignment of offsets and lengths the store takes (an NBD export's minimum block
+    /// size; 1 for byte-addressed stores).
+    fn min_block(&self) -> u64 {
+        1
+    }
+
     /// Whether `[offset, offset + len)` starts with stored data (`false`: reads as zeroes),
     /// and for how many bytes. The default cannot tell and says data everywhere.
     fn allocation(&self, _offset: u64, len: u64) -> io::Result<(u64, bool)> {

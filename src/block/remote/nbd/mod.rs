@@ -312,6 +312,10 @@ impl RemoteStore for NbdClient {
         Ok(self.shared.info.size)
     }
 
+    fn min_block(&self) -> u64 {
+        u64::from(self.shared.info.min_block)
+    }
+
     fn grow_to(&self, size: u64) -> io::Result<()> {
         if size <= self.shared.info.size {
             return Ok(());
