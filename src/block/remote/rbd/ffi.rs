@@ -18,6 +18,13 @@ pub type Callback = unsafe extern "C" fn(c: CompletionT, arg: *mut c_void);
 pub const LOCK_MODE_EXCLUSIVE: c_int = 0;
 /// `RBD_FEATURE_EXCLUSIVE_LOCK` (`<rbd/features.h>`).
 pub const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+/// `RBD_FEATURE_FAST_DIFF`: the object map can say which objects exist, without a look at
+/// each.
+pub const FEATURE_FAST_DIFF: u64 = 1 << 4;
+/// `RBD_FLAG_FAST_DIFF_INVALID` (`rbd_get_flags`): the fast-diff map must be rebuilt first.
+pub const FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
+/// `rbd_diff_iterate2`'s callback: an extent (offset, length, whether it holds data).
+pub type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 /// `RBD_WRITE_ZEROES_FLAG_THICK_PROVISION`: zeroes that stay allocated.
 pub const WRITE_ZEROES_FLAG_THICK_PROVISION: c_int = 1;
 
@@ -40,6 +47,17 @@ pub struct Lib {
     pub rbd_get_features: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
     pub rbd_resize: unsafe extern "C" fn(ImageT, u64) -> c_int,
     pub rbd_lock_acquire: unsafe extern "C" fn(ImageT, c_int) -> c_int,
+    pub rbd_get_flags: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    pub rbd_diff_iterate2: unsafe extern "C" fn(
+        ImageT,
+        *const c_char,
+        u64,
+        u64,
+        u8,
+        u8,
+        DiffCallback,
+        *mut c_void,
+    ) -> c_int,
     pub rbd_aio_create_completion:
         unsafe extern "C" fn(*mut c_void, Callback, *mut CompletionT) -> c_int,
     pub rbd_aio_get_return_value: unsafe extern "C" fn(CompletionT) -> isize,
@@ -134,6 +152,8 @@ fn load() -> Result<Lib, String> {
         rbd_get_features: sym!(rbd, rbd_get_features),
         rbd_resize: sym!(rbd, rbd_resize),
         rbd_lock_acquire: sym!(rbd, rbd_lock_acquire),
+        rbd_get_flags: sym!(rbd, rbd_get_flags),
+        rbd_diff_iterate2: sym!(rbd, rbd_diff_iterate2),
         rbd_aio_create_completion: sym!(rbd, rbd_aio_create_completion),
         rbd_aio_get_return_value: sym!(rbd, rbd_aio_get_return_value),
         rbd_aio_release: sym!(rbd, rbd_aio_release),

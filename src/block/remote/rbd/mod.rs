@@ -19,6 +19,7 @@
 //! refused unless locking is off.
 
 mod ffi;
+mod status;
 
 use std::ffi::{c_int, c_void, CString};
 use std::fmt;
@@ -373,6 +374,10 @@ impl RemoteStore for RbdImage {
         check(unsafe { (self.lib().rbd_resize)(self.h.image, size) })?;
         self.size.store(size, Ordering::Release);
         Ok(())
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<(u64, bool)> {
+        self.scan_allocation(offset, len)
     }
 
     unsafe fn submit(&self, op: RemoteOp, done: Completion) {
