@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use common::bitmaps::{granules, nbd_dirty_granules, qsd_export, run_ops, serve_meta, workload};
 use common::blkio_client::BlkioClient;
 use common::data::assert_same;
-use common::load::{self, Clock};
+use common::load::{self, Clock, End};
 use common::qemu::{assert_check_clean, info_json, try_run_in};
 use common::qmp::Qmp;
 use common::qsd::{Daemon, Export};
@@ -276,14 +276,15 @@ fn a_backup_read_under_a_write_load_is_the_disk_at_the_checkpoint() {
     let stop = AtomicBool::new(false);
     let mut first = BlkioClient::connect(&vubd.socket, 2).unwrap();
     std::thread::scope(|s| {
-        let t = s.spawn(|| load::run(&mut first, DISK, 1, &clock, &stop));
+        let t = s.spawn(|| load::run(&mut first, DISK, 1, &clock, &stop, End::Drain));
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, Ordering::SeqCst);
         t.join().unwrap();
     });
-    // The load stopped with requests possibly still in flight; vubd completes them when the
-    // client leaves, before it takes the next connection. So the disk is at rest once a new
-    // client's flush is answered, and only then is it the checkpoint's.
+    // The load drained: every one of its requests is answered. (Left in flight, they could
+    // still land after the flush below: vubd serves a second frontend while it drains the
+    // first, as live migration needs.) So the disk is at rest once the flush is answered, and
+    // only then is it the checkpoint's.
     drop(first);
     let mut client = BlkioClient::connect(&vubd.socket, 2).unwrap();
     client.flush(0).unwrap();
@@ -312,7 +313,7 @@ fn a_backup_read_under_a_write_load_is_the_disk_at_the_checkpoint() {
     let copy = dir.join("copy.raw");
     let stop = AtomicBool::new(false);
     let saved_before_copy = std::thread::scope(|s| {
-        let t = s.spawn(|| load::run(&mut client, DISK, 2, &clock, &stop));
+        let t = s.spawn(|| load::run(&mut client, DISK, 2, &clock, &stop, End::Collect));
         let mut saved = 0;
         while saved < 2 * MIB {
             saved = qmp.ok("query-block-jobs", json!({}))[0]["offset"]
@@ -407,7 +408,7 @@ fn a_crash_during_a_backup_leaves_the_disk_and_its_bitmaps_consistent() {
     let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
     let stop = AtomicBool::new(false);
     let log = std::thread::scope(|s| {
-        let t = s.spawn(|| load::run(&mut client, DISK, 3, &clock, &stop));
+        let t = s.spawn(|| load::run(&mut client, DISK, 3, &clock, &stop, End::Collect));
         let reader = s.spawn(|| {
             Command::new("nbdcopy")
                 .arg(view_uri(&dir))

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 
 use common::bitmaps::{nbd_dirty_granules, qsd_export};
 use common::blkio_client::BlkioClient;
-use common::load::{self, Clock, Issued, Kind};
+use common::load::{self, Clock, End, Issued, Kind};
 use common::qemu::{info_json, try_run_in};
 use common::qmp::Qmp;
 use common::qsd::Daemon;
@@ -293,7 +293,8 @@ fn bitmaps_stay_consistent_and_complete_across_sigkills_under_load() {
         rng ^= rng << 17;
         let delay = Duration::from_millis(100 + rng % 600);
         let log = std::thread::scope(|s| {
-            let load = s.spawn(|| load::run(&mut client, DISK_SIZE, rng, &clock, &stop));
+            let load =
+                s.spawn(|| load::run(&mut client, DISK_SIZE, rng, &clock, &stop, End::Collect));
             let qmp_thread =
                 s.spawn(|| checkpoints(&mut qmp, &prefix, &clock, &stop, &checkpoint_log));
             std::thread::sleep(delay);

@@ -45,6 +45,21 @@ pub struct Issued {
     pub acknowledged: Option<u64>,
 }
 
+/// How the load ends once it is told to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Collect what the backend has already answered and return, leaving what it has not in
+    /// flight (crash tests: the backend may be dead).
+    Collect,
+    /// Wait until every request is answered: on return nothing of the load is in flight, so
+    /// a flush that follows covers all of it. (A frontend's requests can outlive its
+    /// connection: a backend drains them while it already serves the next one.)
+    Drain,
+}
+
+/// How long a draining load waits for the backend before calling it a hang.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
 /// Requests in flight per queue.
 const DEPTH: usize = 8;
 /// Buffer bytes per request slot.
@@ -66,6 +81,7 @@ pub fn run(
     seed: u64,
     clock: &Clock,
     stop: &AtomicBool,
+    end: End,
 ) -> Vec<Issued> {
     let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut log: Vec<Issued> = Vec::new();
@@ -74,7 +90,8 @@ pub fn run(
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..DEPTH).map(|_| MaybeUninit::uninit()).collect();
     let mut draining = 0;
-    while draining < 3 {
+    let in_flight = |slots: &[Vec<Option<usize>>]| slots.iter().flatten().any(Option::is_some);
+    while draining < 3 || (end == End::Drain && in_flight(&slots)) {
         if stop.load(Ordering::SeqCst) {
             draining += 1;
         }
@@ -115,8 +132,17 @@ pub fn run(
                 }
                 *entry = Some(index);
             }
-            let got = match client.queues[q].do_io(&mut completions, 0, None, None) {
+            // Draining: wait for at least one answer where any is due.
+            let wait = end == End::Drain && draining > 0 && queue_slots.iter().any(Option::is_some);
+            let mut limit = DRAIN_LIMIT;
+            let got = match client.queues[q].do_io(
+                &mut completions,
+                usize::from(wait),
+                wait.then_some(&mut limit),
+                None,
+            ) {
                 Ok(n) => n,
+                Err(e) if wait => panic!("the backend left requests unanswered: {e}"),
                 Err(_) => return log,
             };
             for c in &completions[..got] {
