@@ -3,12 +3,11 @@
 //! the handshake and then the transmission phase.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::handshake::{self, Exports};
+pub(crate) use super::socket::Socket;
 use super::transmission;
 use super::{ExportEntry, ExportSource, TlsCreds};
 
@@ -45,63 +44,9 @@ impl<S: Read + Write + Send> Transport for Plain<S> {
     }
 }
 
-/// An accepted socket.
-pub(crate) enum Socket {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Socket {
-    pub fn try_clone(&self) -> io::Result<Socket> {
-        Ok(match self {
-            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
-            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
-        })
-    }
-
-    /// Ends the connection from another thread: the connection's blocked read returns 0 and
-    /// its thread finishes.
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Socket::Unix(s) => s.shutdown(Shutdown::Both),
-            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-}
-
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => s.read(buf),
-            Socket::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => s.write(buf),
-            Socket::Tcp(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 impl Transport for Socket {
     fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
-            Socket::Unix(s) => {
-                s.set_read_timeout(timeout)?;
-                s.set_write_timeout(timeout)
-            }
-            Socket::Tcp(s) => {
-                s.set_read_timeout(timeout)?;
-                s.set_write_timeout(timeout)
-            }
-        }
+        Socket::set_timeout(self, timeout)
     }
 }
 

@@ -24,6 +24,7 @@ mod conn;
 mod handshake;
 mod proto;
 mod server;
+pub(crate) mod socket;
 mod tls;
 mod transmission;
 

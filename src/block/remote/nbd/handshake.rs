@@ -17,7 +17,7 @@ use rustls::pki_types::ServerName;
 
 use super::error::{printable, NbdClientError};
 use super::info::{ExportInfo, DEFAULT_MAX_PAYLOAD};
-use super::socket::Socket;
+use super::socket::{self, Socket};
 use super::tls::TlsClientCreds;
 use super::transport::Wire;
 use crate::block::remote::location::NbdSpec;
@@ -76,7 +76,7 @@ pub(super) fn establish(
     cfg: &Config,
     attempt: &Attempt,
 ) -> Result<(Wire, ExportInfo), NbdClientError> {
-    let sock = Socket::connect(&cfg.spec.server).map_err(|source| NbdClientError::Connect {
+    let sock = socket::connect(&cfg.spec.server).map_err(|source| NbdClientError::Connect {
         server: cfg.name.clone(),
         source,
     })?;

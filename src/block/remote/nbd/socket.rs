@@ -2,93 +2,39 @@
 //! the plain (non-TLS) transport, `sendmsg` and `readv` loops over iovecs that point into
 //! guest memory.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use crate::block::remote::location::NbdServer;
+pub(super) use crate::nbd::socket::Socket;
+use crate::nbd::socket::{sendmsg, IOV_MAX};
 
 /// How long one TCP connect may take before the next address (or attempt) is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most iovecs one system call takes (Linux's `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
-
-/// A connected stream socket.
-#[derive(Debug)]
-pub(super) enum Socket {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Socket {
-    /// Connect to `server`: a TCP host is tried at each of its addresses in turn.
-    pub fn connect(server: &NbdServer) -> io::Result<Socket> {
-        match server {
-            NbdServer::Unix(path) => UnixStream::connect(path).map(Socket::Unix),
-            NbdServer::Inet { host, port } => {
-                let mut last = None;
-                for addr in (host.as_str(), *port).to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-                        Ok(s) => {
-                            // Requests are small and latency-bound: never wait to coalesce.
-                            s.set_nodelay(true)?;
-                            keepalive(s.as_raw_fd());
-                            return Ok(Socket::Tcp(s));
-                        }
-                        Err(e) => last = Some(e),
+/// Connect to `server`: a TCP host is tried at each of its addresses in turn.
+pub(super) fn connect(server: &NbdServer) -> io::Result<Socket> {
+    match server {
+        NbdServer::Unix(path) => UnixStream::connect(path).map(Socket::Unix),
+        NbdServer::Inet { host, port } => {
+            let mut last = None;
+            for addr in (host.as_str(), *port).to_socket_addrs()? {
+                match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                    Ok(s) => {
+                        // Requests are small and latency-bound: never wait to coalesce.
+                        s.set_nodelay(true)?;
+                        keepalive(s.as_raw_fd());
+                        return Ok(Socket::Tcp(s));
                     }
+                    Err(e) => last = Some(e),
                 }
-                Err(last.unwrap_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, "the host has no address")
-                }))
             }
-        }
-    }
-
-    pub fn try_clone(&self) -> io::Result<Socket> {
-        Ok(match self {
-            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
-            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
-        })
-    }
-
-    pub fn fd(&self) -> RawFd {
-        match self {
-            Socket::Unix(s) => s.as_raw_fd(),
-            Socket::Tcp(s) => s.as_raw_fd(),
-        }
-    }
-
-    /// End the connection both ways: a thread blocked reading or writing it returns at once.
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Socket::Unix(s) => s.shutdown(Shutdown::Both),
-            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-
-    /// Bound how long reads and writes may block (`None`: forever).
-    pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
-            Socket::Unix(s) => {
-                s.set_read_timeout(timeout)?;
-                s.set_write_timeout(timeout)
-            }
-            Socket::Tcp(s) => {
-                s.set_read_timeout(timeout)?;
-                s.set_write_timeout(timeout)
-            }
-        }
-    }
-
-    /// Bound only how long writes may block (a courtesy `NBD_CMD_DISC` on the way out).
-    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
-            Socket::Unix(s) => s.set_write_timeout(timeout),
-            Socket::Tcp(s) => s.set_write_timeout(timeout),
+            Err(last.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the host has no address")
+            }))
         }
     }
 }
@@ -116,53 +62,6 @@ fn keepalive(fd: RawFd) {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
-}
-
-impl Read for &Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => (&*s).read(buf),
-            Socket::Tcp(s) => (&*s).read(buf),
-        }
-    }
-}
-
-impl Write for &Socket {
-    /// Handshake writes only; transmission sends through [`send_all`] (no SIGPIPE).
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let iov = [libc::iovec {
-            iov_base: buf.as_ptr().cast_mut().cast(),
-            iov_len: buf.len(),
-        }];
-        // SAFETY: `iov` points into `buf`, live for the call; sendmsg only reads it.
-        unsafe { sendmsg(self.fd(), &iov) }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// One `sendmsg` of at most [`IOV_MAX`] iovecs, without SIGPIPE if the peer is gone.
-///
-/// # Safety
-/// Every iovec must describe memory valid for reading during the call.
-unsafe fn sendmsg(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
-    // SAFETY: an all-zero msghdr is valid (no name, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr().cast_mut();
-    msg.msg_iovlen = iov.len().min(IOV_MAX) as _;
-    loop {
-        // SAFETY: `msg` points at `iov`, valid per the caller's contract; the kernel only
-        // reads the buffers.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 /// Drop the first `n` bytes of `iov`: whole iovecs from the front, then part of the next.
@@ -268,7 +167,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: listener.local_addr().unwrap().port(),
         };
-        let sock = Socket::connect(&server).unwrap();
+        let sock = connect(&server).unwrap();
         let get = |level, name| {
             let mut v: libc::c_int = 0;
             let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
