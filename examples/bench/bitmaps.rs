@@ -15,7 +15,7 @@ use std::process::Command;
 
 use crate::host::which;
 use crate::report::{median_sample, ratio};
-use crate::runner::{prepare_image, run_loadgen, start_backend, vubd_offline, Sample};
+use crate::runner::{fill_once, prepare_image, run_loadgen, start_backend, vubd_offline, Sample};
 use crate::workloads::{Backend, Workload};
 use crate::Options;
 
@@ -91,18 +91,7 @@ pub fn dirty_everything(o: &Options, work: &Path) -> Result<(), String> {
         ..write_workload("fill", "write", 8, 0)
     };
     let running = start_backend(Backend::Vubd, o, work, &w)?;
-    let fill = Options {
-        runtime: 600,
-        ..o.clone()
-    };
-    run_loadgen(
-        &fill,
-        work,
-        &w,
-        &running,
-        &["--ios".into(), o.size_mib.to_string()],
-    )?;
-    Ok(())
+    fill_once(o, work, &running, o.size_mib)
 }
 
 /// The type of the filesystem holding `dir`, as the mount table names it (statfs's magic

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::host::pinned;
 use crate::report::{median_sample, ratio};
-use crate::runner::{run_loadgen, spawn_backend, vubd_offline, Running, Sample};
+use crate::runner::{fill_once, run_loadgen, spawn_backend, vubd_offline, Running, Sample};
 use crate::workloads::{workload, Workload};
 use crate::Options;
 
@@ -216,19 +216,7 @@ const BACKENDS: [(&str, &str); 2] = [
 /// Write the whole disk once through vubd, so that reads find data and the bitmap is dirty.
 fn fill(o: &Options, store: &Store, work: &Path) -> Result<(), String> {
     let running = start(BACKENDS[0].1, "vubd", store, work)?;
-    let w = workload("fill", "write", "1M", 8, &[]);
-    let fill = Options {
-        runtime: 600,
-        ..o.clone()
-    };
-    run_loadgen(
-        &fill,
-        work,
-        &w,
-        &running,
-        &["--ios".into(), SIZE_MIB.to_string()],
-    )?;
-    Ok(())
+    fill_once(o, work, &running, SIZE_MIB)
 }
 
 /// Median figures by (workload, backend) on one store.

@@ -169,6 +169,24 @@ pub fn run_loadgen(
     })
 }
 
+/// Write the whole disk of `size_mib` MiB once, 1 MiB at a time (depth 8), through `backend`:
+/// reads then find data, and every granule of the bitmap is dirty.
+pub fn fill_once(o: &Options, work: &Path, backend: &Running, size_mib: u64) -> Result<(), String> {
+    let w = crate::workloads::workload("fill", "write", "1M", 8, &[]);
+    let fill = Options {
+        runtime: 600,
+        ..o.clone()
+    };
+    run_loadgen(
+        &fill,
+        work,
+        &w,
+        backend,
+        &["--ios".into(), size_mib.to_string()],
+    )?;
+    Ok(())
+}
+
 /// One run of workload `w` with fio straight on the data file: the limit. fio stands for a
 /// backend with no virtio in between, so it runs on the backend's CPU.
 pub fn run_fio(o: &Options, work: &Path, w: &Workload, engine: Backend) -> Result<Sample, String> {
