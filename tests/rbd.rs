@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -226,29 +226,43 @@ fn a_stalled_osd_delays_the_flush_and_loses_nothing() {
     let mut client = BlkioClient::connect(&vubd.socket, 1).unwrap();
     client.write(0, 0, &pattern(4096, 99)).unwrap();
     client.flush(0).unwrap();
-    let progress = Arc::new(AtomicUsize::new(0));
+    // Writes run until told to stop, then the flush: the stall always catches the load.
+    let (progress, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let writer = {
-        let progress = progress.clone();
+        let (progress, stop) = (progress.clone(), stop.clone());
         std::thread::spawn(move || {
-            for i in 0..64u64 {
-                client.write(0, i * 65536, &pattern(65536, i)).unwrap();
-                progress.store(i as usize + 1, Ordering::SeqCst);
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                client
+                    .write(0, (n % 64) * 65536, &pattern(65536, n))
+                    .unwrap();
+                n += 1;
+                progress.store(n as usize, Ordering::SeqCst);
             }
             client.flush(0).unwrap();
             progress.store(usize::MAX, Ordering::SeqCst);
+            n
         })
     };
     while progress.load(Ordering::SeqCst) < 8 {
         std::thread::sleep(Duration::from_millis(5));
     }
     cluster.signal_osd(libc::SIGSTOP);
+    // The flush comes while the OSD is stalled.
+    stop.store(true, Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs(2));
     let during = progress.load(Ordering::SeqCst);
     cluster.signal_osd(libc::SIGCONT);
-    writer.join().unwrap();
+    let written = writer.join().unwrap();
     assert_ne!(during, usize::MAX, "the flush waited for the stalled OSD");
     drop(vubd);
-    let expected: Vec<u8> = (0..64).flat_map(|i| pattern(65536, i)).collect();
+    let mut expected = vec![0u8; 4 * MIB];
+    for n in 0..written {
+        apply(&mut expected, (n % 64) * 65536, &pattern(65536, n));
+    }
     assert_same(
         &cluster.read_image("disk", dir.path())[..4 * MIB],
         &expected,
