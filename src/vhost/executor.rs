@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::device::BlkDevice;
 use super::dirty_log::DirtyLog;
-use super::slot::{HostOp, Slot, SlotOp};
+use super::slot::{LocalOp, Slot, SlotOp};
 use crate::bitmap::{BitmapCursor, PendingMarks};
 use crate::block::file::IoTarget;
 use crate::block::io::transfer::Transfer;
@@ -390,8 +390,8 @@ impl Executor {
                         }
                         continue;
                     }
-                    let slot_op = SlotOp {
-                        op: HostOp::Local(transfer.op(iov)),
+                    let slot_op = LocalOp {
+                        op: transfer.op(iov),
                         inline: node.inline_policy(),
                         expected: extent.len,
                         zero: None,
@@ -419,8 +419,8 @@ impl Executor {
                     continue;
                 }
             };
-            let op = SlotOp {
-                op: HostOp::Local(Op::Fdatasync { fd }),
+            let op = LocalOp {
+                op: Op::Fdatasync { fd },
                 inline: InlinePolicy::Never,
                 expected: 0,
                 zero: None,
@@ -465,14 +465,14 @@ impl Executor {
             };
             match mode {
                 Some(mode) => {
-                    let op = SlotOp {
+                    let op = LocalOp {
                         inline: InlinePolicy::Never,
-                        op: HostOp::Local(Op::Fallocate {
+                        op: Op::Fallocate {
                             fd,
                             mode,
                             offset: zop.offset,
                             len: zop.len,
-                        }),
+                        },
                         expected: 0,
                         zero: Some((zop.file, zop.op)),
                     };
@@ -544,17 +544,17 @@ impl Executor {
     /// synchronously.
     fn finish_op(&self, op: SlotOp, result: i32) -> std::io::Result<()> {
         let errno = |e: i32| std::io::Error::from_raw_os_error(e);
-        let op_local = match op.op {
-            HostOp::Local(local) => local,
-            HostOp::Remote if result < 0 => return Err(errno(-result)),
-            HostOp::Remote => return Ok(()),
+        let op = match op {
+            SlotOp::Local(local) => local,
+            SlotOp::Remote if result < 0 => return Err(errno(-result)),
+            SlotOp::Remote => return Ok(()),
         };
-        match op_local {
+        match op.op {
             Op::Readv { .. } | Op::Writev { .. } if result >= 0 => {
                 let done = result as u64;
                 if done < op.expected {
                     // SAFETY: the op's iovecs belong to the slot, still in flight.
-                    unsafe { finish_short_transfer(op_local, done, op.expected)? };
+                    unsafe { finish_short_transfer(op.op, done, op.expected)? };
                 }
                 Ok(())
             }

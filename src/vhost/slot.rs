@@ -52,23 +52,18 @@ impl SlotIo {
     }
 
     /// Push a host-file operation for slot `slot_index`.
-    pub fn push(&mut self, engine: &mut Engine, slot_index: u32, op: SlotOp) {
+    pub fn push(&mut self, engine: &mut Engine, slot_index: u32, op: LocalOp) {
         let user_data = self.next_user_data(slot_index);
-        self.ops.push(op);
+        self.ops.push(SlotOp::Local(op));
         // SAFETY: the op's pointers are iovecs in the slot's `bufs` / `split_iov` (not modified
         // until the slot completes) naming guest memory that the slot's `mem` keeps mapped.
         let pushed = match op.op {
             // SAFETY: as above.
-            HostOp::Local(local @ (Op::Readv { .. } | Op::Writev { .. })) => unsafe {
-                engine.push_transfer(local, user_data, op.inline)
+            Op::Readv { .. } | Op::Writev { .. } => unsafe {
+                engine.push_transfer(op.op, user_data, op.inline)
             },
             // SAFETY: as above.
-            HostOp::Local(local) => unsafe { engine.push(local, user_data, false) },
-            HostOp::Remote => {
-                log::error!("a remote operation was pushed without its store");
-                self.failed = true;
-                return;
-            }
+            _ => unsafe { engine.push(op.op, user_data, false) },
         };
         match pushed {
             Ok(()) => self.pending += 1,
@@ -88,12 +83,7 @@ impl SlotIo {
         op: RemoteOp,
     ) {
         let user_data = self.next_user_data(slot_index);
-        self.ops.push(SlotOp {
-            op: HostOp::Remote,
-            inline: InlinePolicy::Never,
-            expected: 0,
-            zero: None,
-        });
+        self.ops.push(SlotOp::Remote);
         self.pending += 1;
         // SAFETY: as in `push`: the pointers stay valid until the slot completes, which is
         // after this operation's completion has been reaped.
@@ -101,19 +91,19 @@ impl SlotIo {
     }
 }
 
-/// What a slot's operation was.
+/// An operation a slot has pushed.
 #[derive(Clone, Copy)]
-pub(super) enum HostOp {
+pub(super) enum SlotOp {
     /// On a host file, through the engine's io_uring or synchronous runner.
-    Local(Op),
+    Local(LocalOp),
     /// On a remote store, which reports only success or an errno.
     Remote,
 }
 
-/// An operation a slot has pushed, kept to retry short transfers and fall back on refusals.
+/// A host-file operation, kept to retry short transfers and fall back on refusals.
 #[derive(Clone, Copy)]
-pub(super) struct SlotOp {
-    pub op: HostOp,
+pub(super) struct LocalOp {
+    pub op: Op,
     /// For transfers: whether the engine may complete it inline.
     pub inline: InlinePolicy,
     /// Bytes a transfer moves.
